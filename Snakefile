@@ -1,0 +1,27 @@
+# dbprepro: the whole reproduction as one DAG.
+#   snakemake --cores all                                  embedded default (config.yaml, digits)
+#   snakemake --cores all --configfile config/smoke.yaml    CI-sized run (overlays config.yaml)
+#   snakemake results/tables/clean_accuracy.csv            one target and only what it needs
+# Rules live in workflow/rules/ by pipeline stage; all logic is in the dbprepro package.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    defense=r"[a-z0-9_]+",
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tables.smk"
+
+
+rule all:
+    default_target: True
+    localrule: True
+    input:
+        all_targets(),

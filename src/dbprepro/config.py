@@ -1,0 +1,124 @@
+"""Experiment configuration: one JSON schema, one validation function.
+
+The schema (``schemas/config.schema.yaml`` inside the package) documents every key.  Snakemake
+(``workflow/rules/common.smk``) and the CLI both call :func:`validate_config`, which runs
+``snakemake.utils.validate`` (JSON-schema validation that also fills defaults) and then the
+checks a schema cannot express; every failure is a :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _schema_message(err) -> str:
+    """A one-line message for a jsonschema ValidationError, naming the key."""
+    path = list(err.absolute_path)
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        where = _key(path)
+        known = ", ".join(sorted(err.schema.get("properties", {})))
+        return f"unknown config key(s) {', '.join(map(repr, extra))} in {where} (known: {known})"
+    if err.validator == "required":
+        return f"config section {_key(path)}: {err.message}"
+    desc = err.schema.get("description")
+    hint = f" ({desc})" if isinstance(desc, str) and len(desc) < 160 else ""
+    return f"config key {_key(path)}: {err.message}{hint}"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` in place (defaults filled in) and return it, or raise ConfigError."""
+    import jsonschema
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config must be a mapping of keys, got {type(config).__name__}")
+    # validate a copy first: snakemake's validator reports the *first* error it meets, and we
+    # want the best-matching one (jsonschema.exceptions.best_match) with its key path.
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA_PATH.read_text()))
+    best = jsonschema.exceptions.best_match(validator.iter_errors(copy.deepcopy(config)))
+    if best is not None:
+        raise ConfigError(_schema_message(best))
+    try:
+        validate(config, str(SCHEMA_PATH), set_default=True)
+    except WorkflowError as e:  # pragma: no cover - the check above catches the same errors
+        raise ConfigError(str(e)) from e
+    _semantic_checks(config)
+    return config
+
+
+def _semantic_checks(cfg: dict[str, Any]) -> None:
+    data, clf, dif = cfg["data"], cfg["classifier"], cfg["diffusion"]
+    pur = cfg["purification"]
+    if data["dataset"] == "cifar10" and "download" not in data:
+        raise ConfigError("config key data.download: required for dataset cifar10 (repo, revision, sha256 per file)")
+    for section, name in ((clf, "classifier"), (dif, "diffusion")):
+        if section["source"] == "download" and "download" not in section:
+            raise ConfigError(f"config key {name}.download: required when {name}.source is 'download'")
+    unet = dif["unet"]
+    if len(unet["attention"]) != len(unet["block_out_channels"]):
+        raise ConfigError("config key diffusion.unet.attention: needs one entry per level of "
+                          f"block_out_channels ({len(unet['block_out_channels'])}), got {len(unet['attention'])}")
+    bad = [c for c in unet["block_out_channels"] if c % unet["norm_num_groups"]]
+    if bad:
+        raise ConfigError(f"config key diffusion.unet.norm_num_groups: {unet['norm_num_groups']} does not divide "
+                          f"the channel counts {bad}")
+    sch = dif["schedule"]
+    if sch["beta_end"] <= sch["beta_start"]:
+        raise ConfigError("config key diffusion.schedule.beta_end: must be larger than beta_start")
+    T, n = sch["num_train_timesteps"], pur["num_inference_steps"]
+    if n > T:
+        raise ConfigError(f"config key purification.num_inference_steps: {n} exceeds the {T} training timesteps")
+    t_start = min(int(round(pur["t_star"] * T)), T - 1)
+    if t_start < 1:
+        raise ConfigError(f"config key purification.t_star: {pur['t_star']} rounds to timestep 0 of {T}: nothing to purify")
+    if t_start % (T // n):
+        raise ConfigError(f"config key purification.num_inference_steps: t*={pur['t_star']} (timestep {t_start}) is not "
+                          f"on the grid of {n} steps (every {T // n}); pick a value such that {T // n} divides {t_start}")
+    if data["dataset"] == "digits":
+        n_test_max = int(1797 * data["test_fraction"]) - 1
+        if data["n_test"] > n_test_max:
+            raise ConfigError(f"config key data.n_test: {data['n_test']} exceeds the ~{n_test_max} test images of "
+                              f"the digits split with test_fraction {data['test_fraction']}")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config, apply ``overrides`` (deep-merged) and validate it."""
+    cfg = load_yaml(path)
+    if overrides:
+        cfg = deep_merge(cfg, overrides)
+    return validate_config(cfg)
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """Recursively merge ``extra`` into a copy of ``base`` (mappings merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out

@@ -1,0 +1,139 @@
+"""Data sets and fixed, hashed splits.
+
+A split is stored as one ``.npz`` per part (``images`` float32 [N, C, H, W] in [0, 1],
+``labels`` int64 [N], ``ids`` int64 [N]: the sample ids that key the replayable randomness)
+with the sha256 of each file recorded in a JSON manifest beside it.  Every later stage
+reads the split through :func:`load_split`, which checks the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("digits", "cifar10")
+
+
+@dataclass
+class Split:
+    """One part of a data split, as tensors."""
+
+    images: torch.Tensor  # float32 [N, C, H, W] in [0, 1]
+    labels: torch.Tensor  # int64 [N]
+    ids: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def head(self, n: int | None) -> "Split":
+        """The first ``n`` samples (all when ``n`` is None)."""
+        if n is None:
+            return self
+        if n > len(self):
+            raise ValueError(f"asked for {n} samples, the split has {len(self)}")
+        return Split(self.images[:n], self.labels[:n], self.ids[:n])
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's handwritten digits (1797 8x8 images, shipped with the package) in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+    return images, d.target.astype(np.int64)
+
+
+def make_digits_split(test_fraction: float, seed: int) -> dict[str, tuple[np.ndarray, ...]]:
+    """A seeded, stratified train/test split of the digits; ids are indices into the data set."""
+    from sklearn.model_selection import train_test_split
+
+    images, labels = load_digits_arrays()
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels)
+    tr, te = np.sort(tr), np.sort(te)
+    return {
+        "train": (images[tr], labels[tr], tr.astype(np.int64)),
+        "test": (images[te], labels[te], te.astype(np.int64)),
+    }
+
+
+def write_split(parts: dict[str, tuple[np.ndarray, ...]], out: dict[str, str | Path],
+                manifest: str | Path, meta: dict | None = None) -> dict:
+    """Write each part to its ``.npz`` (deterministic bytes) and a manifest with sha256s."""
+    record = {"parts": {}, **(meta or {})}
+    for name, (images, labels, ids) in parts.items():
+        path = Path(out[name])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:  # np.savez to a file object: no time stamps inside
+            np.savez(f, images=images.astype(np.float32), labels=labels.astype(np.int64),
+                     ids=ids.astype(np.int64))
+        tmp.replace(path)
+        record["parts"][name] = {
+            "file": path.name, "n": int(len(labels)), "shape": list(images.shape[1:]),
+            "sha256": sha256_file(path),
+            "class_counts": np.bincount(labels, minlength=int(labels.max()) + 1).tolist(),
+        }
+    Path(manifest).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def prepare_split(dataset: str, out: dict[str, str | Path], manifest: str | Path,
+                  test_fraction: float = 0.2, seed: int = 0, source_dir: str | Path | None = None
+                  ) -> dict:
+    """Build and write the split of ``dataset`` (the DAG's first rule)."""
+    if dataset == "digits":
+        parts = make_digits_split(test_fraction, seed)
+        meta = {"dataset": "digits", "source": "sklearn.datasets.load_digits",
+                "test_fraction": test_fraction, "seed": seed}
+    elif dataset == "cifar10":
+        from .datasets_cifar import load_cifar10_parts
+
+        parts = load_cifar10_parts(source_dir)
+        meta = {"dataset": "cifar10", "source": str(source_dir)}
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    record = write_split(parts, out, manifest, meta)
+    for name, part in record["parts"].items():
+        log.info("%s: %d images of shape %s, sha256 %s", name, part["n"], part["shape"], part["sha256"])
+    return record
+
+
+def load_split(path: str | Path, manifest: str | Path | None = None) -> Split:
+    """Load one part; with ``manifest`` the file's sha256 must match the recorded one."""
+    path = Path(path)
+    if manifest is not None:
+        rec = json.loads(Path(manifest).read_text())
+        expected = {p["file"]: p["sha256"] for p in rec["parts"].values()}.get(path.name)
+        if expected is None:
+            raise ValueError(f"{path.name} is not listed in the manifest {manifest}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ValueError(f"{path}: sha256 {actual} does not match the manifest's {expected}")
+    with np.load(path, allow_pickle=False) as z:
+        return Split(torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy()),
+                     torch.from_numpy(z["ids"].copy()))
+
+
+def batches(n: int, batch_size: int) -> list[slice]:
+    """Fixed consecutive batches [0, b), [b, 2b), ... covering ``n`` items."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]

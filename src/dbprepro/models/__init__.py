@@ -1,0 +1,1 @@
+"""Base models: classifiers and diffusion networks (built, trained, downloaded, loaded)."""

@@ -1,0 +1,156 @@
+"""The stages of the Snakemake DAG: one function per rule, each a thin adapter from the rule's
+``input``/``output``/``params`` to the concept modules (data, models, training, evaluation...).
+
+``workflow/scripts/stage.py`` calls :func:`run_stage` with Snakemake's ``snakemake`` object; the
+rule's name selects the stage.  Stages read settings only from ``params`` (never from the whole
+config), so Snakemake's params trigger reruns exactly the jobs a changed setting affects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dbprepro.pipeline")
+
+STAGES: dict[str, Callable[..., None]] = {}
+
+
+def stage(fn: Callable[..., None]) -> Callable[..., None]:
+    STAGES[fn.__name__] = fn
+    return fn
+
+
+def run_stage(smk: Any) -> None:
+    """Entry point of ``workflow/scripts/stage.py``: logging, torch set-up, then the stage."""
+    from .runtime import configure_torch, provenance, setup_logging
+
+    setup_logging(smk.log[0] if smk.log else None)
+    name = smk.rule
+    if name not in STAGES:
+        raise KeyError(f"no dbprepro stage for rule {name!r}; known: {', '.join(sorted(STAGES))}")
+    configure_torch(threads=smk.threads, deterministic=smk.params.get("deterministic", True))
+    log.info("stage %s: wildcards %s", name, dict(smk.wildcards))
+    log.info("provenance %s", json.dumps(provenance(), sort_keys=True))
+    t0 = time.perf_counter()
+    STAGES[name](smk.input, smk.output, smk.params, smk.wildcards)
+    log.info("stage %s finished in %.1f s", name, time.perf_counter() - t0)
+
+
+def _device(params) -> "torch.device":  # noqa: F821
+    from .runtime import resolve_device
+
+    return resolve_device(params.get("device", "auto"))
+
+
+# -- data ----------------------------------------------------------------------------------------
+@stage
+def prepare_data(input, output, params, wildcards) -> None:
+    from .data import prepare_split
+
+    data = params.data
+    prepare_split(data["dataset"], {"train": output.train, "test": output.test}, output.manifest,
+                  test_fraction=data["test_fraction"], seed=data["split_seed"],
+                  source_dir=input.get("source"))
+
+
+@stage
+def download_data(input, output, params, wildcards) -> None:
+    from .datasets_cifar import download_cifar10
+
+    dl = params.download
+    download_cifar10(output[0], dl["revision"], dl["files"])
+
+
+# -- base models ---------------------------------------------------------------------------------
+@stage
+def train_classifier(input, output, params, wildcards) -> None:
+    import torch
+
+    from .data import load_split
+    from .metrics import write_table
+    from .models.classifiers import build_classifier, save_classifier
+    from .training import train_classifier as fit
+
+    train = load_split(input.train, input.manifest)
+    test = load_split(input.test, input.manifest)
+    clf, tr = params.classifier, params.classifier["train"]
+    kwargs = dict(clf["kwargs"])
+    if clf["arch"] == "small_cnn":
+        kwargs.setdefault("in_channels", int(train.images.shape[1]))
+        kwargs.setdefault("image_size", int(train.images.shape[-1]))
+    torch.manual_seed(params.seed)
+    model = build_classifier(clf["arch"], **kwargs)
+    history = fit(model, train.images, train.labels, epochs=tr["epochs"], batch_size=tr["batch_size"],
+                  lr=tr["lr"], weight_decay=tr["weight_decay"], seed=params.seed,
+                  val=(test.images, test.labels))
+    save_classifier(model, clf["arch"], kwargs, output.model)
+    write_table(history, output.history)
+
+
+@stage
+def train_diffusion(input, output, params, wildcards) -> None:
+    import torch
+
+    from .data import load_split
+    from .metrics import write_table
+    from .models.diffusion import build_scheduler, build_unet, save_diffusion
+    from .training import train_ddpm
+
+    train = load_split(input.train, input.manifest)
+    dif = params.diffusion
+    u, tr = dif["unet"], dif["train"]
+    torch.manual_seed(params.seed)
+    unet = build_unet(int(train.images.shape[-1]), int(train.images.shape[1]), u["block_out_channels"],
+                      layers_per_block=u["layers_per_block"], attention=u["attention"],
+                      norm_num_groups=u["norm_num_groups"], dropout=u["dropout"])
+    scheduler = build_scheduler(**dif["schedule"])
+    ema_unet, history = train_ddpm(unet, scheduler, train.images, steps=tr["steps"],
+                                   batch_size=tr["batch_size"], lr=tr["lr"], ema_decay=tr["ema_decay"],
+                                   warmup_steps=tr["warmup_steps"], grad_clip=tr["grad_clip"],
+                                   seed=params.seed)
+    save_diffusion(ema_unet, scheduler, output.model)
+    write_table(history, output.history)
+
+
+@stage
+def download_classifier(input, output, params, wildcards) -> None:
+    from .checkpoints import download_url, load_state_dict, load_weights_into
+    from .models.classifiers import build_classifier, save_classifier
+
+    clf = params.classifier
+    dl = clf["download"]
+    raw = download_url(dl["url"], dl["sha256"], Path(output.raw))
+    model = build_classifier(clf["arch"], **clf["kwargs"])
+    load_weights_into(model, load_state_dict(raw))
+    save_classifier(model, clf["arch"], clf["kwargs"], output.model)
+
+
+@stage
+def download_diffusion(input, output, params, wildcards) -> None:
+    from .checkpoints import download_hf
+
+    dl = params.download
+    download_hf(dl["repo_id"], dl["revision"], dl["files"], output.model)
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+@stage
+def evaluate_clean(input, output, params, wildcards) -> None:
+    from .evaluation import evaluate_clean as run
+
+    run(input.classifier, input.diffusion, input.test, input.manifest, output.records,
+        n_test=params.n_test, purification=params.purification, variance_type=params.variance_type,
+        evaluation=params.evaluation, seed=params.seed, device=_device(params))
+
+
+@stage
+def table_clean_accuracy(input, output, params, wildcards) -> None:
+    from .evaluation import write_clean_accuracy_table
+
+    write_clean_accuracy_table(list(input.records), output.csv, output.md,
+                               confidence=params.confidence, defenses=list(params.defenses))

@@ -1,0 +1,44 @@
+# Helpers shared by every stage file - config validation, paths and target lists.
+# Only cheap imports here (no torch): this file runs on every DAG build and dry run.
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from dbprepro.config import ConfigError, validate_config
+
+min_version("9.20")
+
+try:
+    validate_config(config)  # JSON schema (snakemake.utils.validate) + semantic checks, fills defaults
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration: {err}")
+
+
+RESULTS = "results"
+LOGS = "logs"
+DEFENSES = ["vanilla"]
+
+# keys of every stage's params: runtime settings that change numbers
+RUNTIME = dict(seed=config["seed"], device=config["device"], deterministic=config["deterministic"])
+
+
+def split_files():
+    return dict(
+        train=f"{RESULTS}/data/train.npz",
+        test=f"{RESULTS}/data/test.npz",
+        manifest=f"{RESULTS}/data/split.json",
+    )
+
+
+def classifier_dir():
+    return f"{RESULTS}/models/classifier"
+
+
+def diffusion_dir(defense="vanilla"):
+    return f"{RESULTS}/models/diffusion/{defense}"
+
+
+def all_targets():
+    return [
+        f"{RESULTS}/tables/clean_accuracy.csv",
+        f"{RESULTS}/tables/clean_accuracy.md",
+    ]

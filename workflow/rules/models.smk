@@ -1,0 +1,93 @@
+# Stage 2: base models. source "train": trained by the DAG; source "download": fetched from
+# the hub / a URL and verified against the sha256 values in the config.
+
+
+if config["classifier"]["source"] == "train":
+
+    rule train_classifier:
+        input:
+            **split_files(),
+        output:
+            model=directory(classifier_dir()),
+            history=f"{RESULTS}/models/classifier_history.csv",
+        params:
+            classifier=config["classifier"],
+            **RUNTIME,
+        log:
+            f"{LOGS}/train_classifier.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/train_classifier.tsv"
+        threads: 1
+        resources:
+            gpu=1,
+            mem_mb=4000,
+            runtime="2h",
+        conda:
+            "../../envs/dbprepro.yaml"
+        script:
+            "../scripts/stage.py"
+
+else:
+
+    rule download_classifier:
+        output:
+            model=directory(classifier_dir()),
+            raw=f"{RESULTS}/downloads/classifier/{config['classifier'].get('download', {}).get('filename', 'weights.pt')}",
+        params:
+            classifier=config["classifier"],
+            **RUNTIME,
+        log:
+            f"{LOGS}/download_classifier.log",
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime="30m",
+        conda:
+            "../../envs/dbprepro.yaml"
+        script:
+            "../scripts/stage.py"
+
+
+if config["diffusion"]["source"] == "train":
+
+    rule train_diffusion:
+        input:
+            **split_files(),
+        output:
+            model=directory(diffusion_dir("vanilla")),
+            history=f"{RESULTS}/models/diffusion/vanilla_history.csv",
+        params:
+            diffusion=config["diffusion"],
+            **RUNTIME,
+        log:
+            f"{LOGS}/train_diffusion.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/train_diffusion.tsv"
+        threads: 2
+        resources:
+            gpu=1,
+            mem_mb=8000,
+            runtime="4h",
+        conda:
+            "../../envs/dbprepro.yaml"
+        script:
+            "../scripts/stage.py"
+
+else:
+
+    rule download_diffusion:
+        output:
+            model=directory(diffusion_dir("vanilla")),
+        params:
+            download=config["diffusion"].get("download"),
+            **RUNTIME,
+        log:
+            f"{LOGS}/download_diffusion.log",
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime="30m",
+        conda:
+            "../../envs/dbprepro.yaml"
+        script:
+            "../scripts/stage.py"
