@@ -36,6 +36,14 @@ CLASSIFIER = dict(epochs=20, batch_size=64, lr=2e-3, weight_decay=1e-4)
 CONFIGS: dict[str, tuple[dict, dict]] = {
     "A": (dict(block_out_channels=[16, 32], attention=[False, False]),
           dict(steps=4000, lr=2e-3, ema_decay=0.999)),
+    "A-2k": (dict(block_out_channels=[16, 32], attention=[False, False]),
+             dict(steps=2000, lr=2e-3, ema_decay=0.995)),
+    "A-3k": (dict(block_out_channels=[16, 32], attention=[False, False]),
+             dict(steps=3000, lr=3e-3, ema_decay=0.998)),
+    "A-attn": (dict(block_out_channels=[16, 32], attention=[False, True]),
+               dict(steps=3000, lr=3e-3, ema_decay=0.998)),
+    "B-2k": (dict(block_out_channels=[32, 64], attention=[False, False]),
+             dict(steps=2000, lr=2e-3, ema_decay=0.995)),
     "B": (dict(block_out_channels=[32, 64], attention=[False, False]),
           dict(steps=4000, lr=2e-3, ema_decay=0.999)),
     "B-attn": (dict(block_out_channels=[32, 64], attention=[False, True]),
@@ -144,6 +152,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             ema_unet, hist = train_ddpm(unet, scheduler, xtr, progress=False, **tcfg)
             row["train_s"] = round(time.perf_counter() - t0, 1)
+            row["ms_step"] = round(1000 * row["train_s"] / tcfg["steps"], 1)
             row["final_loss"] = round(float(hist["loss"].iloc[-1]), 4)
             unet = ema_unet
         row["fwd_ms"], row["fwd_bwd_ms"] = (round(v, 2) for v in ms_per_call(unet))

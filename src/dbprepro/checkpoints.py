@@ -182,15 +182,16 @@ def download_url(url: str, sha256: str, dest: str | Path, timeout: float = 60.0)
 
 def _refusal(path: Path, err: Exception) -> CheckpointError:
     msg = str(err)
-    found = re.findall(r"GLOBAL ([\w.]+)", msg)
-    if found or "Unsupported" in msg:
-        what = ", ".join(sorted(set(found))) or msg.strip().splitlines()[-1][:200]
+    found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", msg)))
+    if found:
         return CheckpointError(
             f"{path}: refused: the pickle references code or objects outside torch's "
-            f"weights-only allowlist ({what}); it was not executed. If you trust the file, "
-            "convert it to .safetensors yourself and load that instead")
-    detail = msg.strip().splitlines()[-1][:300] if msg.strip() else type(err).__name__
-    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail})")
+            f"weights-only allowlist ({', '.join(found)}); it was not executed. If you trust "
+            "the file, convert it to .safetensors yourself and load that instead")
+    detail = msg.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+    detail = " ".join(detail.split())[:300] or type(err).__name__
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt, not a torch "
+                           f"file, or outside the weights-only format; nothing executed): {detail}")
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:

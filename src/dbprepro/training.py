@@ -174,11 +174,11 @@ def train_ddpm(unet, scheduler, images, *, steps: int, batch_size: int, lr: floa
     batches = _index_stream(n, batch_size, gen_batch)
 
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     warm = max(0, int(warmup_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     ema = EMAModel(unet.parameters(), decay=float(ema_decay), use_ema_warmup=True,
-                   inv_gamma=1.0, power=3 / 4)
+                   inv_gamma=1.0, power=3 / 4, foreach=True)
 
     rows, acc, acc_n = [], 0.0, 0
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def train_ddpm(unet, scheduler, images, *, steps: int, batch_size: int, lr: floa
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
             cur_lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
