@@ -137,3 +137,19 @@ def batches(n: int, batch_size: int) -> list[slice]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def shard_slices(n: int, batch_size: int, n_shards: int, shard: int) -> list[slice]:
+    """The fixed batches of shard ``shard`` of ``n_shards``: contiguous runs of whole batches.
+
+    Every item always lands in the same batch with the same batch-mates, whatever the number
+    of shards, so per-sample results cannot depend on how the work is split.
+    """
+    all_batches = batches(n, batch_size)
+    if not 1 <= n_shards <= len(all_batches):
+        raise ValueError(f"cannot split {len(all_batches)} batches of {batch_size} into {n_shards} shards")
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard must lie in [0, {n_shards}), got {shard}")
+    lo = shard * len(all_batches) // n_shards
+    hi = (shard + 1) * len(all_batches) // n_shards
+    return all_batches[lo:hi]

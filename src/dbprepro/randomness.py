@@ -155,6 +155,14 @@ class Randomness:
         return randn_tensor((len(gens), *shape), generator=gens, device=torch.device(device or "cpu"),
                             dtype=dtype)
 
+    def uniform(self, ids, draws, stream: int, index: int, shape: Sequence[int],
+                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Uniform [0, 1) noise of shape [B, *shape], keyed like :meth:`normal`."""
+        gens = self.generators(ids, draws, stream, index)
+        rows = [torch.rand(tuple(shape), generator=g, dtype=dtype) for g in gens]
+        out = torch.stack(rows) if rows else torch.empty((0, *shape), dtype=dtype)
+        return out.to(device or "cpu")
+
 
 def _as_np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):

@@ -1,0 +1,119 @@
+"""The ``dbprepro`` command line: purify images, check configs, inspect the environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+
+def _cmd_purify(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .models.diffusion import load_diffusion
+    from .purification import Purifier
+    from .randomness import Randomness
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    unet, scheduler = load_diffusion(args.model, scheduler_overrides={"variance_type": args.variance_type})
+    channels, size = int(unet.config.in_channels), int(unet.config.sample_size)
+    img = Image.open(args.input)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (size, size):
+        raise SystemExit(f"dbprepro purify: the model expects {size}x{size} images, {args.input} is "
+                         f"{img.size[0]}x{img.size[1]} (resize it first)")
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    x = x[None, None] if channels == 1 else x.permute(2, 0, 1)[None]
+    p = Purifier(unet.to(device), scheduler, t_star=args.t_star, num_inference_steps=args.steps,
+                 sampler=args.sampler, randomness=Randomness(args.seed, args.mode))
+    with torch.no_grad():
+        y = p(x.to(device), ids=torch.tensor([args.id])).cpu()[0]
+    arr = (y.clamp(0, 1) * 255).round().byte()
+    arr = arr[0].numpy() if channels == 1 else arr.permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(args.output)
+    print(f"purified {args.input} -> {args.output} (t*={args.t_star}, {p.num_steps} reverse steps, "
+          f"{args.sampler}, seed {args.seed}, mode {args.mode})")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .config import ConfigError, deep_merge, load_yaml, validate_config
+
+    cfg: dict = {}
+    for path in args.configs:
+        cfg = deep_merge(cfg, load_yaml(path))
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(cfg, indent=2, sort_keys=True) if args.show else "configuration is valid")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runtime import provenance
+
+    info = provenance()
+    info["cuda_available"] = torch.cuda.is_available()
+    try:
+        import torchattacks
+
+        info["torchattacks"] = torchattacks.__version__
+    except Exception as e:  # pragma: no cover - reported, not raised
+        info["torchattacks"] = f"NOT IMPORTABLE ({e}); run scripts/setup.sh"
+    here = str(Path(sys.executable).parent)  # the venv's bin, also when it is not on PATH
+    info["sbatch"] = shutil.which("sbatch")
+    info["dvc"] = shutil.which("dvc") or shutil.which("dvc", path=here)
+    models = Path(args.results) / "models"
+    info["models"] = sorted(str(p.relative_to(models)) for p in models.glob("**/config.json")) if models.exists() else []
+    for k, v in info.items():
+        print(f"{k:>26}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dbprepro", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("purify", help="purify one image with a diffusion model folder")
+    p.add_argument("input", help="input image (PNG/JPEG); must match the model's size and channels")
+    p.add_argument("output", help="where to write the purified image")
+    p.add_argument("--model", default="results/models/diffusion/vanilla",
+                   help="diffusers folder (unet/ + scheduler/, or a hub snapshot) [%(default)s]")
+    p.add_argument("--t-star", type=float, default=0.1, help="diffusion strength in (0, 1] [%(default)s]")
+    p.add_argument("--steps", type=int, default=100, help="num_inference_steps of the schedule [%(default)s]")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="[%(default)s]")
+    p.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_large",
+                   help="DDPM reverse variance [%(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="randomness seed [%(default)s]")
+    p.add_argument("--mode", choices=["random", "fixed"], default="random", help="randomness mode [%(default)s]")
+    p.add_argument("--id", type=int, default=0, help="sample id keying the noise [%(default)s]")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[%(default)s]")
+    p.set_defaults(func=_cmd_purify)
+
+    v = sub.add_parser("validate-config", help="validate config file(s), later files overlaying earlier ones")
+    v.add_argument("configs", nargs="+", help="YAML files (e.g. config.yaml config/smoke.yaml)")
+    v.add_argument("--show", action="store_true", help="print the resolved config with defaults")
+    v.set_defaults(func=_cmd_validate)
+
+    d = sub.add_parser("doctor", help="versions, device, SLURM/DVC availability, models present")
+    d.add_argument("--results", default="results", help="results folder to inspect [%(default)s]")
+    d.set_defaults(func=_cmd_doctor)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+import torchattacks
+
+from dbprepro.attacks import (PGD, EVAL_DRAW_OFFSET, attack_batch, evaluate_draws, project,
+                              settings_randomness, summarise_evaluations)
+from dbprepro.models.classifiers import SmallCNN
+from dbprepro.purification import DefendedClassifier, Purifier
+
+EPS, ALPHA = 8 / 255, 2 / 255
+
+
+def defended(tiny_diffusion, setting, fixed_draw=0):
+    torch.manual_seed(0)
+    clf = SmallCNN(width=8, hidden=16).eval()
+    p = Purifier(*tiny_diffusion, t_star=0.1, num_inference_steps=100,
+                 randomness=settings_randomness(setting, seed=0, fixed_draw=fixed_draw))
+    return DefendedClassifier(clf, p)
+
+
+def data(b=4):
+    g = torch.Generator().manual_seed(5)
+    return torch.rand(b, 1, 8, 8, generator=g), torch.randint(0, 10, (b,), generator=g), torch.arange(100, 100 + b)
+
+
+def test_dwbox_model_is_deterministic_whitebox_model_is_not(tiny_diffusion):
+    x, _, ids = data()
+    dw = defended(tiny_diffusion, "dwbox")
+    with dw.bind(ids=ids):
+        assert torch.equal(dw(x), dw(x))
+    wb = defended(tiny_diffusion, "whitebox")
+    with wb.bind(ids=ids):
+        assert not torch.equal(wb(x), wb(x))
+
+
+def test_setting_must_match_the_purifier_randomness(tiny_diffusion):
+    with pytest.raises(ValueError, match="fixed"):
+        PGD(defended(tiny_diffusion, "whitebox"), "dwbox")
+    with pytest.raises(ValueError, match="random"):
+        PGD(defended(tiny_diffusion, "dwbox"), "whitebox_eot")
+
+
+def test_draw_schedule_of_each_setting(tiny_diffusion):
+    wb = PGD(defended(tiny_diffusion, "whitebox"), "whitebox", steps=3, eot=10)
+    assert wb.eot == 1 and [wb.draws(0, s).tolist() for s in range(3)] == [[0], [1], [2]]
+    eot = PGD(defended(tiny_diffusion, "whitebox_eot"), "whitebox_eot", steps=3, eot=2)
+    assert [eot.draws(0, s).tolist() for s in range(2)] == [[0, 1], [2, 3]]
+    dw = PGD(defended(tiny_diffusion, "dwbox", fixed_draw=3), "dwbox", steps=3, eot=10)
+    assert dw.eot == 1 and dw.draws(0, 0).tolist() == dw.draws(0, 2).tolist() == [3]
+
+
+def test_dwbox_pgd_equals_torchattacks_pgd_on_the_fixed_purifier(tiny_diffusion):
+    x, y, ids = data()
+    model = defended(tiny_diffusion, "dwbox")
+    ours = PGD(model, "dwbox", "linf", EPS, ALPHA, steps=3)(x, y, ids).x_adv
+    with model.bind(ids=ids):
+        ref = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=3, random_start=False)(x, y)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_batched_eot_gradient_equals_the_sequential_sum(tiny_diffusion):
+    x, y, ids = data(3)
+    attack = PGD(defended(tiny_diffusion, "whitebox_eot"), "whitebox_eot", steps=1, eot=4)
+    draws = torch.arange(4)
+    loss, grad = attack.loss_and_grad(x, y, ids, draws)
+    seq_grad, seq_loss = torch.zeros_like(x), torch.zeros(3)
+    for d in draws:
+        l, g = attack.loss_and_grad(x, y, ids, d.view(1))
+        seq_grad += g
+        seq_loss += l
+    torch.testing.assert_close(grad, seq_grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, seq_loss / 4, atol=1e-5, rtol=1e-5)
+    attack.eot_chunk = 3  # chunked passes give the same result
+    _, grad2 = attack.loss_and_grad(x, y, ids, draws)
+    torch.testing.assert_close(grad, grad2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm, eps, alpha", [("linf", EPS, ALPHA), ("l2", 0.5, 0.1)])
+def test_pgd_stays_in_the_ball_and_raises_the_dwbox_loss(tiny_diffusion, norm, eps, alpha):
+    x, y, ids = data(4)
+    res = PGD(defended(tiny_diffusion, "dwbox"), "dwbox", norm, eps, alpha, steps=4, track=2)(x, y, ids)
+    d = (res.x_adv - x).flatten(1)
+    bound = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (bound <= eps + 1e-6).all() and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    assert (res.loss[:, -1] > res.loss[:, 0]).mean() >= 0.75  # the deterministic loss climbs
+    assert res.deltas.shape == (2, 5, 64) and np.all(res.deltas[:, 0] == 0)  # zero start recorded
+
+
+def test_projection():
+    d = torch.tensor([[[[3.0, -4.0]]]])
+    assert torch.allclose(project(d, "l2", 1.0).flatten(), torch.tensor([0.6, -0.8]))
+    assert torch.equal(project(d, "linf", 1.0).flatten(), torch.tensor([1.0, -1.0]))
+
+
+def test_evaluation_bookkeeping():
+    preds = np.array([[1, 1, 1, 1],   # always right
+                      [1, 2, 2, 1],   # half right, tie -> lowest label (1) -> vote right
+                      [2, 2, 1, 2],   # mostly wrong
+                      [0, 1, 1, 1]])  # first draw wrong, rest right
+    s = summarise_evaluations(preds, np.array([1, 1, 1, 1]))
+    assert s["single"].tolist() == [1, 1, 0, 0]
+    assert s["mean"].tolist() == [1, 0.5, 0.25, 0.75]
+    assert s["worst"].tolist() == [1, 0, 0, 0]
+    assert s["vote"].tolist() == [1, 1, 0, 1]
+
+
+def test_evaluation_draws_are_unseen_in_stochastic_settings_and_fixed_in_dwbox(tiny_diffusion):
+    x, _, ids = data(2)
+    wb = defended(tiny_diffusion, "whitebox")
+    seen = []
+    real = wb.purifier.randomness.generators
+    wb.purifier.randomness.generators = lambda i, d, s, t: seen.append(np.asarray(d).tolist()) or real(i, d, s, t)
+    evaluate_draws(wb, x, ids, 3, "whitebox")
+    assert {v for row in seen for v in row} == {EVAL_DRAW_OFFSET, EVAL_DRAW_OFFSET + 1, EVAL_DRAW_OFFSET + 2}
+    dw = defended(tiny_diffusion, "dwbox")
+    p = evaluate_draws(dw, x, ids, 3, "dwbox")
+    with dw.bind(ids=ids):
+        assert (p == dw(x).argmax(1).numpy()[:, None]).all()
+
+
+def test_attack_batch_columns(tiny_diffusion):
+    x, y, ids = data(2)
+    cols, res = attack_batch(defended(tiny_diffusion, "whitebox_eot"), x, y, ids, attack="bpda",
+                             setting="whitebox_eot", norm="linf", eps=EPS, alpha=ALPHA,
+                             pgd={"steps": 2, "eot": 2, "random_start": False, "restarts": 1}, eval_draws=3)
+    assert set(cols) >= {"id", "correct_single", "correct_mean", "correct_worst", "correct_vote", "norm_linf"}
+    assert (cols["norm_linf"] <= EPS + 1e-6).all() and cols["norm_linf"].max() > 0
