@@ -12,11 +12,16 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     defense=r"[a-z0-9_]+",
+    threat=r"[a-z0-9_]+",
+    setting=r"whitebox|whitebox_eot|dwbox",
+    attack=r"pgd|bpda|aa_standard|aa_rand",
+    shard=r"\d+",
 
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/attacks.smk"
 include: "workflow/rules/tables.smk"
 
 

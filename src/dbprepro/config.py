@@ -98,6 +98,17 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     if t_start % (T // n):
         raise ConfigError(f"config key purification.num_inference_steps: t*={pur['t_star']} (timestep {t_start}) is not "
                           f"on the grid of {n} steps (every {T // n}); pick a value such that {T // n} divides {t_start}")
+    att = cfg["attacks"]
+    if att["n_images"] > data["n_test"]:
+        raise ConfigError(f"config key attacks.n_images: {att['n_images']} exceeds data.n_test ({data['n_test']})")
+    n_batches = -(-att["n_images"] // att["batch_size"])
+    if att["shards"] > n_batches:
+        raise ConfigError(f"config key attacks.shards: {att['shards']} shards but only {n_batches} batches of "
+                          f"{att['batch_size']} among {att['n_images']} images")
+    for tm in att["autoattack"]["threat_models"]:
+        if tm not in att["threat_models"]:
+            raise ConfigError(f"config key attacks.autoattack.threat_models: {tm!r} is not a name in "
+                              f"attacks.threat_models ({', '.join(att['threat_models'])})")
     if data["dataset"] == "digits":
         n_test_max = int(1797 * data["test_fraction"]) - 1
         if data["n_test"] > n_test_max:

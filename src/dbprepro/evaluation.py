@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Split, batches, load_split
+from .io import write_parquet
 from .metrics import accuracy_summary, write_table
 from .models.classifiers import load_classifier
 from .models.diffusion import load_diffusion
@@ -95,10 +96,7 @@ def evaluate_clean(classifier_dir, diffusion_dir, test_path, manifest, out_path,
         record("fixed", k, predict(rnd, split, bs, device, draws=k, desc=f"fixed config {k}"))
 
     df = pd.concat(frames, ignore_index=True)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(out_path) + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out_path)
+    write_parquet(df, out_path)
     return df
 
 

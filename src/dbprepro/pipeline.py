@@ -154,3 +154,32 @@ def table_clean_accuracy(input, output, params, wildcards) -> None:
 
     write_clean_accuracy_table(list(input.records), output.csv, output.md,
                                confidence=params.confidence, defenses=list(params.defenses))
+
+
+# -- attacks -------------------------------------------------------------------------------------
+@stage
+def attack(input, output, params, wildcards) -> None:
+    from .robustness import run_attack_shard
+
+    run_attack_shard(input.classifier, input.diffusion, input.test, input.manifest,
+                     records=output.records, trace=output.trace, paths=output.paths,
+                     defense=wildcards.defense, threat=wildcards.threat, setting=wildcards.setting,
+                     attack=wildcards.attack, shard=int(wildcards.shard), attacks=params.attacks,
+                     purification=params.purification, variance_type=params.variance_type,
+                     seed=params.seed, device=_device(params))
+
+
+@stage
+def merge_attack(input, output, params, wildcards) -> None:
+    from .robustness import merge_shards
+
+    merge_shards(list(input.records), list(input.trace), list(input.paths), output.records, output.trace,
+                 output.paths)
+
+
+@stage
+def table_p1_main(input, output, params, wildcards) -> None:
+    from .robustness import write_p1_main_table
+
+    write_p1_main_table(list(input.records), list(input.clean), list(params.defenses), output.csv, output.md,
+                        confidence=params.confidence, fixed_draw=params.fixed_draw)

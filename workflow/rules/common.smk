@@ -41,4 +41,30 @@ def all_targets():
     return [
         f"{RESULTS}/tables/clean_accuracy.csv",
         f"{RESULTS}/tables/clean_accuracy.md",
+        f"{RESULTS}/tables/p1_table_main.csv",
+        f"{RESULTS}/tables/p1_table_main.md",
     ]
+
+
+def attack_runs():
+    """(defense, threat, setting, attack) of every configured attack run."""
+    att = config["attacks"]
+    runs = []
+    for d in DEFENSES:
+        for tm in att["threat_models"]:
+            runs += [(d, tm, s, "pgd") for s in att["settings"]]
+            if att["bpda"]["enabled"]:
+                runs += [(d, tm, s, "bpda") for s in att["bpda"]["settings"]]
+        if att["autoattack"]["enabled"]:
+            for tm in att["autoattack"]["threat_models"]:
+                for v in att["autoattack"]["versions"]:
+                    runs.append((d, tm, "dwbox" if v == "standard" else "whitebox_eot", f"aa_{v}"))
+    return runs
+
+
+def attack_dir(defense, threat, setting, attack):
+    return f"{RESULTS}/attacks/{defense}/{threat}/{setting}/{attack}"
+
+
+def merged_attack_records():
+    return [f"{attack_dir(*r)}/records.parquet" for r in attack_runs()]

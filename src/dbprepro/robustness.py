@@ -1,0 +1,140 @@
+"""Robust-accuracy evaluation: one attack on one shard of the test set, shard merging, and
+paper 1's main table."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .attacks import attack_batch, settings_randomness
+from .data import load_split, shard_slices
+from .evaluation import build_defense
+from .io import savez, write_parquet
+from .metrics import wilson_interval, write_table
+
+log = logging.getLogger(__name__)
+
+ATTACKS = ("pgd", "bpda", "aa_standard", "aa_rand")
+EVALUATIONS = {
+    "single": "one fresh purification (one-shot)",
+    "mean": "mean over eval_draws purifications (Fixed-AutoAttack score)",
+    "worst": "correct under all eval_draws purifications (worst of N)",
+    "vote": "majority vote of eval_draws purifications",
+}
+
+
+def run_attack_shard(classifier_dir, diffusion_dir, test_path, manifest, *, records, trace, paths,
+                     defense: str, threat: str, setting: str, attack: str, shard: int,
+                     attacks: dict[str, Any], purification: dict[str, Any], variance_type: str,
+                     seed: int, device: torch.device) -> pd.DataFrame:
+    """Attack the images of one shard and write per-sample records, per-step losses and the
+    perturbation paths of the tracked images."""
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
+    tm = attacks["threat_models"][threat]
+    split = load_split(test_path, manifest).head(attacks["n_images"])
+    slices = shard_slices(len(split), attacks["batch_size"], attacks["shards"], shard)
+    model = build_defense(classifier_dir, diffusion_dir, purification, variance_type,
+                          settings_randomness(setting, seed, attacks["fixed_draw"]), device)
+    log.info("%s/%s/%s/%s shard %d: %d images in %d batches, %s eps=%.4g, %d reverse steps", defense, threat,
+             setting, attack, shard, sum(s.stop - s.start for s in slices), len(slices), tm["norm"], tm["eps"],
+             model.purifier.num_steps)
+    frames, traces, tracked = [], [], None
+    for b, sl in enumerate(tqdm(slices, desc=f"{attack} {setting} shard {shard}", mininterval=5)):
+        x, y, ids = split.images[sl].to(device), split.labels[sl].to(device), split.ids[sl]
+        track = attacks["track_images"] if (shard == 0 and b == 0) else 0
+        if attack in ("pgd", "bpda"):
+            cols, res = attack_batch(model, x, y, ids, attack=attack, setting=setting, norm=tm["norm"],
+                                     eps=tm["eps"], alpha=tm["alpha"], pgd=attacks["pgd"],
+                                     eval_draws=attacks["eval_draws"], track=track)
+        else:
+            from .autoattack import autoattack_batch
+
+            cols, res = autoattack_batch(model, x, y, ids, version=attack.removeprefix("aa_"), setting=setting,
+                                         norm=tm["norm"], eps=tm["eps"], config=attacks["autoattack"],
+                                         eval_draws=attacks["eval_draws"], seed=seed)
+        frames.append(pd.DataFrame(cols))
+        if res.loss is not None:
+            steps = res.loss.shape[1]
+            traces.append(pd.DataFrame({"id": np.repeat(ids.numpy(), steps), "step": np.tile(np.arange(steps), len(ids)),
+                                        "loss": res.loss.reshape(-1)}))
+        if track and res.deltas is not None:
+            n = res.deltas.shape[0]
+            tracked = dict(ids=ids[:n].numpy(), labels=y[:n].cpu().numpy(), x=x[:n].flatten(1).cpu().numpy(),
+                           deltas=res.deltas)
+    df = pd.concat(frames, ignore_index=True)
+    for k, v in (("attack", attack), ("setting", setting), ("threat", threat), ("defense", defense)):
+        df.insert(0, k, v)
+    df.insert(4, "norm", tm["norm"])
+    df.insert(5, "eps", float(tm["eps"]))
+    df["shard"] = shard
+    write_parquet(df, records)
+    write_parquet(pd.concat(traces, ignore_index=True) if traces else
+                  pd.DataFrame({"id": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64"),
+                                "loss": pd.Series(dtype="float64")}), trace)
+    empty = dict(ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64), x=np.zeros((0, 0), np.float32),
+                 deltas=np.zeros((0, 0, 0), np.float32))
+    savez(paths, **(tracked or empty))
+    log.info("robust accuracy (single draw) on this shard: %.4f", float(df["correct_single"].mean()))
+    return df
+
+
+def merge_shards(record_paths, trace_paths, path_paths, records_out, trace_out, paths_out) -> None:
+    """Concatenate shard outputs (sorted by sample id); paths come from the shard that tracked."""
+    recs = pd.concat([pd.read_parquet(p) for p in record_paths], ignore_index=True).sort_values("id")
+    write_parquet(recs.reset_index(drop=True), records_out)
+    tr = pd.concat([pd.read_parquet(p) for p in trace_paths], ignore_index=True)
+    write_parquet(tr.sort_values(["id", "step"]).reset_index(drop=True), trace_out)
+    chosen = None
+    for p in path_paths:
+        with np.load(p) as z:
+            if z["ids"].size and chosen is None:
+                chosen = {k: z[k] for k in z.files}
+    savez(paths_out, **(chosen or {k: np.zeros(0) for k in ("ids", "labels", "x", "deltas")}))
+
+
+def _clean_accuracy(clean: pd.DataFrame, ids: np.ndarray, setting: str, fixed_draw: int) -> float:
+    sub = clean[clean["id"].isin(ids)]
+    if setting == "dwbox":
+        fixed = sub[sub["setting"] == "fixed"]
+        pick = fixed[fixed["draw"] == fixed_draw]
+        sub = pick if not pick.empty else fixed
+    else:
+        sub = sub[sub["setting"] == "random"]
+    return float(sub.groupby("id")["correct"].mean().mean())
+
+
+def p1_main_table(records: list[pd.DataFrame], clean: dict[str, pd.DataFrame], confidence: float = 0.95,
+                  fixed_draw: int = 0) -> pd.DataFrame:
+    """Clean and robust accuracy per defense x threat model x setting x attack x evaluation.
+
+    ``clean`` maps each defense to its clean-evaluation records; the clean accuracy of a row is
+    that of the attacked images under the row's randomness (fresh draws, or the fixed
+    configuration of dwbox)."""
+    rows = []
+    for df in records:
+        first = df.iloc[0]
+        n = len(df)
+        clean_acc = _clean_accuracy(clean[first["defense"]], df["id"].to_numpy(), first["setting"], fixed_draw)
+        for ev, desc in EVALUATIONS.items():
+            k = float(df[f"correct_{ev}"].sum())
+            lo, hi = wilson_interval(k, n, confidence)
+            rows.append({"defense": first["defense"], "threat": first["threat"], "norm": first["norm"],
+                         "eps": float(first["eps"]), "setting": first["setting"], "attack": first["attack"],
+                         "evaluation": ev, "n_images": n, "clean_accuracy": clean_acc,
+                         "robust_accuracy": k / n, "ci_low": lo, "ci_high": hi,
+                         "mean_linf": float(df["norm_linf"].mean()), "mean_l2": float(df["norm_l2"].mean())})
+    return pd.DataFrame(rows)
+
+
+def write_p1_main_table(record_paths, clean_paths, defenses, csv_path, md_path, confidence: float = 0.95,
+                        fixed_draw: int = 0) -> pd.DataFrame:
+    clean = {d: pd.read_parquet(p) for d, p in zip(defenses, clean_paths)}
+    table = p1_main_table([pd.read_parquet(p) for p in record_paths], clean, confidence, fixed_draw)
+    write_table(table, csv_path, md_path)
+    return table

@@ -1,0 +1,81 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dbprepro.config import validate_config
+from dbprepro.data import prepare_split, shard_slices
+from dbprepro.models.classifiers import SmallCNN, save_classifier
+from dbprepro.models.diffusion import save_diffusion
+from dbprepro.robustness import merge_shards, p1_main_table, run_attack_shard
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_diffusion):
+    root = tmp_path_factory.mktemp("ws")
+    prepare_split("digits", {"train": root / "train.npz", "test": root / "test.npz"}, root / "split.json",
+                  test_fraction=0.2, seed=0)
+    torch.manual_seed(0)
+    save_classifier(SmallCNN(width=8, hidden=16), "small_cnn", {"width": 8, "hidden": 16}, root / "clf")
+    save_diffusion(*tiny_diffusion, root / "dif")
+    return root
+
+
+def config(shards):
+    cfg = validate_config({"name": "t", "data": {"n_test": 64},
+                           "attacks": {"n_images": 12, "batch_size": 4, "shards": shards, "track_images": 2,
+                                       "pgd": {"steps": 2, "eot": 2}, "eval_draws": 3}})
+    return cfg
+
+
+def run(ws, shards, setting="whitebox_eot", attack="pgd"):
+    cfg = config(shards)
+    outs = []
+    for s in range(shards):
+        stem = ws / f"{setting}{attack}{shards}_{s}"
+        run_attack_shard(ws / "clf", ws / "dif", ws / "test.npz", ws / "split.json",
+                         records=f"{stem}.rec.parquet", trace=f"{stem}.tr.parquet", paths=f"{stem}.npz",
+                         defense="vanilla", threat="linf", setting=setting, attack=attack, shard=s,
+                         attacks=cfg["attacks"], purification=cfg["purification"], variance_type="fixed_large",
+                         seed=0, device=torch.device("cpu"))
+        outs.append(stem)
+    merged = ws / f"{setting}{attack}{shards}_merged"
+    merge_shards([f"{o}.rec.parquet" for o in outs], [f"{o}.tr.parquet" for o in outs], [f"{o}.npz" for o in outs],
+                 f"{merged}.rec.parquet", f"{merged}.tr.parquet", f"{merged}.npz")
+    return merged
+
+
+@pytest.mark.parametrize("setting", ["whitebox_eot", "dwbox"])
+def test_results_do_not_depend_on_the_number_of_shards(workspace, setting):
+    one, three = run(workspace, 1, setting), run(workspace, 3, setting)
+    a = pd.read_parquet(f"{one}.rec.parquet").drop(columns="shard")
+    b = pd.read_parquet(f"{three}.rec.parquet").drop(columns="shard")
+    assert len(a) == 12 and a["id"].is_unique
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(pd.read_parquet(f"{one}.tr.parquet"), pd.read_parquet(f"{three}.tr.parquet"))
+    with np.load(f"{one}.npz") as za, np.load(f"{three}.npz") as zb:
+        assert za["deltas"].shape == (2, 3, 64)
+        assert np.array_equal(za["deltas"], zb["deltas"])
+
+
+def test_shards_are_unions_of_whole_fixed_batches():
+    for n_shards in (1, 2, 3):
+        got = [sl for s in range(n_shards) for sl in shard_slices(10, 4, n_shards, s)]
+        assert [(s.start, s.stop) for s in got] == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(ValueError, match="shards"):
+        shard_slices(10, 4, 4, 0)
+
+
+def test_main_table_rows_and_clean_accuracy_source():
+    rec = pd.DataFrame({"defense": "vanilla", "threat": "linf", "setting": "dwbox", "attack": "pgd", "norm": "linf",
+                        "eps": 0.03, "id": [1, 2, 3, 4], "label": 0, "correct_single": [1.0, 0, 0, 0],
+                        "correct_mean": [1.0, 0, 0, 0], "correct_worst": [1.0, 0, 0, 0], "correct_vote": [1.0, 0, 0, 0],
+                        "norm_l2": 0.1, "norm_linf": 0.03, "loss_start": 0.0, "loss_end": 1.0})
+    clean = pd.DataFrame({"setting": ["fixed"] * 4 + ["fixed"] * 4 + ["random"] * 4, "draw": [0] * 4 + [1] * 4 + [0] * 4,
+                          "id": [1, 2, 3, 4] * 3, "correct": [1, 1, 1, 0] + [0, 0, 0, 0] + [1, 1, 1, 1]})
+    t = p1_main_table([rec], {"vanilla": clean}, fixed_draw=0)
+    assert list(t["evaluation"]) == ["single", "mean", "worst", "vote"]
+    assert (t["robust_accuracy"] == 0.25).all()
+    assert (t["clean_accuracy"] == 0.75).all()  # dwbox: clean accuracy of the attacked fixed configuration
+    rec["setting"] = "whitebox_eot"
+    assert (p1_main_table([rec], {"vanilla": clean})["clean_accuracy"] == 1.0).all()
