@@ -13,7 +13,7 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     defense=r"[a-z0-9_]+",
     threat=r"[a-z0-9_]+",
-    setting=r"whitebox|whitebox_eot|dwbox",
+    setting=r"whitebox|whitebox_eot|dwbox|none",
     attack=r"pgd|bpda|aa_standard|aa_rand",
     shard=r"\d+",
 
@@ -23,6 +23,7 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/attacks.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 
 from dbprepro.data import make_digits_split
-from dbprepro.models.classifiers import SmallCNN
-from dbprepro.models.diffusion import build_scheduler, build_unet
+from dbprepro.models.classifiers import SmallCNN, save_classifier
+from dbprepro.models.diffusion import build_scheduler, build_unet, save_diffusion
 from dbprepro.purification import Purifier
 from dbprepro.randomness import Randomness
 from dbprepro.training import accuracy, train_classifier, train_ddpm
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--long", action="store_true", help="also purify on the 1000-step grid (101 steps)")
     ap.add_argument("--time-only", action="store_true")
+    ap.add_argument("--save", help="folder to save the classifier and the trained UNets into")
     ap.add_argument("--out", default="benchmarks/results/size_digits_models.csv")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -135,6 +136,8 @@ def main(argv=None) -> int:
         clf_time = time.perf_counter() - t0
         clean = accuracy(clf, xte, yte)
         print(f"classifier SmallCNN {CLASSIFIER}: {clf_time:.1f}s, clean test acc {clean:.4f}", flush=True)
+        if args.save:
+            save_classifier(clf, "small_cnn", {}, Path(args.save) / "classifier")
 
     overrides = parse_override(args.set)
     rows = []
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
             row["ms_step"] = round(1000 * row["train_s"] / tcfg["steps"], 1)
             row["final_loss"] = round(float(hist["loss"].iloc[-1]), 4)
             unet = ema_unet
+            if args.save:
+                save_diffusion(unet, scheduler, Path(args.save) / f"ddpm-{label}")
         row["fwd_ms"], row["fwd_bwd_ms"] = (round(v, 2) for v in ms_per_call(unet))
         if not args.time_only:
             row["clean_acc"] = clean

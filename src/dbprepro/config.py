@@ -105,10 +105,13 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     if att["shards"] > n_batches:
         raise ConfigError(f"config key attacks.shards: {att['shards']} shards but only {n_batches} batches of "
                           f"{att['batch_size']} among {att['n_images']} images")
+    names = [t["name"] for t in att["threat_models"]]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key attacks.threat_models: names must be unique, got {names}")
     for tm in att["autoattack"]["threat_models"]:
-        if tm not in att["threat_models"]:
+        if tm not in names:
             raise ConfigError(f"config key attacks.autoattack.threat_models: {tm!r} is not a name in "
-                              f"attacks.threat_models ({', '.join(att['threat_models'])})")
+                              f"attacks.threat_models ({', '.join(names)})")
     if data["dataset"] == "digits":
         n_test_max = int(1797 * data["test_fraction"]) - 1
         if data["n_test"] > n_test_max:
@@ -133,3 +136,11 @@ def deep_merge(base: dict, extra: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def threat_model(attacks: dict[str, Any], name: str) -> dict[str, Any]:
+    """The threat model called ``name`` in the ``attacks`` config section."""
+    for tm in attacks["threat_models"]:
+        if tm["name"] == name:
+            return tm
+    raise ConfigError(f"no threat model named {name!r} in attacks.threat_models")

@@ -161,7 +161,7 @@ def table_clean_accuracy(input, output, params, wildcards) -> None:
 def attack(input, output, params, wildcards) -> None:
     from .robustness import run_attack_shard
 
-    run_attack_shard(input.classifier, input.diffusion, input.test, input.manifest,
+    run_attack_shard(input.classifier, input.get("diffusion"), input.test, input.manifest,
                      records=output.records, trace=output.trace, paths=output.paths,
                      defense=wildcards.defense, threat=wildcards.threat, setting=wildcards.setting,
                      attack=wildcards.attack, shard=int(wildcards.shard), attacks=params.attacks,
@@ -183,3 +183,39 @@ def table_p1_main(input, output, params, wildcards) -> None:
 
     write_p1_main_table(list(input.records), list(input.clean), list(params.defenses), output.csv, output.md,
                         confidence=params.confidence, fixed_draw=params.fixed_draw)
+
+
+# -- figures (paper 1) ---------------------------------------------------------------------------
+@stage
+def loss_landscape(input, output, params, wildcards) -> None:
+    from .landscape import compute_landscapes
+
+    ls = params.landscape
+    compute_landscapes(input.classifier, input.diffusion, input.dwbox, input.eot, output.npz,
+                       purification=params.purification, variance_type=params.variance_type, seed=params.seed,
+                       fixed_draw=params.fixed_draw, n_images=ls["n_images"], grid=ls["grid"],
+                       extent_factor=ls["extent_factor"], device=_device(params))
+
+
+@stage
+def figure_p1_fig1_attack_trajectories(input, output, params, wildcards) -> None:
+    from .figures import fig_attack_trajectories
+
+    settings = list(params.settings)
+    fig_attack_trajectories(dict(zip(settings, input.paths)), dict(zip(settings, input.traces)),
+                            output.png, output.pdf)
+
+
+@stage
+def figure_p1_fig2_loss_landscape(input, output, params, wildcards) -> None:
+    from .figures import fig_loss_landscape
+
+    fig_loss_landscape(dict(zip(params.defenses, input.npz)), output.png, output.pdf)
+
+
+@stage
+def figure_p1_fig3_robustness_bars(input, output, params, wildcards) -> None:
+    from .figures import fig_robustness_bars
+
+    fig_robustness_bars(input.table, output.png, output.pdf, threat=params.threat, attack=params.attack,
+                        evaluation=params.evaluation, confidence=params.confidence)

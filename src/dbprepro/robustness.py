@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attacks import attack_batch, settings_randomness
+from .config import threat_model
 from .data import load_split, shard_slices
 from .evaluation import build_defense
 from .io import savez, write_parquet
@@ -36,9 +37,12 @@ def run_attack_shard(classifier_dir, diffusion_dir, test_path, manifest, *, reco
     perturbation paths of the tracked images."""
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
-    tm = attacks["threat_models"][threat]
+    tm = threat_model(attacks, threat)
     split = load_split(test_path, manifest).head(attacks["n_images"])
     slices = shard_slices(len(split), attacks["batch_size"], attacks["shards"], shard)
+    if defense == UNDEFENDED:
+        return _attack_undefended(classifier_dir, split, slices, records, trace, paths, threat=threat, tm=tm,
+                                  attacks=attacks, shard=shard, device=device)
     model = build_defense(classifier_dir, diffusion_dir, purification, variance_type,
                           settings_randomness(setting, seed, attacks["fixed_draw"]), device)
     log.info("%s/%s/%s/%s shard %d: %d images in %d batches, %s eps=%.4g, %d reverse steps", defense, threat,
@@ -84,6 +88,48 @@ def run_attack_shard(classifier_dir, diffusion_dir, test_path, manifest, *, reco
     return df
 
 
+UNDEFENDED = "undefended"
+
+
+def _attack_undefended(classifier_dir, split, slices, records, trace, paths, *, threat, tm, attacks, shard,
+                       device) -> pd.DataFrame:
+    """The classifier alone under torchattacks' PGD (its attack classes fit a deterministic model):
+    the reference every defense's gain is measured against."""
+    import torchattacks
+
+    from .attacks import perturbation_norms
+    from .models.classifiers import load_classifier
+
+    clf = load_classifier(classifier_dir).to(device)
+    steps = attacks["pgd"]["steps"]
+    cls = torchattacks.PGD if tm["norm"] == "linf" else torchattacks.PGDL2
+    frames = []
+    for sl in slices:
+        x, y, ids = split.images[sl].to(device), split.labels[sl].to(device), split.ids[sl]
+        adv = cls(clf, eps=tm["eps"], alpha=tm["alpha"], steps=steps, random_start=attacks["pgd"]["random_start"])(x, y)
+        with torch.no_grad():
+            ok = (clf(adv).argmax(1) == y).cpu().numpy().astype(np.float64)
+            ce0 = torch.nn.functional.cross_entropy(clf(x), y, reduction="none").cpu().numpy()
+            ce1 = torch.nn.functional.cross_entropy(clf(adv), y, reduction="none").cpu().numpy()
+        frames.append(pd.DataFrame({"id": ids.numpy(), "label": y.cpu().numpy(), "correct_single": ok,
+                                    "correct_mean": ok, "correct_worst": ok, "correct_vote": ok,
+                                    **{f"norm_{k}": v for k, v in perturbation_norms(adv, x).items()},
+                                    "loss_start": ce0, "loss_end": ce1}))
+    df = pd.concat(frames, ignore_index=True)
+    for k, v in (("attack", "pgd"), ("setting", "none"), ("threat", threat), ("defense", UNDEFENDED)):
+        df.insert(0, k, v)
+    df.insert(4, "norm", tm["norm"])
+    df.insert(5, "eps", float(tm["eps"]))
+    df["shard"] = shard
+    write_parquet(df, records)
+    write_parquet(pd.DataFrame({"id": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64"),
+                                "loss": pd.Series(dtype="float64")}), trace)
+    savez(paths, ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64), x=np.zeros((0, 0), np.float32),
+          deltas=np.zeros((0, 0, 0), np.float32))
+    log.info("undefended robust accuracy on this shard: %.4f", float(df["correct_single"].mean()))
+    return df
+
+
 def merge_shards(record_paths, trace_paths, path_paths, records_out, trace_out, paths_out) -> None:
     """Concatenate shard outputs (sorted by sample id); paths come from the shard that tracked."""
     recs = pd.concat([pd.read_parquet(p) for p in record_paths], ignore_index=True).sort_values("id")
@@ -100,7 +146,9 @@ def merge_shards(record_paths, trace_paths, path_paths, records_out, trace_out, 
 
 def _clean_accuracy(clean: pd.DataFrame, ids: np.ndarray, setting: str, fixed_draw: int) -> float:
     sub = clean[clean["id"].isin(ids)]
-    if setting == "dwbox":
+    if setting == "none":
+        sub = sub[sub["setting"] == "classifier"]
+    elif setting == "dwbox":
         fixed = sub[sub["setting"] == "fixed"]
         pick = fixed[fixed["draw"] == fixed_draw]
         sub = pick if not pick.empty else fixed
@@ -120,7 +168,8 @@ def p1_main_table(records: list[pd.DataFrame], clean: dict[str, pd.DataFrame], c
     for df in records:
         first = df.iloc[0]
         n = len(df)
-        clean_acc = _clean_accuracy(clean[first["defense"]], df["id"].to_numpy(), first["setting"], fixed_draw)
+        source = clean[first["defense"]] if first["defense"] in clean else next(iter(clean.values()))
+        clean_acc = _clean_accuracy(source, df["id"].to_numpy(), first["setting"], fixed_draw)
         for ev, desc in EVALUATIONS.items():
             k = float(df[f"correct_{ev}"].sum())
             lo, hi = wilson_interval(k, n, confidence)

@@ -5,7 +5,7 @@
 rule attack:
     input:
         classifier=classifier_dir(),
-        diffusion=diffusion_dir("{defense}"),
+        diffusion=defense_diffusion_input,
         **split_files(),
     output:
         records=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/shard{{shard}}.records.parquet",

@@ -43,15 +43,25 @@ def all_targets():
         f"{RESULTS}/tables/clean_accuracy.md",
         f"{RESULTS}/tables/p1_table_main.csv",
         f"{RESULTS}/tables/p1_table_main.md",
+        *figure_targets(),
     ]
+
+
+def figure_targets():
+    """Paper 1's figures (workflow/rules/figures.smk); Fig. 1 and 2 need tracked attack paths."""
+    figs = ["p1_fig3_robustness_bars"]
+    if config["attacks"]["track_images"] > 0:
+        figs = ["p1_fig1_attack_trajectories", "p1_fig2_loss_landscape"] + figs
+    return [f"{RESULTS}/figures/{name}.{ext}" for name in figs for ext in ("png", "pdf")]
 
 
 def attack_runs():
     """(defense, threat, setting, attack) of every configured attack run."""
     att = config["attacks"]
-    runs = []
+    names = [tm["name"] for tm in att["threat_models"]]
+    runs = [("undefended", tm, "none", "pgd") for tm in names]
     for d in DEFENSES:
-        for tm in att["threat_models"]:
+        for tm in names:
             runs += [(d, tm, s, "pgd") for s in att["settings"]]
             if att["bpda"]["enabled"]:
                 runs += [(d, tm, s, "bpda") for s in att["bpda"]["settings"]]
@@ -68,3 +78,8 @@ def attack_dir(defense, threat, setting, attack):
 
 def merged_attack_records():
     return [f"{attack_dir(*r)}/records.parquet" for r in attack_runs()]
+
+
+def defense_diffusion_input(wildcards):
+    """The purifier of a defense; the undefended classifier has none."""
+    return [] if wildcards.defense == "undefended" else diffusion_dir(wildcards.defense)

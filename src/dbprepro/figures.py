@@ -1,0 +1,229 @@
+"""Paper 1's figures from the DAG's result files (every number drawn comes from the inputs).
+
+* :func:`fig_attack_trajectories` (Fig. 1): the defended loss along the PGD attack in the three
+  settings, on the same images - the deterministic (dwbox) attack climbs steadily, the attacks
+  on the stochastic purifier wander.
+* :func:`fig_loss_landscape` (Fig. 2): the loss landscape under the fixed randomness on the plane
+  of the dwbox direction and the whitebox_eot residual direction, with both attack paths.
+* :func:`fig_robustness_bars` (Fig. 3): robust accuracy with confidence intervals per defense and
+  setting, from ``p1_table_main.csv``.
+
+Each function writes a PNG and a PDF (PDF without a creation date, so reruns are byte-stable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+SETTING_ORDER = ("dwbox", "whitebox_eot", "whitebox")
+SETTING_LABEL = {
+    "dwbox": "DW-box (fixed randomness)",
+    "whitebox_eot": "white-box + EOT",
+    "whitebox": "white-box (1 draw / step)",
+}
+SETTING_COLOR = {"dwbox": "tab:red", "whitebox_eot": "tab:blue", "whitebox": "tab:green"}
+
+
+def _theme() -> None:
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+
+
+def _save(fig, png, pdf) -> None:
+    for p in (png, pdf):
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=150, bbox_inches="tight")
+    fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
+def _ordered(settings) -> list[str]:
+    return [s for s in SETTING_ORDER if s in settings] + sorted(s for s in settings if s not in SETTING_ORDER)
+
+
+def _load_npz(path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+# -- Fig. 1: attack trajectories -----------------------------------------------------------------
+def trajectory_plane(dw_final: np.ndarray, others: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(u, v) of one image's trajectory view: u = the final dwbox perturbation (unit L2); v = the
+    top principal direction of the other settings' iterates [S, D] after removing their
+    u-components (sign chosen so the mean coordinate is >= 0).  Orthonormal."""
+    d = np.asarray(dw_final, np.float64).ravel()
+    D = d.size
+    u = d / np.linalg.norm(d) if np.linalg.norm(d) > 1e-12 else np.eye(D)[0]
+    res = [np.asarray(o, np.float64).reshape(-1, D) for o in others if np.size(o)]
+    v = None
+    if res:
+        R = np.concatenate(res)
+        R = R - np.outer(R @ u, u)
+        if np.linalg.norm(R) > 1e-12:
+            v = np.linalg.svd(R, full_matrices=False)[2][0]
+            v = v - (v @ u) * u
+            v /= np.linalg.norm(v)
+            if (R @ v).mean() < 0:
+                v = -v
+    if v is None:  # nothing off u: any orthonormal partner
+        e = np.eye(D)[int(np.argmin(np.abs(u)))]
+        v = e - (e @ u) * u
+        v /= np.linalg.norm(v)
+    return u, v
+
+
+def fig_attack_trajectories(paths: Mapping[str, str | Path], traces: Mapping[str, str | Path], png, pdf,
+                            max_images: int = 3) -> None:
+    """Paper 1 Fig. 1: the attack paths of the tracked images projected on a per-image plane with
+    the defended loss (from ``trace.parquet``: what the attacker measured at each iterate) on the
+    z axis, and the loss vs iteration over all attacked images (median and inter-quartile band)."""
+    if "dwbox" not in paths:
+        raise ValueError("the trajectory figure needs the dwbox paths (they define the view's first axis)")
+    _theme()
+    settings = _ordered(paths)
+    P = {s: _load_npz(paths[s]) for s in settings}
+    T = {s: pd.read_parquet(traces[s]) for s in _ordered(traces)}
+    ids = [int(i) for i in P["dwbox"]["ids"][:max_images]]
+    for s in settings:
+        missing = set(ids) - {int(i) for i in P[s]["ids"]}
+        if missing:
+            raise ValueError(f"{s} paths lack tracked images {sorted(missing)} (all settings must track the same)")
+
+    k = len(ids)
+    fig = plt.figure(figsize=(4.6 * (k + 1) + 1.0, 4.6))
+    for j, sid in enumerate(ids):
+        ax = fig.add_subplot(1, k + 1, j + 1, projection="3d")
+        row = {s: int(np.flatnonzero(P[s]["ids"] == sid)[0]) for s in settings}
+        deltas = {s: P[s]["deltas"][row[s]].astype(np.float64) for s in settings}
+        u, v = trajectory_plane(deltas["dwbox"][-1], [deltas[s] for s in settings if s != "dwbox"])
+        for s in settings:
+            a, b = deltas[s] @ u, deltas[s] @ v
+            tr = T.get(s)
+            loss = np.full(a.size, np.nan)
+            if tr is not None:
+                t = tr[tr["id"] == sid].set_index("step")["loss"]
+                steps = np.arange(a.size)
+                loss = t.reindex(steps).to_numpy(dtype=np.float64)
+            ax.plot(a, b, loss, color=SETTING_COLOR.get(s), marker="o", ms=2.5, lw=1.4,
+                    label=SETTING_LABEL.get(s, s))
+            ax.scatter([a[-1]], [b[-1]], [loss[-1]], color=SETTING_COLOR.get(s), marker="*", s=70)
+        label = int(P["dwbox"]["labels"][row["dwbox"]])
+        ax.set_title(f"image {sid} (label {label})", fontsize=10)
+        ax.set_xlabel("along DW-box direction (L2)", fontsize=8, labelpad=2)
+        ax.set_ylabel("top residual direction (L2)", fontsize=8, labelpad=2)
+        ax.set_zlabel("defended CE loss", fontsize=8, labelpad=2)
+        ax.tick_params(labelsize=7, pad=0)
+        ax.view_init(elev=22, azim=-60)
+
+    ax = fig.add_subplot(1, k + 1, k + 1)
+    for s in _ordered(T):
+        g = T[s].groupby("step")["loss"]
+        med, lo, hi = g.median(), g.quantile(0.25), g.quantile(0.75)
+        n_img = T[s]["id"].nunique()
+        ax.plot(med.index, med.to_numpy(), color=SETTING_COLOR.get(s), marker="o", ms=3,
+                label=f"{SETTING_LABEL.get(s, s)} (n={n_img})")
+        ax.fill_between(med.index, lo.to_numpy(), hi.to_numpy(), color=SETTING_COLOR.get(s), alpha=0.2, lw=0)
+    ax.set_xlabel("PGD iteration")
+    ax.set_ylabel("defended CE loss (attacker's estimate)")
+    ax.set_title("loss vs iteration: median, IQR over images", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False,
+               bbox_to_anchor=(0.4, -0.04))
+    fig.suptitle("Attack trajectories on the stochastic purifier (paper 1, Fig. 1): "
+                 "perturbation projected on (DW-box direction, top residual direction), loss on z", fontsize=11)
+    fig.subplots_adjust(wspace=0.45)
+    _save(fig, png, pdf)
+
+
+# -- Fig. 2: loss landscape --------------------------------------------------------------------
+def fig_loss_landscape(npz_by_defense: Mapping[str, str | Path], png, pdf, max_images: int = 2) -> None:
+    """Paper 1 Fig. 2: filled contours of the defended loss under the fixed randomness, one column
+    per defense and one row per image, with the dwbox (red) and whitebox_eot (blue) paths."""
+    if not npz_by_defense:
+        raise ValueError("no landscape files")
+    _theme()
+    L = {d: _load_npz(p) for d, p in npz_by_defense.items()}
+    defenses = list(L)
+    rows = min(max_images, min(L[d]["ids"].size for d in defenses))
+    if rows == 0:
+        raise ValueError("the landscape files hold no images")
+    fig, axes = plt.subplots(rows, len(defenses), figsize=(5.2 * len(defenses), 4.4 * rows), squeeze=False)
+    for c, d in enumerate(defenses):
+        z = L[d]
+        for r in range(rows):
+            ax = axes[r, c]
+            axis, loss = z["axis"][r], z["loss"][r]
+            cf = ax.contourf(axis, axis, loss.T, levels=20, cmap="viridis")  # loss[i, j]: a=axis[i], b=axis[j]
+            ax.contour(axis, axis, loss.T, levels=10, colors="white", linewidths=0.4, alpha=0.5)
+            cb = fig.colorbar(cf, ax=ax, shrink=0.9)
+            cb.set_label("defended CE loss (fixed randomness)")
+            for key, color, name in (("dwbox", "red", "DW-box"), ("eot", "blue", "white-box + EOT")):
+                path, pl = z[f"{key}_path"][r], z[f"{key}_path_loss"][r]
+                ax.plot(path[:, 0], path[:, 1], color=color, marker="o", ms=3, lw=1.6,
+                        label=f"{name} path (final loss {pl[-1]:.2f})")
+                ax.plot(path[-1, 0], path[-1, 1], color=color, marker="*", ms=12, mec="white", mew=0.6)
+            ax.plot(0, 0, marker="X", color="black", ms=8, mec="white", mew=0.6,
+                    label=f"clean image (loss {float(z['clean_loss'][r]):.2f})")
+            ext = float(z["extent"][r])
+            ax.set_xlim(-ext, ext)
+            ax.set_ylim(-ext, ext)
+            ax.set_aspect("equal")
+            ax.set_xlabel("u: DW-box final direction (L2)")
+            ax.set_ylabel("v: EOT residual direction (L2)")
+            ax.set_title(f"{d}: image {int(z['ids'][r])} (label {int(z['labels'][r])})", fontsize=10)
+            ax.legend(fontsize=7, loc="lower left", framealpha=0.8)
+    fig.suptitle("Loss landscape of the defended classifier under fixed randomness (paper 1, Fig. 2)",
+                 fontsize=12)
+    fig.tight_layout()
+    _save(fig, png, pdf)
+
+
+# -- Fig. 3: robustness bars -------------------------------------------------------------------
+def fig_robustness_bars(table_csv, png, pdf, threat: str = "linf", attack: str = "pgd",
+                        evaluation: str = "single", confidence: float | None = None) -> None:
+    """Robust accuracy (Wilson CI error bars) per defense, one bar per setting; the clean accuracy
+    of each row (under the setting's randomness) is drawn as a black tick above its bar."""
+    _theme()
+    t = pd.read_csv(table_csv)
+    sub = t[(t["threat"] == threat) & (t["attack"] == attack) & (t["evaluation"] == evaluation)]
+    if sub.empty:
+        raise ValueError(f"{table_csv}: no rows for threat={threat!r}, attack={attack!r}, evaluation={evaluation!r}")
+    defenses = list(dict.fromkeys(sub["defense"]))
+    settings = _ordered(set(sub["setting"]))
+    width = 0.8 / len(settings)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.9 * len(defenses) * len(settings) / 1.5 + 1.5), 4.2))
+    x0 = np.arange(len(defenses))
+    for k, s in enumerate(settings):
+        rows = sub[sub["setting"] == s].set_index("defense").reindex(defenses)
+        acc = rows["robust_accuracy"].to_numpy(float)
+        err = np.vstack([acc - rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float) - acc])
+        xs = x0 - 0.4 + width * (k + 0.5)
+        bars = ax.bar(xs, acc, width * 0.92, color=SETTING_COLOR.get(s), alpha=0.85, label=SETTING_LABEL.get(s, s),
+                      yerr=err, capsize=4, error_kw=dict(lw=1, ecolor="black"))
+        ax.hlines(rows["clean_accuracy"].to_numpy(float), xs - width * 0.45, xs + width * 0.45, colors="black",
+                  lw=2, label="clean accuracy" if k == 0 else None)
+        for b, a in zip(bars, acc):
+            if np.isfinite(a):
+                ax.annotate(f"{a:.2f}", (b.get_x() + b.get_width() / 2, 0.01), ha="center", va="bottom",
+                            fontsize=8, color="white", fontweight="bold")
+    ax.set_xticks(x0, defenses)
+    ax.set_xlabel("defense")
+    ax.set_ylabel(f"robust accuracy ({evaluation} evaluation)")
+    ax.set_ylim(0, 1.05)
+    r0 = sub.iloc[0]
+    ci = f"{confidence:.0%}" if confidence is not None else "table's"
+    ax.set_title(f"{attack.upper()} on DBP, {r0['norm']} eps={float(r0['eps']):.4g}, "
+                 f"n={int(sub['n_images'].max())} images (paper 1, Fig. 3)\n"
+                 f"bars: robust accuracy, {ci} Wilson CI; ticks: clean accuracy", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    _save(fig, png, pdf)

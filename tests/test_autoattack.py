@@ -1,0 +1,187 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import dbprepro.autoattack as aa
+from dbprepro.attacks import evaluate_draws, settings_randomness
+from dbprepro.autoattack import IdTracker, autoattack_batch, monotone_assignment, run_multi_evaluation
+from dbprepro.models.classifiers import SmallCNN
+from dbprepro.purification import DefendedClassifier, Purifier
+
+EPS = 0.1
+CFG = dict(n_eval=3, apgd_steps=2, eot_iter=2, n_restarts=1, fab_steps=2, square_queries=10, n_target_classes=2)
+COLUMNS = {"id", "label", "correct_single", "correct_mean", "correct_worst", "correct_vote", "norm_l2", "norm_linf",
+           "loss_start", "loss_end"}
+
+
+def defended(tiny_diffusion, setting):
+    torch.manual_seed(0)
+    clf = SmallCNN(width=8, hidden=16).eval()
+    with torch.no_grad():
+        clf.head[-1].bias.zero_()  # a random CNN with its bias is near-constant; without it, input-dependent
+    # t* = 0.1 on a 10-step grid: 2 reverse steps, enough to exercise the chain, fast
+    p = Purifier(*tiny_diffusion, t_star=0.1, num_inference_steps=10, randomness=settings_randomness(setting, seed=0))
+    return DefendedClassifier(clf, p)
+
+
+def data(model, b=4):
+    g = torch.Generator().manual_seed(5)
+    x, ids = torch.rand(b, 1, 8, 8, generator=g), torch.arange(100, 100 + b)
+    with torch.no_grad():  # labels = the prediction under the fixed draw 0: clean scores are high
+        y = model(x, ids=ids, draws=torch.zeros(b, dtype=torch.long)).argmax(1)
+    return x, y, ids
+
+
+def run(model, x, y, ids, version, setting, norm="linf", eps=EPS):
+    return autoattack_batch(model, x, y, ids, version=version, setting=setting, norm=norm, eps=eps, config=CFG,
+                            eval_draws=3, seed=0)
+
+
+# -- id resolution inside torchattacks ---------------------------------------------------------
+def test_monotone_assignment_keeps_order_and_handles_duplicates():
+    ref = np.array([0.0, 5.0, 5.0, 9.0])  # two identical images (ids 1 and 2)
+    queries = np.array([5.1, 5.05, 8.9])  # a subset of rows 1, 2, 3 in order
+    dist = np.abs(queries[:, None] - ref[None, :])
+    assert dist.argmin(1).tolist() == [1, 1, 3]  # plain nearest neighbour collides
+    assert monotone_assignment(dist).tolist() == [1, 2, 3]
+    assert monotone_assignment(dist[[0, 2]]).tolist() == [1, 3]
+    with pytest.raises(ValueError):
+        monotone_assignment(np.zeros((3, 2)))
+
+
+def test_id_tracker_gives_a_subset_the_ids_of_its_own_images(tiny_diffusion):
+    model = defended(tiny_diffusion, "dwbox")
+    x, _, ids = data(model)
+    tracker = IdTracker(model, x, ids, "linf")
+    rows = torch.tensor([1, 3])
+    xs = (x[rows] + 0.9 * EPS * torch.sign(torch.randn_like(x[rows]))).clamp(0, 1)
+    assert tracker.resolve(xs).tolist() == [101, 103]
+    with torch.no_grad():
+        out = tracker(xs)
+        assert torch.equal(out, model(xs, ids=ids[rows]))
+        assert not torch.equal(out, model(xs, ids=ids[:2]))  # the ids matter: fixed noise is per sample
+    assert tracker.resolve(x).tolist() == ids.tolist() and tracker.subset_calls == 1
+
+
+def test_queries_of_a_real_attack_are_resolved_to_their_own_images(tiny_diffusion, monkeypatch):
+    model = defended(tiny_diffusion, "whitebox_eot")
+    x, y, ids = data(model)
+    seen = []
+    original = IdTracker.resolve
+
+    def resolve(self, xq):
+        out = original(self, xq)
+        seen.append((xq.detach().clone(), out.clone(), self.ids.clone(), self.x_ref.clone()))
+        return out
+
+    monkeypatch.setattr(IdTracker, "resolve", resolve)
+    run(model, x, y, ids, "rand", "whitebox_eot")
+    subsets = [s for s in seen if len(s[0]) < len(s[2])]
+    assert subsets, "torchattacks should have queried subsets of the batch"
+    for xq, got, ref_ids, x_ref in seen:  # every APGD query lies in the eps-ball of the image it was given
+        rows = [ref_ids.tolist().index(i) for i in got.tolist()]
+        assert (xq.flatten(1) - x_ref[rows]).abs().amax(1).max() <= EPS + 1e-6
+
+
+# -- multi-evaluation bookkeeping --------------------------------------------------------------
+def test_multi_evaluation_keeps_the_lowest_score_and_skips_broken_samples():
+    """Scores are encoded in pixel 0 of each image, so the test controls every evaluation."""
+    ids = torch.arange(10, 14)
+    x = torch.full((4, 1, 2, 2), 0.5)
+    x[:, 0, 0, 0] = torch.tensor([1.0, 0.5, 0.0, 1.0])  # clean scores; sample 12 is broken from the start
+    y = torch.zeros(4, dtype=torch.long)
+    proposals = [{10: 0.5, 11: 0.8, 13: 1.0},  # lower / higher / equal
+                 {10: 0.0, 11: 0.5, 13: 0.0},  # lower / equal / lower
+                 {11: 0.2}]  # only 11 is left with a score > 0
+    calls = []
+
+    def fake(k):
+        def attack(xs, ys, ids_s):
+            calls.append((k, ids_s.tolist()))
+            out = xs.clone()
+            out[:, 0, 0, 0] = torch.tensor([proposals[k][i] for i in ids_s.tolist()])
+            out[:, 0, 1, 1] = k  # a tag: which sub-attack produced the stored example
+            return out
+        return attack
+
+    def score_fn(xc, yc, idc):
+        return xc[:, 0, 0, 0].numpy().astype(np.float64)
+
+    x_best, score, records = run_multi_evaluation(x, y, ids, [(f"a{k}", fake(k)) for k in range(3)], score_fn)
+    # the clean input is the initial candidate: sample 12 (score 0) is never attacked, and a later
+    # sub-attack only sees the samples still above 0
+    assert calls == [(0, [10, 11, 13]), (1, [10, 11, 13]), (2, [11])]
+    np.testing.assert_allclose(score, [0.0, 0.2, 0.0, 0.0])
+    assert torch.equal(x_best[2], x[2])  # never replaced
+    # a candidate replaces the stored example only if strictly lower: 10 <- a1 (after a0), 11 <- a2, 13 <- a1
+    assert x_best[:, 0, 1, 1].tolist() == [1.0, 2.0, 0.5, 1.0]
+    assert [r["name"] for r in records] == ["clean", "a0", "a1", "a2"]
+    assert [r["n_attacked"] for r in records] == [0, 3, 3, 1]
+    assert [r["n_replaced"] for r in records] == [0, 1, 2, 1]
+    np.testing.assert_allclose([r["mean_score"] for r in records], [0.625, 0.5, 0.25 / 2, 0.05])
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
+def test_candidates_are_brought_back_into_the_threat_model(tiny_diffusion, monkeypatch, norm, eps):
+    model = defended(tiny_diffusion, "dwbox")
+    x, y, ids = data(model)
+    # a sub-attack returning far-away images (1 - x) must not escape the eps-ball or [0, 1]
+    monkeypatch.setattr(aa, "build_subattacks", lambda *a, **k: [("far", lambda xs, ys, i: (1 - xs) * 1.5 - 0.2)])
+    cols, res = run(model, x, y, ids, "standard", "dwbox", norm, eps)
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    assert cols[f"norm_{norm}"].max() <= eps + 1e-5
+    assert res.extra["per_subattack"][1]["n_replaced"] > 0  # projected candidates were stored
+
+
+# -- real runs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("version,setting", [("standard", "dwbox"), ("standard", "whitebox_eot"),
+                                             ("rand", "dwbox"), ("rand", "whitebox_eot")])
+def test_autoattack_runs_and_reports_the_attack_batch_columns(tiny_diffusion, version, setting, caplog):
+    model = defended(tiny_diffusion, setting)
+    x, y, ids = data(model)
+    with caplog.at_level(logging.INFO, logger="dbprepro.autoattack"):
+        cols, res = run(model, x, y, ids, version, setting)
+    names = ["apgd-ce", "apgd-t", "fab-t", "square"] if version == "standard" else ["apgd-ce", "apgd-dlr"]
+    recs = res.extra["per_subattack"]
+    assert [r["name"] for r in recs] == ["clean", *names]
+    assert all(any(r.getMessage().startswith(f"{n}:") for r in caplog.records) for n in names)
+    assert set(cols) == COLUMNS and all(len(v) == 4 for v in cols.values())
+    assert cols["id"].tolist() == ids.tolist() and np.isnan(cols["loss_end"]).all()
+    assert res.loss is None and res.x_adv.shape == x.shape
+    # within the threat model
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1 and cols["norm_linf"].max() <= EPS + 1e-6
+    # the running score never goes up, the attack breaks something, and the reported mean
+    # (eval_draws = n_eval here) is the score of the stored examples
+    means = [r["mean_score"] for r in recs]
+    assert all(b <= a for a, b in zip(means, means[1:])) and means[-1] < means[0]
+    np.testing.assert_allclose(cols["correct_mean"], res.extra["score"])
+    np.testing.assert_allclose(cols["correct_mean"], (evaluate_draws(model, res.x_adv, ids, 3, setting)
+                                                      == y.numpy()[:, None]).mean(1))
+
+
+def test_autoattack_is_replayable_and_leaves_the_process_as_it_found_it(tiny_diffusion):
+    model = defended(tiny_diffusion, "whitebox_eot")
+    x, y, ids = data(model)
+    assert model.training  # nn.Module's default: torchattacks would call model.train() after attacking
+    rng = torch.get_rng_state()
+    cols1, res1 = run(model, x, y, ids, "rand", "whitebox_eot")
+    assert torch.equal(torch.get_rng_state(), rng)  # torchattacks' manual_seed did not leak
+    assert not model.classifier.training and not model.purifier.unet.training
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad(), model.bind(ids=ids):  # advance the random-mode counters in between
+        model(x), model(x)
+    cols2, res2 = run(model, x, y, ids, "rand", "whitebox_eot")
+    assert torch.equal(res1.x_adv, res2.x_adv)
+    for k in cols1:
+        np.testing.assert_array_equal(cols1[k], cols2[k])
+
+
+def test_inputs_are_checked(tiny_diffusion):
+    model = defended(tiny_diffusion, "whitebox_eot")
+    x, y, ids = data(model)
+    with pytest.raises(ValueError, match="version"):
+        run(model, x, y, ids, "plus", "whitebox_eot")
+    with pytest.raises(ValueError, match="fixed"):
+        run(model, x, y, ids, "standard", "dwbox")

@@ -1,0 +1,101 @@
+# Stage 5: paper 1's figures, from the attack runs of the first configured threat model (PGD).
+# The trajectory and landscape figures use the tracked images' paths (attacks.track_images >= 1).
+
+FIG_THREAT = config["attacks"]["threat_models"][0]["name"]
+FIG_SETTINGS = ["whitebox", "whitebox_eot", "dwbox"]  # Fig. 1 compares all three, whatever attacks.settings
+
+
+rule loss_landscape:
+    input:
+        classifier=classifier_dir(),
+        diffusion=diffusion_dir("{defense}"),
+        dwbox=f"{attack_dir('{defense}', FIG_THREAT, 'dwbox', 'pgd')}/paths.npz",
+        eot=f"{attack_dir('{defense}', FIG_THREAT, 'whitebox_eot', 'pgd')}/paths.npz",
+    output:
+        npz=f"{RESULTS}/landscape/{{defense}}.npz",
+    params:
+        landscape=config["attacks"]["landscape"],
+        fixed_draw=config["attacks"]["fixed_draw"],
+        purification=config["purification"],
+        variance_type=config["diffusion"]["schedule"]["variance_type"],
+        **RUNTIME,
+    log:
+        f"{LOGS}/loss_landscape/{{defense}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/loss_landscape/{{defense}}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime="2h",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule figure_p1_fig1_attack_trajectories:
+    input:
+        paths=[f"{attack_dir('vanilla', FIG_THREAT, s, 'pgd')}/paths.npz" for s in FIG_SETTINGS],
+        traces=[f"{attack_dir('vanilla', FIG_THREAT, s, 'pgd')}/trace.parquet" for s in FIG_SETTINGS],
+    output:
+        png=f"{RESULTS}/figures/p1_fig1_attack_trajectories.png",
+        pdf=f"{RESULTS}/figures/p1_fig1_attack_trajectories.pdf",
+    params:
+        settings=FIG_SETTINGS,
+        **RUNTIME,
+    log:
+        f"{LOGS}/figure_p1_fig1_attack_trajectories.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule figure_p1_fig2_loss_landscape:
+    input:
+        npz=expand(f"{RESULTS}/landscape/{{defense}}.npz", defense=DEFENSES),
+    output:
+        png=f"{RESULTS}/figures/p1_fig2_loss_landscape.png",
+        pdf=f"{RESULTS}/figures/p1_fig2_loss_landscape.pdf",
+    params:
+        defenses=DEFENSES,
+        **RUNTIME,
+    log:
+        f"{LOGS}/figure_p1_fig2_loss_landscape.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule figure_p1_fig3_robustness_bars:
+    input:
+        table=f"{RESULTS}/tables/p1_table_main.csv",
+    output:
+        png=f"{RESULTS}/figures/p1_fig3_robustness_bars.png",
+        pdf=f"{RESULTS}/figures/p1_fig3_robustness_bars.pdf",
+    params:
+        threat=FIG_THREAT,
+        attack="pgd",
+        evaluation="single",
+        confidence=config["evaluation"]["confidence"],
+        **RUNTIME,
+    log:
+        f"{LOGS}/figure_p1_fig3_robustness_bars.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
