@@ -40,6 +40,8 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
              dict(steps=2000, lr=2e-3, ema_decay=0.995)),
     "A-3k": (dict(block_out_channels=[16, 32], attention=[False, False]),
              dict(steps=3000, lr=3e-3, ema_decay=0.998)),
+    "A-b32": (dict(block_out_channels=[16, 32], attention=[False, False]),
+              dict(steps=4000, batch_size=32, lr=2e-3, ema_decay=0.999)),
     "A-attn": (dict(block_out_channels=[16, 32], attention=[False, True]),
                dict(steps=3000, lr=3e-3, ema_decay=0.998)),
     "B-2k": (dict(block_out_channels=[32, 64], attention=[False, False]),

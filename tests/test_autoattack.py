@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dbprepro.autoattack as aa
-from dbprepro.attacks import evaluate_draws, settings_randomness
+from dbprepro.attacks import SELECT_DRAW_OFFSET, evaluate_draws, settings_randomness
 from dbprepro.autoattack import IdTracker, autoattack_batch, monotone_assignment, run_multi_evaluation
 from dbprepro.models.classifiers import SmallCNN
 from dbprepro.purification import DefendedClassifier, Purifier
@@ -13,7 +13,7 @@ from dbprepro.purification import DefendedClassifier, Purifier
 EPS = 0.1
 CFG = dict(n_eval=3, apgd_steps=2, eot_iter=2, n_restarts=1, fab_steps=2, square_queries=10, n_target_classes=2)
 COLUMNS = {"id", "label", "correct_single", "correct_mean", "correct_worst", "correct_vote", "norm_l2", "norm_linf",
-           "loss_start", "loss_end"}
+           "loss_start", "loss_end", "selection_score"}
 
 
 def defended(tiny_diffusion, setting):
@@ -141,8 +141,15 @@ def test_candidates_are_brought_back_into_the_threat_model(tiny_diffusion, monke
 def test_autoattack_runs_and_reports_the_attack_batch_columns(tiny_diffusion, version, setting, caplog):
     model = defended(tiny_diffusion, setting)
     x, y, ids = data(model)
+    modes = []  # training flags of the networks at every call during the attack
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: modes.append(mod.training))
+             for m in (model.classifier, model.purifier.unet)]
     with caplog.at_level(logging.INFO, logger="dbprepro.autoattack"):
         cols, res = run(model, x, y, ids, version, setting)
+    for h in hooks:
+        h.remove()
+    assert modes and not any(modes)  # torchattacks' model.train() never reached the networks
+    assert all(p.grad is None for p in model.parameters())  # FAB's backward() filled no .grad
     names = ["apgd-ce", "apgd-t", "fab-t", "square"] if version == "standard" else ["apgd-ce", "apgd-dlr"]
     recs = res.extra["per_subattack"]
     assert [r["name"] for r in recs] == ["clean", *names]
@@ -152,11 +159,13 @@ def test_autoattack_runs_and_reports_the_attack_batch_columns(tiny_diffusion, ve
     assert res.loss is None and res.x_adv.shape == x.shape
     # within the threat model
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1 and cols["norm_linf"].max() <= EPS + 1e-6
-    # the running score never goes up, the attack breaks something, and the reported mean
-    # (eval_draws = n_eval here) is the score of the stored examples
+    # the running score never goes up, the attack breaks something; the selection score is
+    # kept as its own column, while the reported accuracies come from fresh evaluation draws
     means = [r["mean_score"] for r in recs]
     assert all(b <= a for a, b in zip(means, means[1:])) and means[-1] < means[0]
-    np.testing.assert_allclose(cols["correct_mean"], res.extra["score"])
+    np.testing.assert_allclose(cols["selection_score"], res.extra["score"])
+    sel = evaluate_draws(model, res.x_adv, ids, 3, setting, offset=SELECT_DRAW_OFFSET)
+    np.testing.assert_allclose(cols["selection_score"], (sel == y.numpy()[:, None]).mean(1))
     np.testing.assert_allclose(cols["correct_mean"], (evaluate_draws(model, res.x_adv, ids, 3, setting)
                                                       == y.numpy()[:, None]).mean(1))
 
@@ -164,7 +173,7 @@ def test_autoattack_runs_and_reports_the_attack_batch_columns(tiny_diffusion, ve
 def test_autoattack_is_replayable_and_leaves_the_process_as_it_found_it(tiny_diffusion):
     model = defended(tiny_diffusion, "whitebox_eot")
     x, y, ids = data(model)
-    assert model.training  # nn.Module's default: torchattacks would call model.train() after attacking
+    model.train()  # a user's model may come in training mode: torchattacks would call model.train() after attacking
     rng = torch.get_rng_state()
     cols1, res1 = run(model, x, y, ids, "rand", "whitebox_eot")
     assert torch.equal(torch.get_rng_state(), rng)  # torchattacks' manual_seed did not leak

@@ -40,6 +40,7 @@ Norm = Literal["linf", "l2"]
 SETTINGS: tuple[str, ...] = ("whitebox", "whitebox_eot", "dwbox")
 NORMS: tuple[str, ...] = ("linf", "l2")
 EVAL_DRAW_OFFSET = 1 << 40  # evaluation draws never overlap the attacker's draws
+SELECT_DRAW_OFFSET = 1 << 41  # draws of AutoAttack's candidate selection (multi-evaluation)
 
 
 @dataclass
@@ -174,7 +175,7 @@ class PGD:
 
 @torch.no_grad()
 def evaluate_draws(model: DefendedClassifier, x: torch.Tensor, ids: torch.Tensor, n: int,
-                   setting: Setting) -> np.ndarray:
+                   setting: Setting, offset: int = EVAL_DRAW_OFFSET) -> np.ndarray:
     """Predicted labels [B, n] of ``x`` under ``n`` evaluation draws.
 
     ``dwbox`` evaluates with the attacker's fixed configuration (one deterministic purification,
@@ -187,7 +188,7 @@ def evaluate_draws(model: DefendedClassifier, x: torch.Tensor, ids: torch.Tensor
         return np.repeat(pred[:, None], n, axis=1)
     out = np.zeros((x.shape[0], n), dtype=np.int64)
     for k in range(n):
-        d = torch.full_like(ids, EVAL_DRAW_OFFSET + k)
+        d = torch.full_like(ids, offset + k)
         out[:, k] = model(x, ids=ids, draws=d).argmax(1).cpu().numpy()
     return out
 

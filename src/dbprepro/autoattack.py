@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks import (EVAL_DRAW_OFFSET, NORMS, SETTINGS, AttackResult, Norm, Setting, evaluate_draws,
+from .attacks import (EVAL_DRAW_OFFSET, SELECT_DRAW_OFFSET, NORMS, SETTINGS, AttackResult, Norm, Setting, evaluate_draws,
                       perturbation_norms, project, summarise_evaluations)
 from .purification import DefendedClassifier
 
@@ -102,6 +102,9 @@ class IdTracker(nn.Module):
         self.p = float("inf") if norm == "linf" else 2.0
         self.calls = 0
         self.subset_calls = 0
+        # torchattacks calls model.train() after an attack on a model found in training mode
+        # (nn.Module's default): keep the tracker, hence the defended classifier, in eval mode
+        self.eval()
 
     def resolve(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the rows of ``x`` (the whole batch, or an order-preserving subset of it)."""
@@ -244,7 +247,10 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
         num_classes = int(model(x[:1], ids=ids[:1], draws=d0).shape[1])
 
     def score_fn(xc, yc, idc):
-        preds = evaluate_draws(model, xc, idc, n_eval, setting)
+        # selection draws are disjoint from the final evaluation draws, so the reported
+        # accuracies are not biased by the selection (paper 1 reports the selection score
+        # itself; it is kept as the column selection_score)
+        preds = evaluate_draws(model, xc, idc, n_eval, setting, offset=SELECT_DRAW_OFFSET)
         return (preds == yc.cpu().numpy()[:, None]).mean(1)
 
     def constrain(cand, xs):
@@ -252,9 +258,9 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
 
     subattacks = build_subattacks(model, version=version, setting=setting, norm=norm, eps=float(eps), config=cfg,
                                   seed=int(seed), num_classes=num_classes)
-    # torchattacks quirks: it calls model.train() after an attack when the model was in training
-    # mode (nn.Module's default, which DefendedClassifier keeps), FAB's backward() fills the
-    # classifier's .grad, and every sub-attack reseeds the global torch RNG
+    # torchattacks quirks: it calls model.train() after an attack on a model found in training
+    # mode (nn.Module's default, which DefendedClassifier keeps; see IdTracker), FAB's backward()
+    # fills the classifier's .grad, and every sub-attack reseeds the global torch RNG
     training = {m: m.training for m in model.modules()}
     requires = [(p, p.requires_grad) for p in model.parameters()]
     devices = [x.device] if x.device.type == "cuda" else []
@@ -276,7 +282,7 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
     cols = {"id": ids.numpy(), "label": labels,
             **{f"correct_{k}": v for k, v in summarise_evaluations(preds, labels).items()},
             **{f"norm_{k}": v for k, v in perturbation_norms(x_adv, x).items()},
-            "loss_start": nan, "loss_end": nan.copy()}
+            "loss_start": nan, "loss_end": nan.copy(), "selection_score": np.asarray(score, dtype=np.float64)}
     log.info("AutoAttack-%s (%s, %s eps=%.4g): robust accuracy %.4f single / %.4f mean over %d draws", version,
              setting, norm, eps, cols["correct_single"].mean(), cols["correct_mean"].mean(), eval_draws)
     extra = {"per_subattack": records, "score": score, "n_eval": n_eval, "version": version}

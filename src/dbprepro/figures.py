@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -132,6 +133,7 @@ def fig_attack_trajectories(paths: Mapping[str, str | Path], traces: Mapping[str
                 label=f"{SETTING_LABEL.get(s, s)} (n={n_img})")
         ax.fill_between(med.index, lo.to_numpy(), hi.to_numpy(), color=SETTING_COLOR.get(s), alpha=0.2, lw=0)
     ax.set_xlabel("PGD iteration")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("defended CE loss (attacker's estimate)")
     ax.set_title("loss vs iteration: median, IQR over images", fontsize=10)
     ax.legend(fontsize=8, loc="best")

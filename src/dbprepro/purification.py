@@ -271,6 +271,7 @@ class DefendedClassifier(nn.Module):
         self.purifier = purifier
         self._ids: torch.Tensor | None = None
         self._draws: torch.Tensor | None = None
+        self.eval()  # a defense is evaluated, never trained through (dropout/BatchNorm off)
 
     def bind(self, ids=None, draws=None) -> "_Binding":
         """Context manager: use these sample ids (and optionally draws) in ``forward(x)``."""
