@@ -174,10 +174,11 @@ def test_autoattack_is_replayable_and_leaves_the_process_as_it_found_it(tiny_dif
     model = defended(tiny_diffusion, "whitebox_eot")
     x, y, ids = data(model)
     model.train()  # a user's model may come in training mode: torchattacks would call model.train() after attacking
+    modes = {m: m.training for m in model.modules()}
     rng = torch.get_rng_state()
     cols1, res1 = run(model, x, y, ids, "rand", "whitebox_eot")
     assert torch.equal(torch.get_rng_state(), rng)  # torchattacks' manual_seed did not leak
-    assert not model.classifier.training and not model.purifier.unet.training
+    assert {m: m.training for m in model.modules()} == modes  # every module's flag restored
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad(), model.bind(ids=ids):  # advance the random-mode counters in between
         model(x), model(x)
