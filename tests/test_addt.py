@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from dbprepro.addt import addt_loss, cgpo, mixing_weight, pgd_perturbation, rbgm
+from dbprepro.models.classifiers import SmallCNN
+
+
+def test_rbgm_values_are_exactly_the_gaussian_draw_and_ranks_are_the_gradients():
+    g = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(0)) ** 3  # heavy-tailed, not Gaussian
+    out = rbgm(g, torch.Generator().manual_seed(7))
+    z = torch.randn(3, 2, 25, generator=torch.Generator().manual_seed(7))  # the draw RBGM makes
+    flat = out.reshape(3, 2, 25)
+    assert torch.equal(flat.sort(-1).values, z.sort(-1).values)  # same multiset of values
+    assert torch.equal(flat.argsort(-1).argsort(-1), g.reshape(3, 2, 25).argsort(-1).argsort(-1))  # same ranks
+
+
+def test_rbgm_output_is_standard_normal_whatever_the_input_distribution():
+    g = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(1)) ** 8  # far from Gaussian
+    out = rbgm(g, torch.Generator().manual_seed(2)).flatten().numpy()
+    assert stats.kstest(out, "norm").pvalue > 0.01
+    assert stats.kstest(g.flatten().numpy(), "norm").pvalue < 1e-6
+
+
+def test_mixing_weight_formula_and_clipping():
+    abar = torch.tensor([0.9999, 0.99, 0.5, 1e-4])
+    lam = mixing_weight(abar)
+    expected = [min(0.3, 0.03 * math.sqrt(a) / math.sqrt(1 - a)) for a in abar.tolist()]
+    assert torch.allclose(lam, torch.tensor(expected), atol=1e-6)
+    assert lam[0] == pytest.approx(0.3) and 0 <= float(lam.min())
+
+
+@pytest.fixture
+def parts(tiny_diffusion):
+    torch.manual_seed(0)
+    clf = SmallCNN(width=8, hidden=16).eval()
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3])
+    return tiny_diffusion[0], tiny_diffusion[1], clf, x0, y
+
+
+def test_cgpo_returns_rbgm_noise_and_leaves_the_weights_alone(parts):
+    unet, sch, clf, x0, y = parts
+    t = torch.tensor([50, 100, 400, 900])
+    lam = mixing_weight(sch.alphas_cumprod[t])
+    before = [p.detach().clone() for p in unet.parameters()]
+    delta = cgpo(unet, sch, clf, x0, y, t, lam, iterations=3, generator=torch.Generator().manual_seed(0))
+    assert delta.shape == x0.shape and torch.isfinite(delta).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))
+    assert all(p.grad is None for p in unet.parameters()) and all(p.grad is None for p in clf.parameters())
+    # a permutation of a Gaussian draw per image/channel: sorted values ~ N(0,1) quantiles
+    assert abs(float(delta.mean())) < 0.3 and abs(float(delta.std()) - 1) < 0.3
+
+
+def test_cgpo_direction_raises_the_classifier_loss(parts):
+    """The accumulated gradient's ordering is adversarial: the one-step estimate with the CGPO
+    delta has a higher classifier loss than with the same values in random order."""
+    unet, sch, clf, x0, y = parts
+    t = torch.full((4,), 30)
+    lam = torch.full((4,), 0.3)  # the largest mixing weight, to see the effect on a tiny model
+    gen = torch.Generator().manual_seed(0)
+    delta = cgpo(unet, sch, clf, x0, y, t, lam, iterations=5, generator=gen)
+    a = sch.alphas_cumprod[t].view(-1, 1, 1, 1)
+
+    def loss(d):
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * ((1 - 0.09) ** 0.5 * eps + 0.3 * d)
+        with torch.no_grad():
+            x0_hat = (x_t - (1 - a).sqrt() * unet(x_t, t).sample) / a.sqrt()
+            return float(torch.nn.functional.cross_entropy(clf((x0_hat / 2 + 0.5).clamp(0, 1)), y))
+
+    shuffled = delta.flatten(2)[..., torch.randperm(64, generator=torch.Generator().manual_seed(4))].view_as(delta)
+    assert loss(delta) > loss(shuffled)
+
+
+def test_pgd_perturbation_stays_in_the_pixel_ball(parts):
+    unet, sch, clf, x0, y = parts
+    d = pgd_perturbation(unet, sch, clf, x0, y, torch.full((4,), 50), iterations=3, eps=8 / 255, alpha=4 / 255)
+    assert float(d.abs().max()) <= 2 * 8 / 255 + 1e-6 and float(d.abs().max()) > 0
+    assert float((x0 + d).abs().max()) <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("variant", ["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune"])
+def test_every_variant_gives_a_differentiable_loss(parts, variant):
+    unet, sch, clf, x0, y = parts
+    loss = addt_loss(unet, sch, clf, x0, y, variant=variant, iterations=2, generator=torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    (g,) = torch.autograd.grad(loss, [next(unet.parameters())])
+    assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match="variant"):
+        addt_loss(unet, sch, clf, x0, y, variant="nope")
