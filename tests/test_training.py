@@ -74,7 +74,7 @@ def test_classifier_learns_and_returns_eval(digits):
     assert h["loss"].iloc[-1] < 0.3 * h["loss"].iloc[0]
     assert before < 0.3
     assert h["val_acc"].iloc[-1] == pytest.approx(accuracy(m, xv, yv))
-    assert accuracy(m, xv, yv) >= 0.85, h.to_string()
+    assert accuracy(m, xv, yv) >= 0.8, h.to_string()  # ~0.90; chance is 0.1
 
 
 def test_classifier_trains_in_train_mode(digits):
@@ -121,10 +121,10 @@ def test_ddpm_deterministic(digits):
 def test_ddpm_loss_goes_down(digits):
     (x, _, _), _ = digits
     u = tiny_unet()
-    ema, h = train_ddpm(u, build_scheduler(), x[:256], steps=120, batch_size=32, lr=3e-3,
-                        ema_decay=0.99, seed=0, log_every=20, progress=False)
-    assert len(h) == 6 and h["step"].iloc[-1] == 120
-    assert h["loss"].iloc[-1] < 0.6 * h["loss"].iloc[0], h.to_string()
+    ema, h = train_ddpm(u, build_scheduler(), x[:256], steps=60, batch_size=32, lr=3e-3,
+                        ema_decay=0.99, seed=0, log_every=10, progress=False)
+    assert len(h) == 6 and h["step"].iloc[-1] == 60
+    assert h["loss"].iloc[-1] < 0.5 * h["loss"].iloc[0], h.to_string()  # ~0.65 -> ~0.2
     assert not u.training and not ema.training
 
 

@@ -30,8 +30,9 @@ SETTING_LABEL = {
     "dwbox": "DW-box (fixed randomness)",
     "whitebox_eot": "white-box + EOT",
     "whitebox": "white-box (1 draw / step)",
+    "none": "no purification (classifier alone)",
 }
-SETTING_COLOR = {"dwbox": "tab:red", "whitebox_eot": "tab:blue", "whitebox": "tab:green"}
+SETTING_COLOR = {"dwbox": "tab:red", "whitebox_eot": "tab:blue", "whitebox": "tab:green", "none": "tab:gray"}
 
 
 def _theme() -> None:
@@ -159,22 +160,25 @@ def fig_loss_landscape(npz_by_defense: Mapping[str, str | Path], png, pdf, max_i
     if rows == 0:
         raise ValueError("the landscape files hold no images")
     fig, axes = plt.subplots(rows, len(defenses), figsize=(5.2 * len(defenses), 4.4 * rows), squeeze=False)
-    for c, d in enumerate(defenses):
-        z = L[d]
-        for r in range(rows):
-            ax = axes[r, c]
-            axis, loss = z["axis"][r], z["loss"][r]
-            cf = ax.contourf(axis, axis, loss.T, levels=20, cmap="viridis")  # loss[i, j]: a=axis[i], b=axis[j]
-            ax.contour(axis, axis, loss.T, levels=10, colors="white", linewidths=0.4, alpha=0.5)
-            cb = fig.colorbar(cf, ax=ax, shrink=0.9)
-            cb.set_label("defended CE loss (fixed randomness)")
+    for r in range(rows):
+        # log10 colour scale shared by the row's defenses (the loss spans orders of magnitude)
+        logs = {d: np.log10(np.maximum(L[d]["loss"][r], 1e-12)) for d in defenses}
+        lo, hi = min(float(g.min()) for g in logs.values()), max(float(g.max()) for g in logs.values())
+        levels = np.linspace(lo, max(hi, lo + 1e-3), 21)
+        for c, d in enumerate(defenses):
+            z, ax = L[d], axes[r, c]
+            axis = z["axis"][r]
+            cf = ax.contourf(axis, axis, logs[d].T, levels=levels, cmap="viridis")  # [i, j]: a=axis[i], b=axis[j]
+            ax.contour(axis, axis, logs[d].T, levels=levels[::2], colors="white", linewidths=0.4, alpha=0.5)
+            cb = fig.colorbar(cf, ax=ax, shrink=0.9, format="%.2f")
+            cb.set_label("log10 defended CE loss (fixed randomness)")
             for key, color, name in (("dwbox", "red", "DW-box"), ("eot", "blue", "white-box + EOT")):
                 path, pl = z[f"{key}_path"][r], z[f"{key}_path_loss"][r]
                 ax.plot(path[:, 0], path[:, 1], color=color, marker="o", ms=3, lw=1.6,
-                        label=f"{name} path (final loss {pl[-1]:.2f})")
+                        label=f"{name} path (final loss {pl[-1]:.3g})")
                 ax.plot(path[-1, 0], path[-1, 1], color=color, marker="*", ms=12, mec="white", mew=0.6)
             ax.plot(0, 0, marker="X", color="black", ms=8, mec="white", mew=0.6,
-                    label=f"clean image (loss {float(z['clean_loss'][r]):.2f})")
+                    label=f"clean image (loss {float(z['clean_loss'][r]):.3g})")
             ext = float(z["extent"][r])
             ax.set_xlim(-ext, ext)
             ax.set_ylim(-ext, ext)
@@ -200,23 +204,25 @@ def fig_robustness_bars(table_csv, png, pdf, threat: str = "linf", attack: str =
     if sub.empty:
         raise ValueError(f"{table_csv}: no rows for threat={threat!r}, attack={attack!r}, evaluation={evaluation!r}")
     defenses = list(dict.fromkeys(sub["defense"]))
-    settings = _ordered(set(sub["setting"]))
-    width = 0.8 / len(settings)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.9 * len(defenses) * len(settings) / 1.5 + 1.5), 4.2))
+    groups = {d: _ordered(set(sub.loc[sub["defense"] == d, "setting"])) for d in defenses}
+    width = 0.8 / max(len(g) for g in groups.values())
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * sum(len(g) for g in groups.values()) + 3.5), 4.2))
     x0 = np.arange(len(defenses))
-    for k, s in enumerate(settings):
-        rows = sub[sub["setting"] == s].set_index("defense").reindex(defenses)
-        acc = rows["robust_accuracy"].to_numpy(float)
-        err = np.vstack([acc - rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float) - acc])
-        xs = x0 - 0.4 + width * (k + 0.5)
-        bars = ax.bar(xs, acc, width * 0.92, color=SETTING_COLOR.get(s), alpha=0.85, label=SETTING_LABEL.get(s, s),
-                      yerr=err, capsize=4, error_kw=dict(lw=1, ecolor="black"))
-        ax.hlines(rows["clean_accuracy"].to_numpy(float), xs - width * 0.45, xs + width * 0.45, colors="black",
-                  lw=2, label="clean accuracy" if k == 0 else None)
-        for b, a in zip(bars, acc):
-            if np.isfinite(a):
-                ax.annotate(f"{a:.2f}", (b.get_x() + b.get_width() / 2, 0.01), ha="center", va="bottom",
-                            fontsize=8, color="white", fontweight="bold")
+    seen: set[str] = set()
+    for gx, d in zip(x0, defenses):  # each defense's bars centred on its tick
+        for k, s in enumerate(groups[d]):
+            row = sub[(sub["defense"] == d) & (sub["setting"] == s)].iloc[0]
+            acc = float(row["robust_accuracy"])
+            err = [[acc - float(row["ci_low"])], [float(row["ci_high"]) - acc]]
+            x = gx + width * (k - (len(groups[d]) - 1) / 2)
+            ax.bar(x, acc, width * 0.92, color=SETTING_COLOR.get(s, "grey"), alpha=0.85,
+                   label=None if s in seen else SETTING_LABEL.get(s, s), yerr=err, capsize=4,
+                   error_kw=dict(lw=1, ecolor="black"))
+            ax.hlines(float(row["clean_accuracy"]), x - width * 0.45, x + width * 0.45, colors="black", lw=2,
+                      label=None if seen else "clean accuracy")
+            ax.annotate(f"{acc:.2f}", (x, 0.01), ha="center", va="bottom", fontsize=8, color="white",
+                        fontweight="bold")
+            seen.add(s)
     ax.set_xticks(x0, defenses)
     ax.set_xlabel("defense")
     ax.set_ylabel(f"robust accuracy ({evaluation} evaluation)")
