@@ -174,3 +174,35 @@ def test_ddpm_rejects_bad_args(digits):
     with pytest.raises(ValueError):
         train_ddpm(tiny_unet(), build_scheduler(), x[:8], steps=1, batch_size=4, lr=1e-3,
                    ema_decay=1.0, progress=False)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tiny_diffusion):
+    """Kill the run mid-way (an exception in step 7), rerun: it continues from the checkpoint of
+    step 5 and ends with exactly the weights of an uninterrupted run."""
+    import copy as _copy
+
+    from dbprepro.training import ddpm_loss, train_ddpm
+
+    unet0, sch = tiny_diffusion
+    imgs = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=10, batch_size=8, lr=1e-3, ema_decay=0.9, seed=3, progress=False, checkpoint_every=5)
+
+    ref, hist_ref = train_ddpm(_copy.deepcopy(unet0), sch, imgs, checkpoint_dir=tmp_path / "ref", **kw)
+
+    calls = {"n": 0}
+
+    def dying_loss(unet, scheduler, x0, y, gen):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("killed")
+        return ddpm_loss(unet, scheduler, x0, y, gen)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm(_copy.deepcopy(unet0), sch, imgs, checkpoint_dir=tmp_path / "run", loss_fn=dying_loss, **kw)
+    assert (tmp_path / "run" / "state.pt").exists()
+    resumed, hist = train_ddpm(_copy.deepcopy(unet0), sch, imgs, checkpoint_dir=tmp_path / "run", **kw)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert hist.equals(hist_ref)
+    with pytest.raises(ValueError, match="steps"):  # a checkpoint of another run is not silently reused
+        train_ddpm(_copy.deepcopy(unet0), sch, imgs, checkpoint_dir=tmp_path / "run", **{**kw, "steps": 12})

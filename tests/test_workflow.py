@@ -33,6 +33,29 @@ def test_default_dag_resolves(tmp_path):
         assert rule in out
 
 
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from Snakemake's 'Job stats' table."""
+    lines = output[output.index("Job stats"):].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_one_figure_target_builds_only_what_it_needs(tmp_path):
+    r = snakemake(tmp_path, "-n", "results/figures/p1_fig1_attack_trajectories.png")
+    assert r.returncode == 0, r.stderr
+    jobs = job_counts(r.stdout + r.stderr)
+    assert jobs["figure_p1_fig1_attack_trajectories"] == 1 and jobs["train_diffusion"] == 1
+    # three settings x 2 shards of PGD on vanilla, nothing of other figures, tables or defenses
+    assert jobs["attack"] == 6 and jobs["merge_attack"] == 3
+    for unrelated in ("train_addt", "table_p1_main", "evaluate_clean", "loss_landscape", "all"):
+        assert unrelated not in jobs
+
+
 def test_invalid_config_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("purification:\n  t_star: 100\n")
@@ -61,6 +84,15 @@ def test_smoke_dag_runs_is_idempotent_and_byte_reproducible(tmp_path):
     log = (first / "logs" / "train_diffusion.log").read_text()
     assert "it/s" in log or "s/it" in log
     assert "stage train_diffusion finished" in log
+    for name in ("p1_table_main.csv", "p1_table_ablation.csv", "addt_training.csv"):
+        assert (first / "results" / "tables" / name).stat().st_size > 0
+    main = pd.read_csv(first / "results" / "tables" / "p1_table_main.csv")
+    assert {"whitebox", "whitebox_eot", "dwbox", "none"} <= set(main["setting"])
+    assert {"pgd", "bpda", "aa_standard", "aa_rand"} <= set(main["attack"])
+    assert main["robust_accuracy"].between(0, 1).all()
+    for fig in ("p1_fig1_attack_trajectories", "p1_fig2_loss_landscape", "p1_fig3_robustness_bars", "p1_fig5_rbgm"):
+        for ext in ("png", "pdf"):
+            assert (first / "results" / "figures" / f"{fig}.{ext}").stat().st_size > 1000
     # a second run right after the first has nothing to do
     r = snakemake(first, "-n")
     assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout + r.stderr

@@ -68,7 +68,7 @@ def _alpha_terms(scheduler, t: torch.Tensor, like: torch.Tensor):
 
 def cgpo(unet: nn.Module, scheduler, classifier: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
          lam: torch.Tensor, *, iterations: int = 5, objective: Literal["ce", "mse"] = "ce",
-         generator: torch.Generator | None = None) -> torch.Tensor:
+         generator: torch.Generator | None = None, return_grad: bool = False):
     """CGPO: the RBGM-mapped adversarial noise delta for a batch (model weights untouched).
 
     ``x0`` in [-1, 1]; the classifier sees ``x0_hat / 2 + 0.5``.  ``objective="mse"`` is the
@@ -91,7 +91,7 @@ def cgpo(unet: nn.Module, scheduler, classifier: nn.Module, x0: torch.Tensor, y:
         (g,) = torch.autograd.grad(loss, d)
         G = G + g
         delta = rbgm(G, generator)
-    return delta.detach()
+    return (delta.detach(), G.detach()) if return_grad else delta.detach()
 
 
 def pgd_perturbation(unet: nn.Module, scheduler, classifier: nn.Module, x0: torch.Tensor, y: torch.Tensor,
@@ -145,3 +145,46 @@ def addt_loss(unet: nn.Module, scheduler, classifier: nn.Module | None, x0: torc
         target = (1 - lam**2).sqrt() * eps + lam * delta
         x_t = sa * x0 + s1a * target
     return F.mse_loss(unet(x_t, t).sample, target)
+
+
+def make_loss_fn(classifier: nn.Module | None, variant: Variant, *, iterations: int = 5, lambda_scale: float = 0.03,
+                 lambda_max: float = 0.3, pgd_eps: float = 8 / 255, pgd_alpha: float = 4 / 255,
+                 t_max: int | None = None):
+    """The ``loss_fn(unet, scheduler, x0, y, generator)`` of :func:`dbprepro.training.train_ddpm`
+    for ``variant`` (the classifier is frozen: eval mode, no gradients into its weights)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ADDT variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if classifier is not None:
+        classifier.eval().requires_grad_(False)
+    if variant in ("addt", "addt_no_rbgm") and classifier is None:
+        raise ValueError(f"variant {variant!r} needs the classifier")
+
+    def loss_fn(unet, scheduler, x0, y, generator):
+        return addt_loss(unet, scheduler, classifier, x0, y, variant=variant, iterations=iterations,
+                         lambda_scale=lambda_scale, lambda_max=lambda_max, pgd_eps=pgd_eps, pgd_alpha=pgd_alpha,
+                         t_max=t_max, generator=generator)
+
+    return loss_fn
+
+
+def network_passes_per_step(variant: Variant, iterations: int) -> int:
+    """Forward+backward passes through the UNet per training step: the deterministic cost of a
+    variant relative to plain fine-tuning (1 pass); CGPO/PGD adds one per iteration."""
+    return 1 if variant == "clean_finetune" else iterations + 1
+
+
+def rbgm_samples(unet: nn.Module, scheduler, classifier: nn.Module, images01: torch.Tensor, labels: torch.Tensor, *,
+                 t: int, iterations: int = 5, lambda_scale: float = 0.03, lambda_max: float = 0.3,
+                 seed: int = 0) -> dict:
+    """A CGPO perturbation before RBGM (the accumulated gradient G, standardised per image and
+    channel for comparison) and after it (delta), on ``images01`` at timestep ``t``."""
+    classifier.eval().requires_grad_(False)
+    x0 = images01 * 2 - 1
+    tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+    lam = mixing_weight(scheduler.alphas_cumprod[tt], lambda_scale, lambda_max)
+    delta, G = cgpo(unet, scheduler, classifier, x0, labels, tt, lam, iterations=iterations,
+                    generator=torch.Generator().manual_seed(seed), return_grad=True)
+    flat = G.flatten(2)
+    g_std = (flat - flat.mean(-1, keepdim=True)) / flat.std(-1, keepdim=True).clamp_min(1e-12)
+    return {"gradient": g_std.flatten().numpy(), "delta": delta.flatten().numpy(), "t": int(t),
+            "lambda": float(lam[0]), "n_images": int(x0.shape[0])}

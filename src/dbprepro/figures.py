@@ -235,3 +235,32 @@ def fig_robustness_bars(table_csv, png, pdf, threat: str = "linf", attack: str =
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save(fig, png, pdf)
+
+
+def fig_rbgm(npz, png, pdf) -> None:
+    """Paper 1 Fig. 5: a CGPO perturbation before RBGM (the accumulated classifier gradient,
+    standardised) and after it, against the standard normal (histogram and Q-Q plot)."""
+    from scipy import stats
+
+    _theme()
+    z = _load_npz(npz)
+    grad, delta = np.asarray(z["gradient"]), np.asarray(z["delta"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lim = float(np.quantile(np.abs(grad), 0.995))
+    bins = np.linspace(-max(lim, 4), max(lim, 4), 81)
+    ax1.hist(grad, bins=bins, density=True, alpha=0.55, color="tab:orange", label="CGPO gradient G (standardised)")
+    ax1.hist(delta, bins=bins, density=True, alpha=0.55, color="tab:blue", label="RBGM(G)")
+    xs = np.linspace(bins[0], bins[-1], 400)
+    ax1.plot(xs, stats.norm.pdf(xs), "k--", lw=1.2, label="N(0, 1)")
+    ax1.set(xlabel="value", ylabel="density", title="distribution before and after RBGM")
+    ax1.legend(fontsize=8)
+    q = np.linspace(0.001, 0.999, 300)
+    theo = stats.norm.ppf(q)
+    ax2.plot(theo, np.quantile(grad, q), color="tab:orange", label=f"G: KS p = {stats.kstest(grad, 'norm').pvalue:.2g}")
+    ax2.plot(theo, np.quantile(delta, q), color="tab:blue", label=f"RBGM(G): KS p = {stats.kstest(delta, 'norm').pvalue:.2g}")
+    ax2.plot(theo, theo, "k--", lw=1)
+    ax2.set(xlabel="standard normal quantile", ylabel="sample quantile", title="Q-Q plot against N(0, 1)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"RBGM (paper 1, Fig. 5): {int(z['n_images'])} images, t = {int(z['t'])}, "
+                 f"lambda_t = {float(z['lambda']):.3f}", fontsize=11)
+    _save(fig, png, pdf)

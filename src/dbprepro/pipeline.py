@@ -219,3 +219,79 @@ def figure_p1_fig3_robustness_bars(input, output, params, wildcards) -> None:
 
     fig_robustness_bars(input.table, output.png, output.pdf, threat=params.threat, attack=params.attack,
                         evaluation=params.evaluation, confidence=params.confidence)
+
+
+# -- ADDT ----------------------------------------------------------------------------------------
+@stage
+def train_addt(input, output, params, wildcards) -> None:
+    import time as _time
+
+    import pandas as pd
+
+    from .addt import make_loss_fn, network_passes_per_step
+    from .data import load_split
+    from .metrics import write_table
+    from .models.classifiers import load_classifier
+    from .models.diffusion import load_diffusion, save_diffusion
+    from .training import train_ddpm
+
+    a, variant = params.addt, wildcards.defense
+    device = _device(params)
+    train = load_split(input.train, input.manifest)
+    unet, scheduler = load_diffusion(input.base)
+    classifier = load_classifier(input.classifier).to(device)
+    loss_fn = make_loss_fn(classifier, variant, iterations=a["cgpo_iterations"], lambda_scale=a["lambda_scale"],
+                           lambda_max=a["lambda_max"], pgd_eps=a["pgd_eps"], pgd_alpha=a["pgd_alpha"],
+                           t_max=a["t_max"])
+    t0 = _time.perf_counter()
+    ema_unet, history = train_ddpm(unet.to(device), scheduler, train.images, labels=train.labels, steps=a["steps"],
+                                   batch_size=a["batch_size"], lr=a["lr"], ema_decay=a["ema_decay"], warmup_steps=0,
+                                   grad_clip=a["grad_clip"], weight_decay=a["weight_decay"], betas=a["betas"],
+                                   seed=params.seed, loss_fn=loss_fn, checkpoint_dir=params.checkpoint_dir,
+                                   checkpoint_every=a["checkpoint_every"], desc=variant)
+    seconds = _time.perf_counter() - t0
+    save_diffusion(ema_unet, scheduler, output.model)
+    history.insert(0, "defense", variant)
+    history["unet_passes_per_step"] = network_passes_per_step(variant, a["cgpo_iterations"])
+    write_table(history, output.history)
+    write_table(pd.DataFrame([{"defense": variant, "steps": a["steps"], "seconds": seconds,
+                               "seconds_per_step": seconds / a["steps"]}]), output.timing)
+
+
+@stage
+def table_addt_training(input, output, params, wildcards) -> None:
+    from .robustness import write_addt_training_table
+
+    write_addt_training_table(list(input.history), list(input.timing), output.csv, output.md, output.cost)
+
+
+@stage
+def table_p1_ablation(input, output, params, wildcards) -> None:
+    from .robustness import write_p1_ablation_table
+
+    write_p1_ablation_table(input.main, output.csv, output.md, defenses=list(params.defenses),
+                            threat=params.threat)
+
+
+@stage
+def rbgm_samples(input, output, params, wildcards) -> None:
+    from .addt import rbgm_samples as compute
+    from .data import load_split
+    from .io import savez
+    from .models.classifiers import load_classifier
+    from .models.diffusion import load_diffusion
+
+    a = params.addt
+    train = load_split(input.train, input.manifest).head(params.n_images)
+    unet, scheduler = load_diffusion(input.base)
+    out = compute(unet, scheduler, load_classifier(input.classifier), train.images, train.labels, t=params.t,
+                  iterations=a["cgpo_iterations"], lambda_scale=a["lambda_scale"], lambda_max=a["lambda_max"],
+                  seed=params.seed)
+    savez(output.npz, **out)
+
+
+@stage
+def figure_p1_fig5_rbgm(input, output, params, wildcards) -> None:
+    from .figures import fig_rbgm
+
+    fig_rbgm(input.npz, output.png, output.pdf)

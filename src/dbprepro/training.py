@@ -136,24 +136,44 @@ def _index_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
         buf = buf[batch_size:]
 
 
+def ddpm_loss(unet, scheduler, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """The DDPM loss (Ho et al. 2020): ``MSE(unet(x_t, t), eps)`` with t ~ U{0..T-1}, eps ~ N(0, I)."""
+    T = int(scheduler.config.num_train_timesteps)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(x0.device)
+    return F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+
+
+LossFn = "Callable[[nn.Module, object, torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]"
+
+
 def train_ddpm(unet, scheduler, images, *, steps: int, batch_size: int, lr: float, ema_decay: float,
                warmup_steps: int = 0, grad_clip: float | None = 1.0, weight_decay: float = 0.0,
-               seed: int = 0, log_every: int | None = None, progress: bool = True):
-    """Train an epsilon-prediction diffusion UNet with the DDPM loss (Ho et al. 2020).
+               betas: tuple[float, float] = (0.9, 0.999), seed: int = 0, log_every: int | None = None,
+               progress: bool = True, labels=None, loss_fn=None, checkpoint_dir=None,
+               checkpoint_every: int | None = None, desc: str = "ddpm"):
+    """Train (or fine-tune) an epsilon-prediction diffusion UNet: the one training loop of the
+    package, used for the vanilla DDPM and for every ADDT variant.
 
-    Per step: a batch of [0, 1] ``images`` scaled to [-1, 1], timesteps t ~ U{0, ..., T-1},
-    noise eps ~ N(0, I), ``x_t = scheduler.add_noise(x_0, eps, t)`` and the loss
-    ``MSE(unet(x_t, t), eps)``; AdamW with a linear learning-rate warm-up over ``warmup_steps``
-    (constant afterwards), gradient-norm clipping at ``grad_clip`` (None: off), and an
-    exponential moving average of the weights (``diffusers.training_utils.EMAModel`` with its
-    warm-up ``1 - (1 + step) ** -3/4``, capped at ``ema_decay``, as in diffusers'
-    unconditional training example).
+    Per step: a batch of [0, 1] ``images`` scaled to [-1, 1] (with its ``labels`` if given) and
+    ``loss_fn(unet, scheduler, x0, y, generator)`` (default :func:`ddpm_loss`); AdamW (``betas``,
+    ``weight_decay``) with a linear learning-rate warm-up over ``warmup_steps`` (constant
+    afterwards), gradient-norm clipping at ``grad_clip`` (None: off), and an exponential moving
+    average of the weights (``diffusers.training_utils.EMAModel`` with its warm-up
+    ``1 - (1 + step) ** -3/4``, capped at ``ema_decay``, as in diffusers' training examples).
+
+    With ``checkpoint_dir``, the complete state (weights, EMA, optimiser, learning-rate schedule,
+    random generators, history) is saved atomically every ``checkpoint_every`` steps, and a call
+    finding a checkpoint there resumes from it: an interrupted run finishes with exactly the
+    weights of an uninterrupted one.
 
     ``unet`` is trained in place and ends with the *raw* (last-step) weights.  Returns
     ``(ema_unet, history)``: a copy of ``unet`` carrying the EMA weights (eval mode; this is the
     model to use) and a table with ``step``, ``loss`` (mean over the last ``log_every`` steps)
     and ``lr``, one row every ``log_every`` steps (default ``steps // 20``) and at the end.
     """
+    from pathlib import Path
+
     from diffusers.training_utils import EMAModel
 
     _check_positive(steps=steps, batch_size=batch_size)
@@ -163,36 +183,55 @@ def train_ddpm(unet, scheduler, images, *, steps: int, batch_size: int, lr: floa
     n = x.shape[0]
     if n == 0:
         raise ValueError("no training images")
+    y_all = None if labels is None else _as_labels(labels, n)
+    loss_fn = loss_fn or ddpm_loss
     log_every = int(log_every or max(1, steps // 20))
-    T = int(scheduler.config.num_train_timesteps)
     dev = _device(unet)
     x = (x * 2 - 1).to(dev)
+    if y_all is not None:
+        y_all = y_all.to(dev)
 
     gen_batch = torch.Generator().manual_seed(int(seed))
-    gen_noise = torch.Generator().manual_seed(int(seed) + 1)  # separate streams: batch order
-    gen_t = torch.Generator().manual_seed(int(seed) + 2)  # independent of noise/timestep draws
-    batches = _index_stream(n, batch_size, gen_batch)
-
+    gen_loss = torch.Generator().manual_seed(int(seed) + 1)  # noise, timesteps, CGPO draws
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
     warm = max(0, int(warmup_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     ema = EMAModel(unet.parameters(), decay=float(ema_decay), use_ema_warmup=True,
                    inv_gamma=1.0, power=3 / 4, foreach=True)
 
-    rows, acc, acc_n = [], 0.0, 0
+    rows, acc, acc_n, start = [], 0.0, 0, 1
+    ckpt = Path(checkpoint_dir) / "state.pt" if checkpoint_dir else None
+    every = int(checkpoint_every or max(1, steps // 10))
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state["steps"] != steps:
+            raise ValueError(f"{ckpt} belongs to a run of {state['steps']} steps, not {steps}: remove it to restart")
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen_batch.set_state(state["gen_batch"])
+        gen_loss.set_state(state["gen_loss"])
+        rows, acc, acc_n, start = list(state["rows"]), state["acc"], state["acc_n"], state["step"] + 1
+        log.info("%s: resuming from %s at step %d of %d", desc, ckpt, start, steps)
+    # the batch order is a pure function of gen_batch's state: the stream restarts from it
+    batches = _index_stream(n, batch_size, gen_batch)
+
     t0 = time.perf_counter()
     unet.train()
-    with torch.random.fork_rng(devices=[]), tqdm(total=steps, desc="ddpm", unit="step",
+    with torch.random.fork_rng(devices=[]), tqdm(total=steps, initial=start - 1, desc=desc, unit="step",
                                                  disable=not progress, **_TQDM) as bar:
-        torch.manual_seed(int(seed))  # only for in-model randomness (dropout); restored on exit
-        for step in range(1, steps + 1):
+        torch.manual_seed(int(seed) + start)  # only for in-model randomness (dropout); restored on exit
+        for step in range(start, steps + 1):
+            if ckpt is not None and (step - 1) % every == 0 and step > start:
+                _save_state(ckpt, steps=steps, step=step - 1, unet=unet, ema=ema, opt=opt, sched=sched,
+                            gen_batch=gen_batch, gen_loss=gen_loss, rows=rows, acc=acc, acc_n=acc_n,
+                            batches=batches)
+                batches = _index_stream(n, batch_size, gen_batch)
+                torch.manual_seed(int(seed) + step)  # in-model randomness restarts here too
             idx = next(batches)
-            x0 = x[idx]
-            noise = torch.randn(x0.shape, generator=gen_noise).to(dev)
-            t = torch.randint(0, T, (x0.shape[0],), generator=gen_t).to(dev)
-            x_t = scheduler.add_noise(x0, noise, t)
-            loss = F.mse_loss(unet(x_t, t).sample, noise)
+            loss = loss_fn(unet, scheduler, x[idx], None if y_all is None else y_all[idx], gen_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -207,12 +246,28 @@ def train_ddpm(unet, scheduler, images, *, steps: int, batch_size: int, lr: floa
             if step % log_every == 0 or step == steps:
                 rows.append({"step": step, "loss": acc / acc_n, "lr": cur_lr})
                 bar.set_postfix(loss=f"{acc / acc_n:.4f}", refresh=False)
-                log.debug("ddpm step %d/%d: loss %.4f", step, steps, acc / acc_n)
                 acc, acc_n = 0.0, 0
                 if len(rows) % 5 == 0 or step == steps:
-                    log.info("ddpm step %d/%d: loss %.4f, ema decay %.4f (%.1fs)", step, steps,
+                    log.info("%s step %d/%d: loss %.4f, ema decay %.4f (%.1fs)", desc, step, steps,
                              rows[-1]["loss"], ema.cur_decay_value or 0.0, time.perf_counter() - t0)
     unet.eval()
     ema_unet = copy.deepcopy(unet)
     ema.copy_to(ema_unet.parameters())
     return ema_unet.eval(), pd.DataFrame(rows)
+
+
+def _save_state(path, *, batches, **state) -> None:
+    """Atomically save a resumable training state.  The batch stream cannot be pickled, so the
+    caller restarts it from ``gen_batch`` right after saving: its pending partial permutation is
+    dropped, identically in an interrupted and an uninterrupted run."""
+    import os
+
+    del batches
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {k: v for k, v in state.items() if k not in ("unet", "ema", "opt", "sched", "gen_batch", "gen_loss")}
+    payload.update(unet=state["unet"].state_dict(), ema=state["ema"].state_dict(), opt=state["opt"].state_dict(),
+                   sched=state["sched"].state_dict(), gen_batch=state["gen_batch"].get_state(),
+                   gen_loss=state["gen_loss"].get_state())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)

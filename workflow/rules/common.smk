@@ -15,7 +15,8 @@ except ConfigError as err:
 
 RESULTS = "results"
 LOGS = "logs"
-DEFENSES = ["vanilla"]
+ADDT_VARIANTS = config["addt"]["variants"] if config["addt"]["enabled"] else []
+DEFENSES = ["vanilla", *ADDT_VARIANTS]
 
 # keys of every stage's params: runtime settings that change numbers
 RUNTIME = dict(seed=config["seed"], device=config["device"], deterministic=config["deterministic"])
@@ -43,6 +44,7 @@ def all_targets():
         f"{RESULTS}/tables/clean_accuracy.md",
         f"{RESULTS}/tables/p1_table_main.csv",
         f"{RESULTS}/tables/p1_table_main.md",
+        *addt_targets(),
         *figure_targets(),
     ]
 
@@ -60,15 +62,17 @@ def attack_runs():
     att = config["attacks"]
     names = [tm["name"] for tm in att["threat_models"]]
     runs = [("undefended", tm, "none", "pgd") for tm in names]
-    for d in DEFENSES:
-        for tm in names:
-            runs += [(d, tm, s, "pgd") for s in att["settings"]]
-            if att["bpda"]["enabled"]:
-                runs += [(d, tm, s, "bpda") for s in att["bpda"]["settings"]]
-        if att["autoattack"]["enabled"]:
-            for tm in att["autoattack"]["threat_models"]:
-                for v in att["autoattack"]["versions"]:
-                    runs.append((d, tm, "dwbox" if v == "standard" else "whitebox_eot", f"aa_{v}"))
+    for tm in names:  # vanilla: the full grid of paper 1's main table
+        runs += [("vanilla", tm, s, "pgd") for s in att["settings"]]
+        if att["bpda"]["enabled"]:
+            runs += [("vanilla", tm, s, "bpda") for s in att["bpda"]["settings"]]
+    if att["autoattack"]["enabled"]:
+        for tm in att["autoattack"]["threat_models"]:
+            for v in att["autoattack"]["versions"]:
+                runs.append(("vanilla", tm, "dwbox" if v == "standard" else "whitebox_eot", f"aa_{v}"))
+    for d in ADDT_VARIANTS:  # fine-tuned defenses: PGD in the ablation's settings
+        for tm in config["addt"]["attack_threat_models"]:
+            runs += [(d, tm, s, "pgd") for s in config["addt"]["attack_settings"]]
     return runs
 
 
@@ -83,3 +87,13 @@ def merged_attack_records():
 def defense_diffusion_input(wildcards):
     """The purifier of a defense; the undefended classifier has none."""
     return [] if wildcards.defense == "undefended" else diffusion_dir(wildcards.defense)
+
+
+def addt_targets():
+    if not ADDT_VARIANTS:
+        return []
+    return [
+        f"{RESULTS}/tables/addt_training.csv",
+        f"{RESULTS}/tables/p1_table_ablation.csv",
+        f"{RESULTS}/figures/p1_fig5_rbgm.png",
+    ]

@@ -2,6 +2,7 @@
 # The trajectory and landscape figures use the tracked images' paths (attacks.track_images >= 1).
 
 FIG_THREAT = config["attacks"]["threat_models"][0]["name"]
+LANDSCAPE_DEFENSES = ["vanilla"] + (["addt"] if "addt" in ADDT_VARIANTS else [])  # paper 1: vanilla vs ADDT
 FIG_SETTINGS = ["whitebox", "whitebox_eot", "dwbox"]  # Fig. 1 compares all three, whatever attacks.settings
 
 
@@ -58,12 +59,12 @@ rule figure_p1_fig1_attack_trajectories:
 
 rule figure_p1_fig2_loss_landscape:
     input:
-        npz=expand(f"{RESULTS}/landscape/{{defense}}.npz", defense=DEFENSES),
+        npz=expand(f"{RESULTS}/landscape/{{defense}}.npz", defense=LANDSCAPE_DEFENSES),
     output:
         png=f"{RESULTS}/figures/p1_fig2_loss_landscape.png",
         pdf=f"{RESULTS}/figures/p1_fig2_loss_landscape.pdf",
     params:
-        defenses=DEFENSES,
+        defenses=LANDSCAPE_DEFENSES,
         **RUNTIME,
     log:
         f"{LOGS}/figure_p1_fig2_loss_landscape.log",
@@ -91,6 +92,50 @@ rule figure_p1_fig3_robustness_bars:
         **RUNTIME,
     log:
         f"{LOGS}/figure_p1_fig3_robustness_bars.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule rbgm_samples:
+    input:
+        base=diffusion_dir("vanilla"),
+        classifier=classifier_dir(),
+        **split_files(),
+    output:
+        npz=f"{RESULTS}/addt/rbgm_samples.npz",
+    params:
+        addt=config["addt"],
+        n_images=64,
+        t=int(round(config["purification"]["t_star"] * config["diffusion"]["schedule"]["num_train_timesteps"])),
+        **RUNTIME,
+    log:
+        f"{LOGS}/rbgm_samples.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime="30m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule figure_p1_fig5_rbgm:
+    input:
+        npz=f"{RESULTS}/addt/rbgm_samples.npz",
+    output:
+        png=f"{RESULTS}/figures/p1_fig5_rbgm.png",
+        pdf=f"{RESULTS}/figures/p1_fig5_rbgm.pdf",
+    params:
+        **RUNTIME,
+    log:
+        f"{LOGS}/figures/p1_fig5_rbgm.log",
     threads: 1
     resources:
         mem_mb=2000,

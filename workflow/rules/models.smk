@@ -91,3 +91,33 @@ else:
             "../../envs/dbprepro.yaml"
         script:
             "../scripts/stage.py"
+
+
+rule train_addt:
+    input:
+        base=diffusion_dir("vanilla"),
+        classifier=classifier_dir(),
+        **split_files(),
+    output:
+        model=directory(f"{RESULTS}/models/diffusion/{{defense}}"),
+        history=f"{RESULTS}/models/diffusion/{{defense}}_history.csv",
+        timing=f"{RESULTS}/benchmarks/addt/{{defense}}_timing.csv",
+    wildcard_constraints:
+        defense="addt|addt_no_rbgm|cgpo_mse|clean_finetune",
+    params:
+        addt=config["addt"],
+        checkpoint_dir=f"{RESULTS}/checkpoints/addt/{{defense}}",
+        **RUNTIME,
+    log:
+        f"{LOGS}/train_addt/{{defense}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_addt/{{defense}}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime="48h",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"

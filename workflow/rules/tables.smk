@@ -45,3 +45,47 @@ rule table_p1_main:
         "../../envs/dbprepro.yaml"
     script:
         "../scripts/stage.py"
+
+
+rule table_addt_training:
+    input:
+        history=expand(f"{RESULTS}/models/diffusion/{{defense}}_history.csv", defense=ADDT_VARIANTS),
+        timing=expand(f"{RESULTS}/benchmarks/addt/{{defense}}_timing.csv", defense=ADDT_VARIANTS),
+    output:
+        csv=f"{RESULTS}/tables/addt_training.csv",
+        md=f"{RESULTS}/tables/addt_training.md",
+        cost=f"{RESULTS}/benchmarks/addt_cost.csv",
+    params:
+        **RUNTIME,
+    log:
+        f"{LOGS}/table_addt_training.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule table_p1_ablation:
+    input:
+        main=f"{RESULTS}/tables/p1_table_main.csv",
+    output:
+        csv=f"{RESULTS}/tables/p1_table_ablation.csv",
+        md=f"{RESULTS}/tables/p1_table_ablation.md",
+    params:
+        defenses=DEFENSES,
+        threat=config["addt"]["attack_threat_models"][0],
+        **RUNTIME,
+    log:
+        f"{LOGS}/table_p1_ablation.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
