@@ -35,13 +35,15 @@ def run(ws, shards, setting="whitebox_eot", attack="pgd"):
         stem = ws / f"{setting}{attack}{shards}_{s}"
         run_attack_shard(ws / "clf", ws / "dif", ws / "test.npz", ws / "split.json",
                          records=f"{stem}.rec.parquet", trace=f"{stem}.tr.parquet", paths=f"{stem}.npz",
+                         adv=f"{stem}.adv.npz",
                          defense="vanilla", threat="linf", setting=setting, attack=attack, shard=s,
                          attacks=cfg["attacks"], purification=cfg["purification"], variance_type="fixed_large",
                          seed=0, device=torch.device("cpu"))
         outs.append(stem)
     merged = ws / f"{setting}{attack}{shards}_merged"
     merge_shards([f"{o}.rec.parquet" for o in outs], [f"{o}.tr.parquet" for o in outs], [f"{o}.npz" for o in outs],
-                 f"{merged}.rec.parquet", f"{merged}.tr.parquet", f"{merged}.npz")
+                 f"{merged}.rec.parquet", f"{merged}.tr.parquet", f"{merged}.npz",
+                 [f"{o}.adv.npz" for o in outs], f"{merged}.adv.npz")
     return merged
 
 
@@ -53,6 +55,9 @@ def test_results_do_not_depend_on_the_number_of_shards(workspace, setting):
     assert len(a) == 12 and a["id"].is_unique
     pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(pd.read_parquet(f"{one}.tr.parquet"), pd.read_parquet(f"{three}.tr.parquet"))
+    with np.load(f"{one}.adv.npz") as za, np.load(f"{three}.adv.npz") as zb:
+        assert za["x_adv"].shape == (12, 1, 8, 8) and np.array_equal(za["ids"], a["id"].to_numpy())
+        assert np.array_equal(za["x_adv"], zb["x_adv"])
     with np.load(f"{one}.npz") as za, np.load(f"{three}.npz") as zb:
         assert za["deltas"].shape == (2, 3, 64)
         assert np.array_equal(za["deltas"], zb["deltas"])

@@ -162,7 +162,7 @@ def attack(input, output, params, wildcards) -> None:
     from .robustness import run_attack_shard
 
     run_attack_shard(input.classifier, input.get("diffusion"), input.test, input.manifest,
-                     records=output.records, trace=output.trace, paths=output.paths,
+                     records=output.records, trace=output.trace, paths=output.paths, adv=output.adv,
                      defense=wildcards.defense, threat=wildcards.threat, setting=wildcards.setting,
                      attack=wildcards.attack, shard=int(wildcards.shard), attacks=params.attacks,
                      purification=params.purification, variance_type=params.variance_type,
@@ -174,7 +174,7 @@ def merge_attack(input, output, params, wildcards) -> None:
     from .robustness import merge_shards
 
     merge_shards(list(input.records), list(input.trace), list(input.paths), output.records, output.trace,
-                 output.paths)
+                 output.paths, list(input.adv), output.adv)
 
 
 @stage

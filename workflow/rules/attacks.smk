@@ -11,6 +11,7 @@ rule attack:
         records=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/shard{{shard}}.records.parquet",
         trace=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/shard{{shard}}.trace.parquet",
         paths=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/shard{{shard}}.paths.npz",
+        adv=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/shard{{shard}}.adv.npz",
     params:
         attacks=config["attacks"],
         purification=config["purification"],
@@ -45,10 +46,15 @@ rule merge_attack:
             f"{RESULTS}/attacks/{{{{defense}}}}/{{{{threat}}}}/{{{{setting}}}}/{{{{attack}}}}/shard{{shard}}.paths.npz",
             shard=range(config["attacks"]["shards"]),
         ),
+        adv=expand(
+            f"{RESULTS}/attacks/{{{{defense}}}}/{{{{threat}}}}/{{{{setting}}}}/{{{{attack}}}}/shard{{shard}}.adv.npz",
+            shard=range(config["attacks"]["shards"]),
+        ),
     output:
         records=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/records.parquet",
         trace=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/trace.parquet",
         paths=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/paths.npz",
+        adv=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/adv.npz",
     params:
         **RUNTIME,
     log:
