@@ -63,7 +63,6 @@ rule merge_attack:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)

@@ -46,6 +46,7 @@ def all_targets():
         f"{RESULTS}/tables/p1_table_main.md",
         *addt_targets(),
         *figure_targets(),
+        *paper2_targets(),
     ]
 
 
@@ -64,7 +65,7 @@ def attack_runs():
     runs = [("undefended", tm, "none", "pgd") for tm in names]
     for tm in names:  # vanilla: the full grid of paper 1's main table
         runs += [("vanilla", tm, s, "pgd") for s in att["settings"]]
-        if att["bpda"]["enabled"]:
+        if att["bpda"]["enabled"] and tm in (att["bpda"]["threat_models"] or names):
             runs += [("vanilla", tm, s, "bpda") for s in att["bpda"]["settings"]]
     if att["autoattack"]["enabled"]:
         for tm in att["autoattack"]["threat_models"]:
@@ -97,3 +98,24 @@ def addt_targets():
         f"{RESULTS}/tables/p1_table_ablation.csv",
         f"{RESULTS}/figures/p1_fig5_rbgm.png",
     ]
+
+
+def paper2_targets():
+    """Paper 2's tables and figures (workflow/rules/paper2.smk)."""
+    if not config["analysis"]["enabled"]:
+        return []
+    tables = ["p2_lp_distances", "p2_randomness", "p2_table_fixed_randomness", "p2_compression",
+              "p2_compression_models"]
+    figs = ["p2_fig1_lp_distance", "p2_fig2_randomness_correlation", "p2_fig5_compression_spectrum",
+            "p2_fig6_compression_vs_robustness"]
+    return [f"{RESULTS}/tables/{name}.csv" for name in tables] + [
+        f"{RESULTS}/figures/{name}.{ext}" for name in figs for ext in ("png", "pdf")
+    ]
+
+
+def run_light_stage(name, input, output, params, wildcards, logfiles):
+    """Run a cheap stage (merging, tables) inside the Snakemake process: no interpreter start-up
+    per job.  Heavy stages run through workflow/scripts/stage.py in their own process."""
+    from dbprepro.pipeline import run_stage_inline
+
+    run_stage_inline(name, input, output, params, wildcards, logfiles)

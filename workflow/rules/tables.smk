@@ -17,10 +17,9 @@ rule table_clean_accuracy:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule table_p1_main:
@@ -41,10 +40,9 @@ rule table_p1_main:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule table_addt_training:
@@ -63,10 +61,9 @@ rule table_addt_training:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule table_p1_ablation:
@@ -85,7 +82,6 @@ rule table_p1_ablation:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)

@@ -1,0 +1,273 @@
+# Stage 6: paper 2 (Liu & Wei, arXiv 2505.22839) - l_p distances, randomness dominance, robustness
+# under fixed randomness, compression rate.  All on the first analysis.n_images attacked images of
+# one threat model.  Robustness under fixed randomness reuses the attack rule: setting dwbox_c<k>
+# attacks fixed configuration k (configuration attacks.fixed_draw is the plain dwbox run).
+
+from dbprepro.config import analysis_threat, fixed_setting_name, threat_model
+
+P2 = config["analysis"]
+P2_THREAT = analysis_threat(config)
+P2_RADIUS = P2["radius"] if P2["radius"] is not None else threat_model(config["attacks"], P2_THREAT)["eps"]
+P2_FIXED_DRAW = config["attacks"]["fixed_draw"]
+P2_CONFIGS = list(range(P2["fixed_configs"]))
+P2_FIXED_SETTINGS = [fixed_setting_name(k, P2_FIXED_DRAW) for k in P2_CONFIGS]
+# defenses compared by compression rate: vanilla + the ADDT defenses with a dwbox run on P2_THREAT
+_ADDT_DWBOX = P2_THREAT in config["addt"]["attack_threat_models"] and "dwbox" in config["addt"]["attack_settings"]
+P2_MODEL_DEFENSES = ["vanilla"] + (ADDT_VARIANTS if _ADDT_DWBOX else [])
+_ADDT_EOT = P2_THREAT in config["addt"]["attack_threat_models"] and "whitebox_eot" in config["addt"]["attack_settings"]
+P2_EOT_DEFENSES = ["vanilla"] + (ADDT_VARIANTS if _ADDT_EOT else [])
+P2_PURIFY = dict(
+    purification=config["purification"],
+    variance_type=config["diffusion"]["schedule"]["variance_type"],
+)
+
+
+rule p2_lp_distances:
+    input:
+        diffusion=diffusion_dir("vanilla"),
+        adv=f"{attack_dir('vanilla', P2_THREAT, 'whitebox_eot', 'pgd')}/adv.npz",
+        **split_files(),
+    output:
+        csv=f"{RESULTS}/tables/p2_lp_distances.csv",
+        summary=f"{RESULTS}/tables/p2_lp_distances_summary.csv",
+        chain=f"{RESULTS}/analysis/p2/lp_chain.parquet",
+    params:
+        analysis=P2,
+        **P2_PURIFY,
+        **RUNTIME,
+    log:
+        f"{LOGS}/p2_lp_distances.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/p2_lp_distances.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime="1h",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule figure_p2_fig1_lp_distance:
+    input:
+        csv=f"{RESULTS}/tables/p2_lp_distances.csv",
+        chain=f"{RESULTS}/analysis/p2/lp_chain.parquet",
+    output:
+        png=f"{RESULTS}/figures/p2_fig1_lp_distance.png",
+        pdf=f"{RESULTS}/figures/p2_fig1_lp_distance.pdf",
+    params:
+        **RUNTIME,
+    log:
+        f"{LOGS}/figure_p2_fig1_lp_distance.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule p2_randomness:
+    input:
+        diffusion=diffusion_dir("vanilla"),
+        **split_files(),
+    output:
+        csv=f"{RESULTS}/tables/p2_randomness.csv",
+        summary=f"{RESULTS}/tables/p2_randomness_summary.csv",
+        example=f"{RESULTS}/analysis/p2/randomness_example.npz",
+    params:
+        analysis=P2,
+        radius=P2_RADIUS,
+        fixed_draw=P2_FIXED_DRAW,
+        **P2_PURIFY,
+        **RUNTIME,
+    log:
+        f"{LOGS}/p2_randomness.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/p2_randomness.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime="2h",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule figure_p2_fig2_randomness_correlation:
+    input:
+        csv=f"{RESULTS}/tables/p2_randomness.csv",
+        example=f"{RESULTS}/analysis/p2/randomness_example.npz",
+    output:
+        png=f"{RESULTS}/figures/p2_fig2_randomness_correlation.png",
+        pdf=f"{RESULTS}/figures/p2_fig2_randomness_correlation.pdf",
+    params:
+        **RUNTIME,
+    log:
+        f"{LOGS}/figure_p2_fig2_randomness_correlation.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule table_p2_fixed_randomness:
+    input:
+        undefended=f"{attack_dir('undefended', P2_THREAT, 'none', 'pgd')}/records.parquet",
+        random=f"{attack_dir('vanilla', P2_THREAT, 'whitebox_eot', 'pgd')}/records.parquet",
+        fixed=[f"{attack_dir('vanilla', P2_THREAT, s, 'pgd')}/records.parquet" for s in P2_FIXED_SETTINGS],
+    output:
+        csv=f"{RESULTS}/tables/p2_table_fixed_randomness.csv",
+        md=f"{RESULTS}/tables/p2_table_fixed_randomness.md",
+    params:
+        configs=P2_CONFIGS,
+        n_images=P2["n_images"],
+        evaluation=P2["evaluation"],
+        confidence=config["evaluation"]["confidence"],
+        **RUNTIME,
+    log:
+        f"{LOGS}/table_p2_fixed_randomness.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule p2_compression:
+    input:
+        classifier=classifier_dir(),
+        diffusion=diffusion_dir("{defense}"),
+        **split_files(),
+    output:
+        records=f"{RESULTS}/analysis/p2/compression/{{defense}}.parquet",
+        jacobian=f"{RESULTS}/analysis/p2/compression/{{defense}}_jacobian.npz",
+    wildcard_constraints:
+        defense="|".join(P2_MODEL_DEFENSES),
+    params:
+        # vanilla: every fixed configuration (paired with its dwbox_c<k> run); the other
+        # defenses: the configuration of their dwbox run
+        configs=lambda wc: P2_CONFIGS if wc.defense == "vanilla" else [P2_FIXED_DRAW],
+        analysis=P2,
+        radius=P2_RADIUS,
+        **P2_PURIFY,
+        **RUNTIME,
+    log:
+        f"{LOGS}/p2_compression/{{defense}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/p2_compression/{{defense}}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime="2h",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule table_p2_compression:
+    input:
+        records=f"{RESULTS}/analysis/p2/compression/vanilla.parquet",
+        dwbox=[f"{attack_dir('vanilla', P2_THREAT, s, 'pgd')}/records.parquet" for s in P2_FIXED_SETTINGS],
+    output:
+        csv=f"{RESULTS}/tables/p2_compression.csv",
+        summary=f"{RESULTS}/tables/p2_compression_summary.csv",
+        md=f"{RESULTS}/tables/p2_compression_summary.md",
+    params:
+        configs=P2_CONFIGS,
+        settings=P2_FIXED_SETTINGS,
+        **RUNTIME,
+    log:
+        f"{LOGS}/table_p2_compression.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule table_p2_compression_models:
+    input:
+        records=expand(f"{RESULTS}/analysis/p2/compression/{{defense}}.parquet", defense=P2_MODEL_DEFENSES),
+        dwbox=[f"{attack_dir(d, P2_THREAT, 'dwbox', 'pgd')}/records.parquet" for d in P2_MODEL_DEFENSES],
+        eot=[f"{attack_dir(d, P2_THREAT, 'whitebox_eot', 'pgd')}/records.parquet" for d in P2_EOT_DEFENSES],
+    output:
+        csv=f"{RESULTS}/tables/p2_compression_models.csv",
+        md=f"{RESULTS}/tables/p2_compression_models.md",
+    params:
+        defenses=P2_MODEL_DEFENSES,
+        eot_defenses=P2_EOT_DEFENSES,
+        fixed_draw=P2_FIXED_DRAW,
+        evaluation=P2["evaluation"],
+        **RUNTIME,
+    log:
+        f"{LOGS}/table_p2_compression_models.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule figure_p2_fig5_compression_spectrum:
+    input:
+        jacobian=expand(f"{RESULTS}/analysis/p2/compression/{{defense}}_jacobian.npz", defense=P2_MODEL_DEFENSES),
+    output:
+        png=f"{RESULTS}/figures/p2_fig5_compression_spectrum.png",
+        pdf=f"{RESULTS}/figures/p2_fig5_compression_spectrum.pdf",
+    params:
+        defenses=P2_MODEL_DEFENSES,
+        **RUNTIME,
+    log:
+        f"{LOGS}/figure_p2_fig5_compression_spectrum.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule figure_p2_fig6_compression_vs_robustness:
+    input:
+        csv=f"{RESULTS}/tables/p2_compression.csv",
+        summary=f"{RESULTS}/tables/p2_compression_summary.csv",
+        models=f"{RESULTS}/tables/p2_compression_models.csv",
+    output:
+        png=f"{RESULTS}/figures/p2_fig6_compression_vs_robustness.png",
+        pdf=f"{RESULTS}/figures/p2_fig6_compression_vs_robustness.pdf",
+    params:
+        **RUNTIME,
+    log:
+        f"{LOGS}/figure_p2_fig6_compression_vs_robustness.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
