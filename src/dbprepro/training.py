@@ -193,7 +193,8 @@ def train_ddpm(unet, scheduler, images, *, steps: int, batch_size: int, lr: floa
 
     gen_batch = torch.Generator().manual_seed(int(seed))
     gen_loss = torch.Generator().manual_seed(int(seed) + 1)  # noise, timesteps, CGPO draws
-    params = [p for p in unet.parameters() if p.requires_grad]
+    unet.requires_grad_(True)  # a UNet taken from a Purifier comes frozen; training needs its weights
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
     warm = max(0, int(warmup_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
