@@ -13,7 +13,7 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     defense=r"[a-z0-9_]+",
     threat=r"[a-z0-9_]+",
-    setting=r"whitebox|whitebox_eot|dwbox|none",
+    setting=r"whitebox|whitebox_eot|dwbox|dwbox_c(0|[1-9][0-9]*)|none",
     attack=r"pgd|bpda|aa_standard|aa_rand",
     shard=r"\d+",
 
@@ -24,6 +24,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/attacks.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/paper2.smk"
 
 
 rule all:

@@ -10,7 +10,12 @@ Settings (paper 1, Sec. 3; the names are the paper's)
 ``dwbox``
     deterministic white-box: the randomness is fixed per sample (a fixed configuration known to
     the attacker), the purifier is a deterministic function P_xi, and the adversarial example
-    is evaluated with the same xi.
+    is evaluated with the same xi.  Plain ``dwbox`` uses the configuration ``attacks.fixed_draw``;
+``dwbox_c{k}``
+    ``dwbox`` against fixed randomness configuration ``k`` (paper 2's robustness "under fixed
+    randomness", averaged over several configurations k = 0, 1, ...).  Everything that holds
+    for ``dwbox`` holds for it (:func:`base_setting` maps it to ``dwbox``); only the
+    configuration differs (:func:`setting_fixed_draw`).
 
 Every draw the attacker uses is an explicit index of the purifier's replayable
 :class:`~dbprepro.randomness.Randomness`: step s, EOT sample k, restart r of a random-mode attack
@@ -25,6 +30,7 @@ the classifier's logits after purification, projection on the epsilon-ball, clip
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,13 +59,52 @@ class AttackResult:
     extra: dict = field(default_factory=dict)
 
 
-def settings_randomness(setting: Setting, seed: int, fixed_draw: int = 0) -> Randomness:
-    """The purifier randomness an attack setting runs against."""
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
-    if setting == "dwbox":
-        return Randomness(seed, "fixed", fixed_draw=fixed_draw)
+_DWBOX_CONFIG = re.compile(r"dwbox_c(0|[1-9][0-9]*)")
+
+
+def base_setting(setting: str) -> Setting:
+    """The threat setting of a setting name: ``dwbox_c{k}`` -> ``dwbox``; known names unchanged."""
+    if setting in SETTINGS:
+        return setting  # type: ignore[return-value]
+    if _DWBOX_CONFIG.fullmatch(str(setting)):
+        return "dwbox"
+    raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}, dwbox_c<k> (k = 0, 1, ...)")
+
+
+def is_fixed(setting: str) -> bool:
+    """True for the deterministic settings (``dwbox`` and ``dwbox_c{k}``)."""
+    return base_setting(setting) == "dwbox"
+
+
+def setting_fixed_draw(setting: str, default: int = 0) -> int | None:
+    """The fixed randomness configuration of a setting: ``k`` for ``dwbox_c{k}``, ``default`` for
+    ``dwbox``, None for the stochastic settings."""
+    if not is_fixed(setting):
+        return None
+    m = _DWBOX_CONFIG.fullmatch(setting)
+    return int(m.group(1)) if m else int(default)
+
+
+def settings_randomness(setting: str, seed: int, fixed_draw: int = 0) -> Randomness:
+    """The purifier randomness an attack setting runs against (``fixed_draw`` is the
+    configuration of plain ``dwbox``; ``dwbox_c{k}`` uses configuration ``k``)."""
+    k = setting_fixed_draw(setting, fixed_draw)
+    if k is not None:
+        return Randomness(seed, "fixed", fixed_draw=k)
     return Randomness(seed, "random")
+
+
+def _check_randomness(setting: str, randomness: Randomness) -> None:
+    """Refuse a purifier whose randomness does not fit ``setting`` (mode, and the configuration
+    of ``dwbox_c{k}``)."""
+    fixed = is_fixed(setting)
+    if fixed != (randomness.mode == "fixed"):
+        raise ValueError(f"setting {setting!r} needs the purifier's randomness in "
+                         f"{'fixed' if fixed else 'random'} mode, it is {randomness.mode!r}")
+    k = setting_fixed_draw(setting, randomness.fixed_draw)
+    if fixed and k != randomness.fixed_draw:
+        raise ValueError(f"setting {setting!r} attacks fixed configuration {k}, the purifier uses "
+                         f"configuration {randomness.fixed_draw}")
 
 
 def project(delta: torch.Tensor, norm: Norm, eps: float) -> torch.Tensor:
@@ -85,7 +130,7 @@ class PGD:
     Args:
         model: classifier after purifier; its purifier's randomness must match ``setting``
             (see :func:`settings_randomness`); use ``grad_mode="bpda"`` on the purifier for BPDA.
-        setting: ``whitebox`` | ``whitebox_eot`` | ``dwbox``.
+        setting: ``whitebox`` | ``whitebox_eot`` | ``dwbox`` | ``dwbox_c{k}``.
         norm, eps, alpha, steps: threat model and step schedule, in [0, 1] pixel units.
         eot: gradient samples per step (forced to 1 for ``whitebox`` and ``dwbox``).
         random_start: start uniformly in the ball (seeded from the purifier seed) instead of at 0.
@@ -97,19 +142,16 @@ class PGD:
     def __init__(self, model: DefendedClassifier, setting: Setting, norm: Norm = "linf",
                  eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20, eot: int = 10,
                  random_start: bool = False, restarts: int = 1, eot_chunk: int = 4096, track: int = 0):
-        if setting not in SETTINGS:
-            raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
+        base = base_setting(setting)
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
         if eps <= 0 or alpha <= 0 or steps < 1 or eot < 1 or restarts < 1:
             raise ValueError("eps and alpha must be > 0; steps, eot and restarts >= 1")
-        mode = model.purifier.randomness.mode
-        if (setting == "dwbox") != (mode == "fixed"):
-            raise ValueError(f"setting {setting!r} needs the purifier's randomness in "
-                             f"{'fixed' if setting == 'dwbox' else 'random'} mode, it is {mode!r}")
-        self.model, self.setting, self.norm = model, setting, norm
+        _check_randomness(setting, model.purifier.randomness)
+        self.model, self.setting, self.norm = model, base, norm
+        self.setting_name = setting
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
-        self.eot = int(eot) if setting == "whitebox_eot" else 1
+        self.eot = int(eot) if base == "whitebox_eot" else 1
         self.random_start, self.restarts = bool(random_start), int(restarts)
         self.eot_chunk, self.track = int(eot_chunk), int(track)
 
@@ -178,12 +220,15 @@ def evaluate_draws(model: DefendedClassifier, x: torch.Tensor, ids: torch.Tensor
                    setting: Setting, offset: int = EVAL_DRAW_OFFSET) -> np.ndarray:
     """Predicted labels [B, n] of ``x`` under ``n`` evaluation draws.
 
-    ``dwbox`` evaluates with the attacker's fixed configuration (one deterministic purification,
-    repeated); the stochastic settings use fresh draws the attacker never saw.
+    ``dwbox`` and ``dwbox_c{k}`` evaluate with the attacker's fixed configuration (one
+    deterministic purification, repeated; for ``dwbox_c{k}`` configuration k, which the
+    purifier must use); the stochastic settings use fresh draws the attacker never saw.
     """
     ids = torch.as_tensor(ids, dtype=torch.long).cpu()
-    if setting == "dwbox":
-        d = torch.full_like(ids, model.purifier.randomness.fixed_draw)
+    k = setting_fixed_draw(setting, model.purifier.randomness.fixed_draw)
+    if k is not None:
+        _check_randomness(setting, model.purifier.randomness)
+        d = torch.full_like(ids, k)
         pred = model(x, ids=ids, draws=d).argmax(1).cpu().numpy()
         return np.repeat(pred[:, None], n, axis=1)
     out = np.zeros((x.shape[0], n), dtype=np.int64)

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks import (EVAL_DRAW_OFFSET, SELECT_DRAW_OFFSET, NORMS, SETTINGS, AttackResult, Norm, Setting, evaluate_draws,
-                      perturbation_norms, project, summarise_evaluations)
+from .attacks import (EVAL_DRAW_OFFSET, SELECT_DRAW_OFFSET, NORMS, AttackResult, Norm, Setting, _check_randomness,
+                      evaluate_draws, is_fixed, perturbation_norms, project, summarise_evaluations)
 from .purification import DefendedClassifier
 
 log = logging.getLogger("dbprepro.autoattack")
@@ -223,17 +223,14 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
     """
     if version not in VERSIONS:
         raise ValueError(f"unknown AutoAttack version {version!r}; known: {', '.join(VERSIONS)}")
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
+    fixed = is_fixed(setting)  # raises on an unknown setting; dwbox_c{k} is dwbox
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     randomness = model.purifier.randomness
-    if (setting == "dwbox") != (randomness.mode == "fixed"):
-        raise ValueError(f"setting {setting!r} needs the purifier's randomness in "
-                         f"{'fixed' if setting == 'dwbox' else 'random'} mode, it is {randomness.mode!r}")
-    if version == "standard" and setting != "dwbox":
+    _check_randomness(setting, randomness)
+    if version == "standard" and not fixed:
         log.warning("AutoAttack-standard (FAB, Square) on a stochastic purifier (%s): use 'rand' there", setting)
     cfg = {**DEFAULTS, **(config or {})}
     n_eval = int(cfg["n_eval"])
@@ -243,7 +240,7 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
 
     # number of classes (for the target classes), with an evaluation draw: no counter moves
     with torch.no_grad():
-        d0 = torch.full((1,), randomness.fixed_draw if setting == "dwbox" else EVAL_DRAW_OFFSET)
+        d0 = torch.full((1,), randomness.fixed_draw if fixed else EVAL_DRAW_OFFSET)
         num_classes = int(model(x[:1], ids=ids[:1], draws=d0).shape[1])
 
     def score_fn(xc, yc, idc):

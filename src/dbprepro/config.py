@@ -112,6 +112,15 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         if tm not in names:
             raise ConfigError(f"config key attacks.autoattack.threat_models: {tm!r} is not a name in "
                               f"attacks.threat_models ({', '.join(names)})")
+    an = cfg["analysis"]
+    if an["threat_model"] is not None and an["threat_model"] not in names:
+        raise ConfigError(f"config key analysis.threat_model: {an['threat_model']!r} is not a name in "
+                          f"attacks.threat_models ({', '.join(names)})")
+    if an["n_images"] is None:
+        an["n_images"] = att["n_images"]  # resolved here, so stages and Snakemake params see the number
+    elif an["n_images"] > att["n_images"]:
+        raise ConfigError(f"config key analysis.n_images: {an['n_images']} exceeds attacks.n_images ({att['n_images']}); "
+                          "the analyses use attacked images")
     if data["dataset"] == "digits":
         n_test_max = int(1797 * data["test_fraction"]) - 1
         if data["n_test"] > n_test_max:
@@ -144,3 +153,18 @@ def threat_model(attacks: dict[str, Any], name: str) -> dict[str, Any]:
         if tm["name"] == name:
             return tm
     raise ConfigError(f"no threat model named {name!r} in attacks.threat_models")
+
+
+def analysis_threat(cfg: dict[str, Any]) -> str:
+    """Name of the threat model paper 2's analyses use (``analysis.threat_model``, else the first)."""
+    name = cfg["analysis"]["threat_model"]
+    return name if name is not None else cfg["attacks"]["threat_models"][0]["name"]
+
+
+def fixed_setting_name(k: int, default_draw: int = 0) -> str:
+    """The attack setting that attacks fixed randomness configuration ``k``: ``dwbox`` when ``k``
+    is ``attacks.fixed_draw`` (that run exists already), else ``dwbox_c{k}`` (see
+    :mod:`dbprepro.attacks`).  Torch-free, for the Snakefile."""
+    if int(k) < 0:
+        raise ValueError(f"a fixed configuration is a non-negative integer, got {k}")
+    return "dwbox" if int(k) == int(default_draw) else f"dwbox_c{int(k)}"

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -128,12 +128,23 @@ class Purifier(nn.Module):
         return len(self.timesteps)
 
     # -- the chain ----------------------------------------------------------------------------
-    def diffuse(self, x01: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """Forward diffusion of [0, 1] images to x_{t*} (in [-1, 1] model space)."""
+    def diffuse(self, x01: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor,
+                t: int | None = None) -> torch.Tensor:
+        """Forward diffusion of [0, 1] images to x_{t*} (in [-1, 1] model space).
+
+        With ``t`` (a timestep <= t*): x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps with the *same*
+        eps as x_{t*}, i.e. the point at time t of the forward path that ends at the purifier's
+        x_{t*} (used by :meth:`trajectory`; the purification itself only needs t = t*).
+        """
         x = x01 * 2 - 1
         eps = self.randomness.normal(ids, draws, Stream.FORWARD, self.t_start, x.shape[1:],
                                      device=x.device, dtype=x.dtype)
-        return self._sqrt_abar * x + self._sqrt_1m_abar * eps
+        if t is None or int(t) == self.t_start:
+            return self._sqrt_abar * x + self._sqrt_1m_abar * eps
+        if not 0 <= int(t) <= self.t_start:
+            raise ValueError(f"t must lie in [0, t*={self.t_start}], got {t}")
+        abar = self.scheduler.alphas_cumprod[int(t)].to(torch.float64)
+        return float(abar.sqrt()) * x + float((1 - abar).sqrt()) * eps
 
     def reverse_step(self, x: torch.Tensor, t: int, ids: torch.Tensor, draws: torch.Tensor,
                      eps_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
@@ -198,9 +209,52 @@ class Purifier(nn.Module):
             return x + (out - x).detach()
         return self._purify(x, ids, draws)
 
+    @torch.no_grad()
+    def trajectory(self, x: torch.Tensor, ids: torch.Tensor | None = None,
+                   draws: torch.Tensor | None = None) -> "Trajectory":
+        """Every state of one purification, in [0, 1] image units (not clamped): the input, the
+        forward path at the chain's timesteps up to t* (same noise as the purification, see
+        :meth:`diffuse`), then the state after each reverse step.  The last state, clamped when
+        ``clip_output``, is exactly ``self(x, ids, draws)``.  ``draws`` default to the fixed
+        configuration / the next random draws, as in :meth:`forward`.
+        """
+        check_images(x)
+        ids = default_ids(x, ids)
+        if draws is None:
+            draws = self.randomness.next_draws(ids)
+        draws = torch.as_tensor(draws, dtype=torch.long).reshape(-1)
+        traj = Trajectory([], [], [])
+
+        def add(phase: str, t: int, state: torch.Tensor) -> None:
+            traj.phase.append(phase)
+            traj.t.append(int(t))
+            traj.states.append(state)
+
+        add("input", 0, x.clone())
+        for t in sorted(t for t in self.timesteps if 0 < t < self.t_start):
+            add("forward", t, (self.diffuse(x, ids, draws, t) + 1) / 2)
+        x_t = self.diffuse(x, ids, draws)
+        add("forward", self.t_start, (x_t + 1) / 2)
+        kept: list[torch.Tensor] = []
+        out = self._run_chain(x_t, ids, draws, keep_states=kept)  # kept[k]: the state entering step k
+        for k in range(len(self.timesteps)):  # the state after reverse step k, at the next grid time
+            last = k + 1 == len(self.timesteps)
+            add("reverse", 0 if last else self.timesteps[k + 1], ((out if last else kept[k + 1]) + 1) / 2)
+        return traj
+
     def _purify(self, x, ids, draws):
         out = (self.denoise(self.diffuse(x, ids, draws), ids, draws) + 1) / 2
         return out.clamp(0, 1) if self.clip_output else out
+
+
+class Trajectory(NamedTuple):
+    """States of one purification (:meth:`Purifier.trajectory`): ``phase[i]`` is ``input``,
+    ``forward`` or ``reverse``; ``t[i]`` the diffusion timestep of ``states[i]`` ([B, C, H, W],
+    [0, 1] units; the input and the final reverse state are at t = 0)."""
+
+    phase: list[str]
+    t: list[int]
+    states: list[torch.Tensor]
 
 
 class _ExactChain(torch.autograd.Function):
