@@ -16,3 +16,16 @@ def tiny_diffusion():
     torch.manual_seed(0)
     unet = build_unet(8, 1, [8, 16], attention=[False, True], norm_num_groups=4)
     return unet.eval(), build_scheduler()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """A finished local run of the smoke configuration (``--cores 2``), shared by every test that
+    needs its outputs (idempotence, byte-reproducibility across executors, DVC round trip).
+    Treat the directory as read-only: copy it before changing anything."""
+    from smoke import snakemake
+
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    r = snakemake(workdir, "--show-failed-logs")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return workdir

@@ -1,23 +1,12 @@
 """The DAG itself: lint, dry runs, config refusal, and a real run of the smoke configuration."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = [str(ROOT / "config.yaml"), str(ROOT / "config" / "smoke.yaml")]
-
-
-def snakemake(workdir, *args, configfiles=SMOKE, timeout=1800):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--configfile", *configfiles, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+from smoke import ROOT, read_tables, snakemake
 
 
 def test_lint_is_clean(tmp_path):
@@ -66,15 +55,9 @@ def test_invalid_config_stops_before_any_job(tmp_path):
     assert not (tmp_path / "work" / "results").exists()
 
 
-def read_tables(workdir):
-    return {p.name: p.read_bytes() for p in sorted((Path(workdir) / "results" / "tables").glob("*"))}
-
-
 @pytest.mark.slow
-def test_smoke_dag_runs_is_idempotent_and_byte_reproducible(tmp_path):
-    first, second = tmp_path / "a", tmp_path / "b"
-    r = snakemake(first, "--show-failed-logs")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+def test_smoke_dag_runs_is_idempotent_and_byte_reproducible(smoke_run, tmp_path):
+    first, second = smoke_run, tmp_path / "b"
     table = pd.read_csv(first / "results" / "tables" / "clean_accuracy.csv")
     assert set(table["setting"]) == {"classifier", "random", "fixed"}
     assert table["accuracy"].between(0, 1).all()
