@@ -1,7 +1,6 @@
 """The DAG itself: lint, dry runs, config refusal, and a real run of the smoke configuration."""
 
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
