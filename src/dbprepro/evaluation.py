@@ -35,7 +35,8 @@ def build_purifier(diffusion_dir: str | Path, purification: dict[str, Any], vari
     return Purifier(unet.to(device), scheduler, t_star=purification["t_star"],
                     num_inference_steps=purification["num_inference_steps"],
                     sampler=purification["sampler"], eta=purification["eta"],
-                    clip_output=purification["clip_output"], randomness=randomness)
+                    clip_output=purification["clip_output"], randomness=randomness,
+                    grad_mode=purification.get("grad_mode", "exact"))
 
 
 def build_defense(classifier_dir: str | Path, diffusion_dir: str | Path, purification: dict[str, Any],
