@@ -78,6 +78,12 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     for section, name in ((clf, "classifier"), (dif, "diffusion")):
         if section["source"] == "download" and "download" not in section:
             raise ConfigError(f"config key {name}.download: required when {name}.source is 'download'")
+    unpinned = [(key, section) for key, section in unpinned_entries(cfg) if not section.get("allow_unpinned", False)]
+    if unpinned:
+        keys = "; ".join(key for key, _ in unpinned)
+        raise ConfigError(f"config key {keys}: not pinned (null). Pin the sha256 / 40-hex commit (a first online run "
+                          "with allow_unpinned: true in that download section records and prints them; "
+                          "`dbprepro sha256 <file>` prints a file's hash), or set allow_unpinned: true there")
     unet = dif["unet"]
     if len(unet["attention"]) != len(unet["block_out_channels"]):
         raise ConfigError("config key diffusion.unet.attention: needs one entry per level of "
@@ -126,6 +132,29 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         if data["n_test"] > n_test_max:
             raise ConfigError(f"config key data.n_test: {data['n_test']} exceeds the ~{n_test_max} test images of "
                               f"the digits split with test_fraction {data['test_fraction']}")
+
+
+def unpinned_entries(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(config key, its download section)`` of every sha256 or hub revision left null in the
+    download sections of the data, classifier and diffusion model that the config uses.
+    Torch-free (Snakemake and the CLI call it)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    sections = []
+    if cfg.get("data", {}).get("dataset") == "cifar10":
+        sections.append(("data.download", cfg["data"].get("download")))
+    for name in ("classifier", "diffusion"):
+        if cfg.get(name, {}).get("source") == "download":
+            sections.append((f"{name}.download", cfg[name].get("download")))
+    for where, dl in sections:
+        if not isinstance(dl, dict):
+            continue
+        if "files" in dl:  # a hub download
+            if dl.get("revision") is None:
+                out.append((f"{where}.revision", dl))
+            out += [(f"{where}.files[{name!r}]", dl) for name, sha in dl["files"].items() if sha is None]
+        elif dl.get("sha256", "") is None:
+            out.append((f"{where}.sha256", dl))
+    return out
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

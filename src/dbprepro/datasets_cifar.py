@@ -93,8 +93,10 @@ def load_cifar10_parts(source_dir: str | Path | None) -> dict[str, tuple[np.ndar
     return parts
 
 
-def download_cifar10(dest_dir: str | Path, revision: str, files: dict[str, str]) -> dict[str, Path]:
+def download_cifar10(dest_dir: str | Path, revision: str | None, files: dict[str, str | None],
+                     allow_unpinned: bool = False) -> dict[str, Path]:
     """Fetch the parquet ``files`` (repo path -> sha256) of ``uoft-cs/cifar10`` at commit
     ``revision`` into ``dest_dir`` (verified; present files are only re-verified), ready
-    for :func:`load_cifar10_parts`."""
-    return download_hf(HF_REPO, revision, files, dest_dir, repo_type="dataset")
+    for :func:`load_cifar10_parts`.  ``None`` pins need ``allow_unpinned`` (trust on first use,
+    see :func:`dbprepro.checkpoints.download_hf`)."""
+    return download_hf(HF_REPO, revision, files, dest_dir, repo_type="dataset", allow_unpinned=allow_unpinned)

@@ -63,7 +63,7 @@ def download_data(input, output, params, wildcards) -> None:
     from .datasets_cifar import download_cifar10
 
     dl = params.download
-    download_cifar10(output[0], dl["revision"], dl["files"])
+    download_cifar10(output[0], dl["revision"], dl["files"], allow_unpinned=dl.get("allow_unpinned", False))
 
 
 # -- base models ---------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def download_classifier(input, output, params, wildcards) -> None:
 
     clf = params.classifier
     dl = clf["download"]
-    raw = download_url(dl["url"], dl["sha256"], Path(output.raw))
+    raw = download_url(dl["url"], dl["sha256"], Path(output.raw), allow_unpinned=dl.get("allow_unpinned", False))
     model = build_classifier(clf["arch"], **clf["kwargs"])
     load_weights_into(model, load_state_dict(raw))
     save_classifier(model, clf["arch"], clf["kwargs"], output.model)
@@ -133,9 +133,12 @@ def download_classifier(input, output, params, wildcards) -> None:
 @stage
 def download_diffusion(input, output, params, wildcards) -> None:
     from .checkpoints import download_hf
+    from .models.hub_configs import check_known_configs
 
     dl = params.download
-    download_hf(dl["repo_id"], dl["revision"], dl["files"], output.model)
+    download_hf(dl["repo_id"], dl["revision"], dl["files"], output.model,
+                allow_unpinned=dl.get("allow_unpinned", False))
+    check_known_configs(dl["repo_id"], output.model)  # content check of its small, unhashed JSON files
 
 
 # -- evaluation ----------------------------------------------------------------------------------
