@@ -7,6 +7,10 @@
 configfile: "config.yaml"
 
 
+# snakemake --report results/report.html: every figure and table with its caption (workflow/report/)
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 
 

@@ -40,7 +40,13 @@ rule figure_p1_fig1_attack_trajectories:
         paths=[f"{attack_dir('vanilla', FIG_THREAT, s, 'pgd')}/paths.npz" for s in FIG_SETTINGS],
         traces=[f"{attack_dir('vanilla', FIG_THREAT, s, 'pgd')}/trace.parquet" for s in FIG_SETTINGS],
     output:
-        png=f"{RESULTS}/figures/p1_fig1_attack_trajectories.png",
+        png=report(
+            f"{RESULTS}/figures/p1_fig1_attack_trajectories.png",
+            caption="../report/p1_fig1_attack_trajectories.rst",
+            category="Paper 1",
+            subcategory="Robustness",
+            labels={"result": "Fig. 1: attack trajectories"},
+        ),
         pdf=f"{RESULTS}/figures/p1_fig1_attack_trajectories.pdf",
     params:
         settings=FIG_SETTINGS,
@@ -61,7 +67,13 @@ rule figure_p1_fig2_loss_landscape:
     input:
         npz=expand(f"{RESULTS}/landscape/{{defense}}.npz", defense=LANDSCAPE_DEFENSES),
     output:
-        png=f"{RESULTS}/figures/p1_fig2_loss_landscape.png",
+        png=report(
+            f"{RESULTS}/figures/p1_fig2_loss_landscape.png",
+            caption="../report/p1_fig2_loss_landscape.rst",
+            category="Paper 1",
+            subcategory="Robustness",
+            labels={"result": "Fig. 2-3: loss landscapes"},
+        ),
         pdf=f"{RESULTS}/figures/p1_fig2_loss_landscape.pdf",
     params:
         defenses=LANDSCAPE_DEFENSES,
@@ -82,7 +94,13 @@ rule figure_p1_fig3_robustness_bars:
     input:
         table=f"{RESULTS}/tables/p1_table_main.csv",
     output:
-        png=f"{RESULTS}/figures/p1_fig3_robustness_bars.png",
+        png=report(
+            f"{RESULTS}/figures/p1_fig3_robustness_bars.png",
+            caption="../report/p1_fig3_robustness_bars.rst",
+            category="Paper 1",
+            subcategory="Robustness",
+            labels={"result": "Fig. 2-3 bars: robust accuracy"},
+        ),
         pdf=f"{RESULTS}/figures/p1_fig3_robustness_bars.pdf",
     params:
         threat=FIG_THREAT,
@@ -130,7 +148,13 @@ rule figure_p1_fig5_rbgm:
     input:
         npz=f"{RESULTS}/addt/rbgm_samples.npz",
     output:
-        png=f"{RESULTS}/figures/p1_fig5_rbgm.png",
+        png=report(
+            f"{RESULTS}/figures/p1_fig5_rbgm.png",
+            caption="../report/p1_fig5_rbgm.rst",
+            category="Paper 1",
+            subcategory="ADDT",
+            labels={"result": "Fig. 5: RBGM"},
+        ),
         pdf=f"{RESULTS}/figures/p1_fig5_rbgm.pdf",
     params:
         **RUNTIME,

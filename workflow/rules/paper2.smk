@@ -28,8 +28,20 @@ rule p2_lp_distances:
         adv=f"{attack_dir('vanilla', P2_THREAT, 'whitebox_eot', 'pgd')}/adv.npz",
         **split_files(),
     output:
-        csv=f"{RESULTS}/tables/p2_lp_distances.csv",
-        summary=f"{RESULTS}/tables/p2_lp_distances_summary.csv",
+        csv=report(
+            f"{RESULTS}/tables/p2_lp_distances.csv",
+            caption="../report/p2_lp_distances.rst",
+            category="Paper 2",
+            subcategory="Distances and randomness",
+            labels={"result": "Fig. 1 data: lp distances per image"},
+        ),
+        summary=report(
+            f"{RESULTS}/tables/p2_lp_distances_summary.csv",
+            caption="../report/p2_lp_distances_summary.rst",
+            category="Paper 2",
+            subcategory="Distances and randomness",
+            labels={"result": "Fig. 1 summary: lp distances"},
+        ),
         chain=f"{RESULTS}/analysis/p2/lp_chain.parquet",
     params:
         analysis=P2,
@@ -55,7 +67,13 @@ rule figure_p2_fig1_lp_distance:
         csv=f"{RESULTS}/tables/p2_lp_distances.csv",
         chain=f"{RESULTS}/analysis/p2/lp_chain.parquet",
     output:
-        png=f"{RESULTS}/figures/p2_fig1_lp_distance.png",
+        png=report(
+            f"{RESULTS}/figures/p2_fig1_lp_distance.png",
+            caption="../report/p2_fig1_lp_distance.rst",
+            category="Paper 2",
+            subcategory="Distances and randomness",
+            labels={"result": "Fig. 1: lp distances"},
+        ),
         pdf=f"{RESULTS}/figures/p2_fig1_lp_distance.pdf",
     params:
         **RUNTIME,
@@ -76,8 +94,20 @@ rule p2_randomness:
         diffusion=diffusion_dir("vanilla"),
         **split_files(),
     output:
-        csv=f"{RESULTS}/tables/p2_randomness.csv",
-        summary=f"{RESULTS}/tables/p2_randomness_summary.csv",
+        csv=report(
+            f"{RESULTS}/tables/p2_randomness.csv",
+            caption="../report/p2_randomness.rst",
+            category="Paper 2",
+            subcategory="Distances and randomness",
+            labels={"result": "Fig. 2 data: correlations per image"},
+        ),
+        summary=report(
+            f"{RESULTS}/tables/p2_randomness_summary.csv",
+            caption="../report/p2_randomness_summary.rst",
+            category="Paper 2",
+            subcategory="Distances and randomness",
+            labels={"result": "Fig. 2 summary: correlations"},
+        ),
         example=f"{RESULTS}/analysis/p2/randomness_example.npz",
     params:
         analysis=P2,
@@ -105,7 +135,13 @@ rule figure_p2_fig2_randomness_correlation:
         csv=f"{RESULTS}/tables/p2_randomness.csv",
         example=f"{RESULTS}/analysis/p2/randomness_example.npz",
     output:
-        png=f"{RESULTS}/figures/p2_fig2_randomness_correlation.png",
+        png=report(
+            f"{RESULTS}/figures/p2_fig2_randomness_correlation.png",
+            caption="../report/p2_fig2_randomness_correlation.rst",
+            category="Paper 2",
+            subcategory="Distances and randomness",
+            labels={"result": "Fig. 2: randomness correlation"},
+        ),
         pdf=f"{RESULTS}/figures/p2_fig2_randomness_correlation.pdf",
     params:
         **RUNTIME,
@@ -127,7 +163,13 @@ rule table_p2_fixed_randomness:
         random=f"{attack_dir('vanilla', P2_THREAT, 'whitebox_eot', 'pgd')}/records.parquet",
         fixed=[f"{attack_dir('vanilla', P2_THREAT, s, 'pgd')}/records.parquet" for s in P2_FIXED_SETTINGS],
     output:
-        csv=f"{RESULTS}/tables/p2_table_fixed_randomness.csv",
+        csv=report(
+            f"{RESULTS}/tables/p2_table_fixed_randomness.csv",
+            caption="../report/p2_table_fixed_randomness.rst",
+            category="Paper 2",
+            subcategory="Fixed randomness",
+            labels={"result": "Robustness gain under fixed randomness"},
+        ),
         md=f"{RESULTS}/tables/p2_table_fixed_randomness.md",
     params:
         configs=P2_CONFIGS,
@@ -185,8 +227,20 @@ rule table_p2_compression:
         records=f"{RESULTS}/analysis/p2/compression/vanilla.parquet",
         dwbox=[f"{attack_dir('vanilla', P2_THREAT, s, 'pgd')}/records.parquet" for s in P2_FIXED_SETTINGS],
     output:
-        csv=f"{RESULTS}/tables/p2_compression.csv",
-        summary=f"{RESULTS}/tables/p2_compression_summary.csv",
+        csv=report(
+            f"{RESULTS}/tables/p2_compression.csv",
+            caption="../report/p2_compression.rst",
+            category="Paper 2",
+            subcategory="Compression",
+            labels={"result": "Fig. 6 data: compression rate per image"},
+        ),
+        summary=report(
+            f"{RESULTS}/tables/p2_compression_summary.csv",
+            caption="../report/p2_compression_summary.rst",
+            category="Paper 2",
+            subcategory="Compression",
+            labels={"result": "Fig. 6 summary: CR vs robustness"},
+        ),
         md=f"{RESULTS}/tables/p2_compression_summary.md",
     params:
         configs=P2_CONFIGS,
@@ -210,7 +264,13 @@ rule table_p2_compression_models:
         dwbox=[f"{attack_dir(d, P2_THREAT, 'dwbox', 'pgd')}/records.parquet" for d in P2_MODEL_DEFENSES],
         eot=[f"{attack_dir(d, P2_THREAT, 'whitebox_eot', 'pgd')}/records.parquet" for d in P2_EOT_DEFENSES],
     output:
-        csv=f"{RESULTS}/tables/p2_compression_models.csv",
+        csv=report(
+            f"{RESULTS}/tables/p2_compression_models.csv",
+            caption="../report/p2_compression_models.rst",
+            category="Paper 2",
+            subcategory="Compression",
+            labels={"result": "Compression across defenses"},
+        ),
         md=f"{RESULTS}/tables/p2_compression_models.md",
     params:
         defenses=P2_MODEL_DEFENSES,
@@ -234,7 +294,13 @@ rule figure_p2_fig5_compression_spectrum:
     input:
         jacobian=expand(f"{RESULTS}/analysis/p2/compression/{{defense}}_jacobian.npz", defense=P2_MODEL_DEFENSES),
     output:
-        png=f"{RESULTS}/figures/p2_fig5_compression_spectrum.png",
+        png=report(
+            f"{RESULTS}/figures/p2_fig5_compression_spectrum.png",
+            caption="../report/p2_fig5_compression_spectrum.rst",
+            category="Paper 2",
+            subcategory="Compression",
+            labels={"result": "Fig. 5c: Jacobian spectrum"},
+        ),
         pdf=f"{RESULTS}/figures/p2_fig5_compression_spectrum.pdf",
     params:
         defenses=P2_MODEL_DEFENSES,
@@ -257,7 +323,13 @@ rule figure_p2_fig6_compression_vs_robustness:
         summary=f"{RESULTS}/tables/p2_compression_summary.csv",
         models=f"{RESULTS}/tables/p2_compression_models.csv",
     output:
-        png=f"{RESULTS}/figures/p2_fig6_compression_vs_robustness.png",
+        png=report(
+            f"{RESULTS}/figures/p2_fig6_compression_vs_robustness.png",
+            caption="../report/p2_fig6_compression_vs_robustness.rst",
+            category="Paper 2",
+            subcategory="Compression",
+            labels={"result": "Fig. 6: compression vs robustness"},
+        ),
         pdf=f"{RESULTS}/figures/p2_fig6_compression_vs_robustness.pdf",
     params:
         **RUNTIME,

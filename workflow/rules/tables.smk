@@ -5,7 +5,13 @@ rule table_clean_accuracy:
     input:
         records=expand(f"{RESULTS}/evaluation/{{defense}}/clean_records.parquet", defense=DEFENSES),
     output:
-        csv=f"{RESULTS}/tables/clean_accuracy.csv",
+        csv=report(
+            f"{RESULTS}/tables/clean_accuracy.csv",
+            caption="../report/clean_accuracy.rst",
+            category="Setup",
+            subcategory="Clean accuracy",
+            labels={"result": "Clean accuracy of every model"},
+        ),
         md=f"{RESULTS}/tables/clean_accuracy.md",
     params:
         defenses=DEFENSES,
@@ -27,7 +33,13 @@ rule table_p1_main:
         records=merged_attack_records(),
         clean=expand(f"{RESULTS}/evaluation/{{defense}}/clean_records.parquet", defense=DEFENSES),
     output:
-        csv=f"{RESULTS}/tables/p1_table_main.csv",
+        csv=report(
+            f"{RESULTS}/tables/p1_table_main.csv",
+            caption="../report/p1_table_main.rst",
+            category="Paper 1",
+            subcategory="Robustness",
+            labels={"result": "Main table: clean and robust accuracy"},
+        ),
         md=f"{RESULTS}/tables/p1_table_main.md",
     params:
         defenses=DEFENSES,
@@ -50,9 +62,21 @@ rule table_addt_training:
         history=expand(f"{RESULTS}/models/diffusion/{{defense}}_history.csv", defense=ADDT_VARIANTS),
         timing=expand(f"{RESULTS}/benchmarks/addt/{{defense}}_timing.csv", defense=ADDT_VARIANTS),
     output:
-        csv=f"{RESULTS}/tables/addt_training.csv",
+        csv=report(
+            f"{RESULTS}/tables/addt_training.csv",
+            caption="../report/addt_training.rst",
+            category="Paper 1",
+            subcategory="ADDT",
+            labels={"result": "ADDT training curves and step cost"},
+        ),
         md=f"{RESULTS}/tables/addt_training.md",
-        cost=f"{RESULTS}/benchmarks/addt_cost.csv",
+        cost=report(
+            f"{RESULTS}/benchmarks/addt_cost.csv",
+            caption="../report/addt_cost.rst",
+            category="Paper 1",
+            subcategory="ADDT",
+            labels={"result": "ADDT measured wall time (benchmark)"},
+        ),
     params:
         **RUNTIME,
     log:
@@ -70,7 +94,13 @@ rule table_p1_ablation:
     input:
         main=f"{RESULTS}/tables/p1_table_main.csv",
     output:
-        csv=f"{RESULTS}/tables/p1_table_ablation.csv",
+        csv=report(
+            f"{RESULTS}/tables/p1_table_ablation.csv",
+            caption="../report/p1_table_ablation.rst",
+            category="Paper 1",
+            subcategory="ADDT",
+            labels={"result": "Table 6 and ablations"},
+        ),
         md=f"{RESULTS}/tables/p1_table_ablation.md",
     params:
         defenses=DEFENSES,
