@@ -79,6 +79,61 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate_cost(args: argparse.Namespace) -> int:
+    from .config import ConfigError, deep_merge, load_yaml, validate_config
+    from .cost import run_estimate
+
+    cfg: dict = {}
+    for path in args.config:  # later files overlay earlier ones, as Snakemake's --configfile
+        cfg = deep_merge(cfg, load_yaml(path))
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return 2
+    print(run_estimate(cfg, device=args.device, batch_size=args.batch_size, repeats=args.repeats, csv=args.csv,
+                       threads=args.threads))
+    if args.csv:
+        print(f"per-job estimate written to {args.csv}")
+    return 0
+
+
+def _cmd_sha256(args: argparse.Namespace) -> int:
+    from .data import sha256_file
+
+    status = 0
+    for name in args.paths:
+        path = Path(name)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if not f.is_file():
+                print(f"dbprepro sha256: {f}: no such file", file=sys.stderr)
+                status = 2
+                continue
+            print(f"{sha256_file(f)}  {f}")
+    return status
+
+
+def _add_cost_commands(sub) -> None:
+    """``estimate-cost`` (measured device-hours per job of a config) and ``sha256`` (pinning)."""
+    e = sub.add_parser("estimate-cost", help="count the network calls of every job of a config, time one call "
+                                             "of each kind on this device, print device-hours per target")
+    e.add_argument("--config", nargs="+", default=["config.yaml"],
+                   help="config file(s), later overlaying earlier, e.g. config.yaml config/cifar10.yaml "
+                        "(config/cifar10.yaml alone is complete) [%(default)s]")
+    e.add_argument("--device", default=None, choices=["cpu", "cuda"], help="[the config's device]")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="images per timed call [the attacks' EOT pass: attacks.batch_size x pgd.eot, at most eot_chunk]")
+    e.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up, best kept [%(default)s]")
+    e.add_argument("--threads", type=int, default=1,
+                   help="CPU only: torch threads of the timed calls (the DAG's compute rules use 1) [%(default)s]")
+    e.add_argument("--csv", help="also write the per-job estimate to this CSV")
+    e.set_defaults(func=_cmd_estimate_cost)
+    h = sub.add_parser("sha256", help="print the sha256 of files (folders: every file inside), to pin downloads")
+    h.add_argument("paths", nargs="+")
+    h.set_defaults(func=_cmd_sha256)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dbprepro", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -107,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="versions, device, SLURM/DVC availability, models present")
     d.add_argument("--results", default="results", help="results folder to inspect [%(default)s]")
     d.set_defaults(func=_cmd_doctor)
+    _add_cost_commands(sub)
     return ap
 
 
