@@ -29,6 +29,7 @@ include: "workflow/rules/attacks.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/paper2.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

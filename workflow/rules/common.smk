@@ -47,6 +47,8 @@ def all_targets():
         *addt_targets(),
         *figure_targets(),
         *paper2_targets(),
+        f"{RESULTS}/tables/paper_vs_reproduced.csv",  # workflow/rules/report.smk
+        f"{RESULTS}/tables/paper_vs_reproduced.md",
     ]
 
 

@@ -1,0 +1,33 @@
+# Stage 7: the papers' numbers beside the reproduced ones (src/dbprepro/reference/paper_numbers.csv).
+# The values come from tables other rules wrote; on the digits default they are digits values
+# (column `dataset`), not CIFAR-10.  Runs in the Snakemake process (a join of small CSVs).
+
+
+from dbprepro.reference import PAPER_NUMBERS
+
+
+def paper_vs_reproduced_inputs():
+    tables = [f"{RESULTS}/tables/p1_table_main.csv"]
+    if config["analysis"]["enabled"]:
+        tables += [f"{RESULTS}/tables/{name}.csv" for name in
+                   ("p2_table_fixed_randomness", "p2_randomness_summary", "p2_lp_distances_summary")]
+    return tables
+
+
+rule paper_vs_reproduced:
+    input:
+        paper_vs_reproduced_inputs(),
+        reference=str(PAPER_NUMBERS),
+    output:
+        csv=f"{RESULTS}/tables/paper_vs_reproduced.csv",
+        md=f"{RESULTS}/tables/paper_vs_reproduced.md",
+    params:
+        dataset=config["data"]["dataset"],
+        name=config["name"],
+    log:
+        f"{LOGS}/paper_vs_reproduced.log",
+    localrule: True
+    run:
+        from dbprepro.reference import write_paper_vs_reproduced
+
+        write_paper_vs_reproduced(f"{RESULTS}/tables", output.csv, output.md, params.dataset, params.name)
