@@ -112,15 +112,13 @@ def median_time(fn, reps: int) -> float:
 
 
 # --------------------------------------------------------------------------- children
-def child_gradient(model: str, k: int, mode: str, batch: int, reps: int, grad_file: str) -> dict:
-    """Time, peak memory and saved-activation bytes of d(sum purified)/dx through k steps."""
-    import numpy as np
+def gradient_problem(model: str, k: int, batch: int, mode: str = "exact"):
+    """(purifier, step) for d(sum w * purified)/dx through a ``k``-step chain."""
     import torch
 
     from dbprepro.purification import Purifier
     from dbprepro.randomness import Randomness
 
-    torch.set_num_threads(1)
     unet, sch, shape = build_model(model)
     p = Purifier(unet, sch, t_star=0.1, num_inference_steps=chain_inference_steps(k),
                  randomness=Randomness(0, "fixed"), grad_mode=mode)
@@ -134,6 +132,16 @@ def child_gradient(model: str, k: int, mode: str, batch: int, reps: int, grad_fi
         (p(xi, ids) * w).sum().backward()
         return xi.grad
 
+    return p, step
+
+
+def child_gradient(model: str, k: int, mode: str, batch: int, grad_file: str) -> dict:
+    """Peak memory and live saved-activation bytes of one gradient, in a fresh process."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    _, step = gradient_problem(model, k, batch, mode)
     live = {"now": 0, "peak": 0}
 
     class Saved:  # a saved tensor, counted while autograd holds it (freed with its graph)
@@ -145,15 +153,33 @@ def child_gradient(model: str, k: int, mode: str, batch: int, reps: int, grad_fi
         def __del__(self):
             live["now"] -= self.n
 
-    # the first call is measured for memory (a warm-up would leave allocator caches behind)
+    # the first call is the measured one (a warm-up would leave allocator caches behind)
     rss0 = rss_bytes()
     peak_reset()
     with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
         g = step()
     peak = peak_bytes(rss0)
-    seconds = median_time(step, reps)
     np.save(grad_file, g.numpy())
-    return {"seconds": seconds, "peak_bytes": peak, "saved_bytes": live["peak"]}
+    return {"peak_bytes": peak, "saved_bytes": live["peak"]}
+
+
+def time_gradient_modes(model: str, k: int, batch: int, reps: int, modes=("exact", "autograd", "checkpoint")
+                        ) -> dict[str, float]:
+    """Median seconds per gradient of each mode, the modes interleaved in this process so that a
+    change of the machine's load hits them alike."""
+    import torch
+
+    torch.set_num_threads(1)
+    p, step = gradient_problem(model, k, batch)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for m in modes:  # warm-up
+        p.grad_mode = m
+        step()
+    for _ in range(reps):
+        for m in modes:
+            p.grad_mode = m
+            times[m].append(median_time(step, 1))
+    return {m: statistics.median(v) for m, v in times.items()}
 
 
 def child_noise(approach: str, T: int, B: int, shape: list[int], steps: int) -> dict:
@@ -197,13 +223,13 @@ def bench_gradients(q: bool, out: Path) -> tuple[list[dict], list[dict]]:
     for model, batch, ks in cases:
         for k in ks:
             grads = {}
+            secs = time_gradient_modes(model, k, batch, reps=1 if q else 3)
             for mode in ("exact", "autograd", "checkpoint"):
                 gf = str(out / f"_grad_{model}_{k}_{mode}.npy")
-                res = run_child("gradient", model=model, k=k, mode=mode, batch=batch, reps=1 if q else 3,
-                                grad_file=gf)
+                res = run_child("gradient", model=model, k=k, mode=mode, batch=batch, grad_file=gf)
                 grads[mode] = np.load(gf)
                 os.remove(gf)
-                rows.append(dict(model=model, batch=batch, steps=k, mode=mode, **res))
+                rows.append(dict(model=model, batch=batch, steps=k, mode=mode, seconds=secs[mode], **res))
             for row in rows[-3:]:
                 row["max_abs_grad_diff_vs_autograd"] = float(np.abs(grads[row["mode"]] - grads["autograd"]).max())
                 row["grad_scale"] = float(np.abs(grads["autograd"]).max())
@@ -354,13 +380,14 @@ def bench_scaling(q: bool, out: Path) -> tuple[list[dict], list[dict]]:
     ks = [6, 11] if q else [6, 11, 21, 51, 101]
     batches = [8] if q else [8, 32, 128]
     rows = []
-    for mode in ("exact", "autograd"):
-        for k in ks:
-            for b in batches:
+    for k in ks:
+        for b in batches:
+            secs = time_gradient_modes("digits", k, b, reps=1 if q else 3, modes=("exact", "autograd"))
+            for mode in ("exact", "autograd"):
                 gf = str(out / "_grad_scaling.npy")
-                res = run_child("gradient", model="digits", k=k, mode=mode, batch=b, reps=1 if q else 3, grad_file=gf)
+                res = run_child("gradient", model="digits", k=k, mode=mode, batch=b, grad_file=gf)
                 os.remove(gf)
-                rows.append(dict(mode=mode, steps=k, batch=b, **res))
+                rows.append(dict(mode=mode, steps=k, batch=b, seconds=secs[mode], **res))
     df = pd.DataFrame(rows)
     df.to_csv(out / "scaling.csv", index=False)
     plot_scaling(df, out / "scaling.png")
