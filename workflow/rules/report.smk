@@ -19,7 +19,13 @@ rule paper_vs_reproduced:
         paper_vs_reproduced_inputs(),
         reference=str(PAPER_NUMBERS),
     output:
-        csv=f"{RESULTS}/tables/paper_vs_reproduced.csv",
+        csv=report(
+            f"{RESULTS}/tables/paper_vs_reproduced.csv",
+            caption="../report/paper_vs_reproduced.rst",
+            category="Overview",
+            subcategory="Paper vs reproduced",
+            labels={"result": "Paper values beside reproduced values"},
+        ),
         md=f"{RESULTS}/tables/paper_vs_reproduced.md",
     params:
         dataset=config["data"]["dataset"],
