@@ -84,7 +84,9 @@ def test_ddpm_hub_layout_through_download_hf_and_load_diffusion(tmp_path, monkey
     assert torch.equal(got_sched.betas, scheduler.betas)
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
     with torch.no_grad():
-        assert torch.allclose(got_unet(x, t).sample, unet.eval()(x, t).sample)
+        # identical weights (checked above); the outputs agree to float rounding (the loaded
+        # tensors' memory layout can pick another kernel: differences ~1e-7 are seen)
+        assert torch.allclose(got_unet(x, t).sample, unet.eval()(x, t).sample, atol=1e-5)
 
     # offline re-run: every file present and verified, nothing fetched
     monkeypatch.setattr(checkpoints, "hf_hub_download", offline)
