@@ -197,3 +197,31 @@ def fixed_setting_name(k: int, default_draw: int = 0) -> str:
     if int(k) < 0:
         raise ValueError(f"a fixed configuration is a non-negative integer, got {k}")
     return "dwbox" if int(k) == int(default_draw) else f"dwbox_c{int(k)}"
+
+
+def attack_runs(cfg: dict[str, Any], fixed_configs: bool = False) -> list[tuple[str, str, str, str]]:
+    """``(defense, threat, setting, attack)`` of every configured attack run: the undefended
+    reference, paper 1's grid on the vanilla purifier (PGD in every setting, BPDA, AutoAttack) and
+    the ADDT defenses in their ablation settings.  With ``fixed_configs``, also paper 2's attacks
+    on the further fixed randomness configurations (``dwbox_c<k>``, :func:`fixed_setting_name`).
+    Torch-free: the Snakefile builds its targets from it, :mod:`dbprepro.cost` its estimate."""
+    att, addt = cfg["attacks"], cfg["addt"]
+    names = [tm["name"] for tm in att["threat_models"]]
+    runs = [("undefended", tm, "none", "pgd") for tm in names]
+    for tm in names:  # vanilla: the full grid of paper 1's main table
+        runs += [("vanilla", tm, s, "pgd") for s in att["settings"]]
+        if att["bpda"]["enabled"] and tm in (att["bpda"]["threat_models"] or names):
+            runs += [("vanilla", tm, s, "bpda") for s in att["bpda"]["settings"]]
+    if att["autoattack"]["enabled"]:
+        for tm in att["autoattack"]["threat_models"]:
+            for v in att["autoattack"]["versions"]:
+                runs.append(("vanilla", tm, "dwbox" if v == "standard" else "whitebox_eot", f"aa_{v}"))
+    for d in (addt["variants"] if addt["enabled"] else []):  # fine-tuned defenses: the ablation's settings
+        for tm in addt["attack_threat_models"]:
+            runs += [(d, tm, s, "pgd") for s in addt["attack_settings"]]
+    if fixed_configs and cfg["analysis"]["enabled"]:
+        for k in range(cfg["analysis"]["fixed_configs"]):
+            run = ("vanilla", analysis_threat(cfg), fixed_setting_name(k, att["fixed_draw"]), "pgd")
+            if run not in runs:
+                runs.append(run)
+    return runs

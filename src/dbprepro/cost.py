@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import analysis_threat, attack_runs
+
 KINDS = ("unet_fwd", "unet_grad", "unet_train", "clf_fwd", "clf_grad", "clf_train")
 DIGITS_IMAGES = 1797  # scikit-learn's digits
 
@@ -110,42 +112,6 @@ def defended_grad(S: int, grad_mode: str = "exact") -> Calls:
 def bpda_grad(S: int) -> Calls:
     """BPDA: the chain runs forward only, the backward pass skips it (identity)."""
     return Calls(unet_fwd=S, clf_grad=1)
-
-
-def _threat_names(att: dict) -> list[str]:
-    return [t["name"] for t in att["threat_models"]]
-
-
-def _fixed_setting(k: int, default_draw: int) -> str:
-    return "dwbox" if int(k) == int(default_draw) else f"dwbox_c{int(k)}"
-
-
-def attack_runs(cfg: dict) -> list[tuple[str, str, str, str]]:
-    """(defense, threat, setting, attack) of every attack run of the DAG (workflow/rules/common.smk's
-    ``attack_runs`` plus paper 2's extra fixed configurations ``dwbox_c<k>``)."""
-    att, addt = cfg["attacks"], cfg["addt"]
-    names = _threat_names(att)
-    variants = addt["variants"] if addt["enabled"] else []
-    runs = [("undefended", tm, "none", "pgd") for tm in names]
-    for tm in names:
-        runs += [("vanilla", tm, s, "pgd") for s in att["settings"]]
-        if att["bpda"]["enabled"] and tm in (att["bpda"]["threat_models"] or names):
-            runs += [("vanilla", tm, s, "bpda") for s in att["bpda"]["settings"]]
-    if att["autoattack"]["enabled"]:
-        for tm in att["autoattack"]["threat_models"]:
-            for v in att["autoattack"]["versions"]:
-                runs.append(("vanilla", tm, "dwbox" if v == "standard" else "whitebox_eot", f"aa_{v}"))
-    for d in variants:
-        for tm in addt["attack_threat_models"]:
-            runs += [(d, tm, s, "pgd") for s in addt["attack_settings"]]
-    an = cfg["analysis"]
-    if an["enabled"]:
-        p2_threat = an["threat_model"] or names[0]
-        for k in range(an["fixed_configs"]):
-            run = ("vanilla", p2_threat, _fixed_setting(k, att["fixed_draw"]), "pgd")
-            if run not in runs:
-                runs.append(run)
-    return runs
 
 
 def _attack_calls(cfg: dict, defense: str, setting: str, attack: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
@@ -240,7 +206,7 @@ def count_calls(cfg: dict) -> list[Job]:
 
     # attacks
     n_att = cfg["attacks"]["n_images"]
-    for d, tm, s, atk in attack_runs(cfg):
+    for d, tm, s, atk in attack_runs(cfg, fixed_configs=True):
         per, bound = _attack_calls(cfg, d, s, atk, S, gm)
         if d in variants:
             target = "tables/p1_table_ablation.csv"
@@ -276,8 +242,7 @@ def count_calls(cfg: dict) -> list[Job]:
         D = 1
         for s_ in image_shape(cfg):
             D *= s_
-        names = _threat_names(att)
-        p2_threat = an["threat_model"] or names[0]
+        p2_threat = analysis_threat(cfg)
         addt_dw = p2_threat in a["attack_threat_models"] and "dwbox" in a["attack_settings"]
         for d in ["vanilla"] + (variants if addt_dw else []):
             n_cfg = an["fixed_configs"] if d == "vanilla" else 1

@@ -4,6 +4,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from dbprepro.config import ConfigError, validate_config
+from dbprepro.config import attack_runs as config_attack_runs
 
 min_version("9.20")
 
@@ -61,22 +62,8 @@ def figure_targets():
 
 
 def attack_runs():
-    """(defense, threat, setting, attack) of every configured attack run."""
-    att = config["attacks"]
-    names = [tm["name"] for tm in att["threat_models"]]
-    runs = [("undefended", tm, "none", "pgd") for tm in names]
-    for tm in names:  # vanilla: the full grid of paper 1's main table
-        runs += [("vanilla", tm, s, "pgd") for s in att["settings"]]
-        if att["bpda"]["enabled"] and tm in (att["bpda"]["threat_models"] or names):
-            runs += [("vanilla", tm, s, "bpda") for s in att["bpda"]["settings"]]
-    if att["autoattack"]["enabled"]:
-        for tm in att["autoattack"]["threat_models"]:
-            for v in att["autoattack"]["versions"]:
-                runs.append(("vanilla", tm, "dwbox" if v == "standard" else "whitebox_eot", f"aa_{v}"))
-    for d in ADDT_VARIANTS:  # fine-tuned defenses: PGD in the ablation's settings
-        for tm in config["addt"]["attack_threat_models"]:
-            runs += [(d, tm, s, "pgd") for s in config["addt"]["attack_settings"]]
-    return runs
+    """(defense, threat, setting, attack) of every attack run of paper 1's tables."""
+    return config_attack_runs(config)
 
 
 def attack_dir(defense, threat, setting, attack):
@@ -121,3 +108,12 @@ def run_light_stage(name, input, output, params, wildcards, logfiles):
     from dbprepro.pipeline import run_stage_inline
 
     run_stage_inline(name, input, output, params, wildcards, logfiles)
+
+
+def paper_vs_reproduced_inputs():
+    """The tables whose numbers stand beside the papers' in paper_vs_reproduced.csv."""
+    tables = [f"{RESULTS}/tables/p1_table_main.csv"]
+    if config["analysis"]["enabled"]:
+        tables += [f"{RESULTS}/tables/{name}.csv" for name in
+                   ("p2_table_fixed_randomness", "p2_randomness_summary", "p2_lp_distances_summary")]
+    return tables

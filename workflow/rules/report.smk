@@ -6,14 +6,6 @@
 from dbprepro.reference import PAPER_NUMBERS
 
 
-def paper_vs_reproduced_inputs():
-    tables = [f"{RESULTS}/tables/p1_table_main.csv"]
-    if config["analysis"]["enabled"]:
-        tables += [f"{RESULTS}/tables/{name}.csv" for name in
-                   ("p2_table_fixed_randomness", "p2_randomness_summary", "p2_lp_distances_summary")]
-    return tables
-
-
 rule paper_vs_reproduced:
     input:
         paper_vs_reproduced_inputs(),
