@@ -165,6 +165,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
     return validate_config(cfg)
 
 
+def load_configs(paths) -> dict[str, Any]:
+    """Read YAML configs, later files overlaying earlier ones key by key (as Snakemake's
+    ``--configfile``), and validate the result (raises :class:`ConfigError`)."""
+    cfg: dict[str, Any] = {}
+    for path in paths:
+        cfg = deep_merge(cfg, load_yaml(path))
+    return validate_config(cfg)
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     """Recursively merge ``extra`` into a copy of ``base`` (mappings merge, other values replace)."""
     out = copy.deepcopy(base)
