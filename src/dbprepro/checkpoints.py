@@ -113,7 +113,9 @@ def _write_record(folder: Path, record: dict) -> None:
 
     record = dict(record, note="trust on first use: these values were NOT checked against a pin in the config; "
                                 "copy them into the config and set allow_unpinned: false")
-    (folder / UNPINNED_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    from .io import write_text
+
+    write_text(folder / UNPINNED_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def check_plausible(path: str | Path) -> str:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .io import savez, write_text
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("digits", "cifar10")
@@ -80,18 +82,13 @@ def write_split(parts: dict[str, tuple[np.ndarray, ...]], out: dict[str, str | P
     record = {"parts": {}, **(meta or {})}
     for name, (images, labels, ids) in parts.items():
         path = Path(out[name])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:  # np.savez to a file object: no time stamps inside
-            np.savez(f, images=images.astype(np.float32), labels=labels.astype(np.int64),
-                     ids=ids.astype(np.int64))
-        tmp.replace(path)
+        savez(path, images=images.astype(np.float32), labels=labels.astype(np.int64), ids=ids.astype(np.int64))
         record["parts"][name] = {
             "file": path.name, "n": int(len(labels)), "shape": list(images.shape[1:]),
             "sha256": sha256_file(path),
             "class_counts": np.bincount(labels, minlength=int(labels.max()) + 1).tolist(),
         }
-    Path(manifest).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_text(manifest, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 

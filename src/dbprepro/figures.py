@@ -44,10 +44,12 @@ def _theme() -> None:
 
 
 def _save(fig, png, pdf) -> None:
-    for p in (png, pdf):
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=150, bbox_inches="tight")
-    fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    from .io import atomic_path
+
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    with atomic_path(pdf) as tmp:
+        fig.savefig(tmp, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
 
 

@@ -64,13 +64,10 @@ def round_table(df: pd.DataFrame, decimals: int = 4) -> pd.DataFrame:
 
 def write_table(df: pd.DataFrame, csv_path, md_path=None, decimals: int = 4) -> None:
     """Write a table as CSV (and optionally Markdown) with rounded floats, atomically."""
-    from pathlib import Path
+    from .io import atomic_path, write_text
 
     df = round_table(df, decimals)
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    df.to_csv(tmp, index=False, float_format=f"%.{decimals}f", lineterminator="\n")
-    tmp.replace(csv_path)
+    with atomic_path(csv_path) as tmp:
+        df.to_csv(tmp, index=False, float_format=f"%.{decimals}f", lineterminator="\n")
     if md_path is not None:
-        Path(md_path).write_text(df.to_markdown(index=False, floatfmt=f".{decimals}f") + "\n")
+        write_text(md_path, df.to_markdown(index=False, floatfmt=f".{decimals}f") + "\n")

@@ -26,7 +26,13 @@ def stage(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def run_stage(smk: Any) -> None:
-    """Entry point of ``workflow/scripts/stage.py``: logging, torch set-up, then the stage."""
+    """Entry point of ``workflow/scripts/stage.py``: logging, torch set-up, then the stage.
+
+    Around every stage (also the in-process ones, :func:`run_stage_inline`): temporaries that a
+    killed earlier attempt left beside the outputs are removed, a failure is logged with its
+    traceback before it propagates (Snakemake shows the log), and on success a provenance record
+    is written to ``results/provenance/<rule>/<wildcards>.json`` (see
+    :func:`dbprepro.runtime.write_job_provenance`)."""
     from .runtime import configure_torch, provenance, setup_logging
 
     setup_logging(smk.log[0] if smk.log else None)
@@ -36,9 +42,30 @@ def run_stage(smk: Any) -> None:
     configure_torch(threads=smk.threads, deterministic=smk.params.get("deterministic", True))
     log.info("stage %s: wildcards %s", name, dict(smk.wildcards))
     log.info("provenance %s", json.dumps(provenance(), sort_keys=True))
-    t0 = time.perf_counter()
-    STAGES[name](smk.input, smk.output, smk.params, smk.wildcards)
-    log.info("stage %s finished in %.1f s", name, time.perf_counter() - t0)
+    _run_job(name, smk.input, smk.output, smk.params, smk.wildcards, in_process=False)
+
+
+def _run_job(name: str, input, output, params, wildcards, in_process: bool) -> None:
+    from . import faults
+    from .io import remove_stale_temporaries
+    from .runtime import provenance_path, write_job_provenance
+
+    record = provenance_path(name, wildcards, output)
+    record.unlink(missing_ok=True)  # a record present always describes the outputs present
+    for stale in remove_stale_temporaries(list(output)):
+        log.info("removed %s, left by an interrupted earlier attempt", stale)
+    started, t0 = time.time(), time.perf_counter()
+    try:
+        faults.arm(name, dict(wildcards))  # test-only fault injection (DBPREPRO_FAULT), else nothing
+        STAGES[name](input, output, params, wildcards)
+    except BaseException as e:
+        log.exception("stage %s FAILED after %.1f s (wildcards %s): %s: %s", name, time.perf_counter() - t0,
+                      dict(wildcards), type(e).__name__, e)
+        raise
+    seconds = time.perf_counter() - t0
+    write_job_provenance(record, rule=name, wildcards=wildcards, params=params, inputs=input, outputs=output,
+                         started=started, seconds=seconds, in_process=in_process)
+    log.info("stage %s finished in %.1f s; provenance in %s", name, seconds, record)
 
 
 def _device(params) -> "torch.device":  # noqa: F821
@@ -423,10 +450,8 @@ def run_stage_inline(name: str, input, output, params, wildcards, logfiles) -> N
     old = root.level
     root.setLevel(logging.INFO)
     try:
-        t0 = time.perf_counter()
         log.info("stage %s (in-process): wildcards %s", name, dict(wildcards))
-        STAGES[name](input, output, params, wildcards)
-        log.info("stage %s finished in %.1f s", name, time.perf_counter() - t0)
+        _run_job(name, input, output, params, wildcards, in_process=True)
     finally:
         root.removeHandler(handler)
         root.setLevel(old)

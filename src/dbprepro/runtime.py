@@ -49,8 +49,18 @@ def setup_logging(logfile: str | Path | None = None, level: int = logging.INFO) 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# libraries whose versions can change numbers (recorded in every provenance record)
+VERSIONED = ("dbprepro", "numpy", "pandas", "scipy", "diffusers", "safetensors", "huggingface_hub", "torchattacks",
+             "pyarrow", "scikit-learn", "snakemake")
+# environment variables that change threads or kernels (recorded verbatim, None when unset)
+DETERMINISM_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG",
+                   "CUDA_VISIBLE_DEVICES", "PYTHONHASHSEED")
+
+
 def provenance() -> dict[str, Any]:
-    """Versions, thread count and determinism flags of this process."""
+    """Versions, thread counts and determinism flags of this process."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import diffusers
     import numpy
 
@@ -61,16 +71,90 @@ def provenance() -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "numpy": numpy.__version__,
         "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    try:
-        from importlib.metadata import version
-
-        info["dbprepro"] = version("dbprepro")
-    except Exception:  # pragma: no cover - not installed as a distribution
-        info["dbprepro"] = None
+    versions = {}
+    for dist in VERSIONED:
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = None
+    info["dbprepro"] = versions["dbprepro"]
+    info["versions"] = versions
+    info["env"] = {k: os.environ.get(k) for k in DETERMINISM_ENV}
     return info
+
+
+def _git_state() -> dict[str, Any] | None:
+    """Commit of the checkout the package runs from and whether its code differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "src", "workflow",
+                                "Snakefile"], capture_output=True, timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):  # pragma: no cover - git missing or hung
+        return None
+    return {"commit": commit or None, "code_differs_from_commit": dirty}
+
+
+def _digest(path: Path) -> str | dict[str, str] | None:
+    from .data import sha256_file
+
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    return None
+
+
+def provenance_path(rule: str, wildcards: dict, outputs) -> Path:
+    """Where the provenance record of a job goes: ``<results>/provenance/<rule>[/<k=v,...>].json``
+    with ``<results>`` the first component of the job's first (relative) output path."""
+    first = Path(str(list(outputs)[0])) if len(outputs) else Path("results/x")
+    root = Path(first.parts[0]) if not first.is_absolute() else first.parent
+    wc = ",".join(f"{k}={v}" for k, v in dict(wildcards).items())
+    return root / "provenance" / rule / f"{wc}.json" if wc else root / "provenance" / f"{rule}.json"
+
+
+def write_job_provenance(path: Path, *, rule: str, wildcards: dict, params, inputs, outputs, started: float,
+                         seconds: float, in_process: bool) -> dict[str, Any]:
+    """Write (atomically) the provenance record of a finished job: what ran (rule, wildcards,
+    params incl. seed), with what (versions, threads, determinism flags and environment, git
+    commit), when and where, and the sha256 of every output it wrote.  It sits in its own folder
+    beside the results and is not part of any compared table."""
+    import datetime
+    import json
+
+    from .io import write_text
+
+    record = {
+        "rule": rule,
+        "wildcards": {k: str(v) for k, v in dict(wildcards).items()},
+        "seed": params.get("seed"),
+        "deterministic_requested": params.get("deterministic"),
+        "in_snakemake_process": in_process,
+        "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "argv": sys.argv,
+        "git": _git_state(),
+        "runtime": provenance(),
+        "params": {k: v for k, v in params.items()},
+        "inputs": [str(p) for p in inputs],
+        "outputs": {str(p): _digest(Path(str(p))) for p in outputs},
+    }
+    write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return record

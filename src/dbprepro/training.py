@@ -261,14 +261,12 @@ def _save_state(path, *, batches, **state) -> None:
     """Atomically save a resumable training state.  The batch stream cannot be pickled, so the
     caller restarts it from ``gen_batch`` right after saving: its pending partial permutation is
     dropped, identically in an interrupted and an uninterrupted run."""
-    import os
+    from .io import atomic_path
 
     del batches
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {k: v for k, v in state.items() if k not in ("unet", "ema", "opt", "sched", "gen_batch", "gen_loss")}
     payload.update(unet=state["unet"].state_dict(), ema=state["ema"].state_dict(), opt=state["opt"].state_dict(),
                    sched=state["sched"].state_dict(), gen_batch=state["gen_batch"].get_state(),
                    gen_loss=state["gen_loss"].get_state())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

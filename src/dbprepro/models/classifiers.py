@@ -44,17 +44,18 @@ def build_classifier(arch: str, **kwargs) -> nn.Module:
 
 
 def save_classifier(model: nn.Module, arch: str, kwargs: dict, path) -> None:
-    """Save to a folder: ``config.json`` (arch + constructor arguments) and ``model.safetensors``."""
+    """Save to a folder: ``config.json`` (arch + constructor arguments) and ``model.safetensors``,
+    atomically (the folder appears under ``path`` only when complete)."""
     import json
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    from ..io import atomic_dir
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"arch": arch, "kwargs": kwargs}, indent=2, sort_keys=True) + "\n")
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps({"arch": arch, "kwargs": kwargs}, indent=2, sort_keys=True) + "\n")
 
 
 def load_classifier(path) -> nn.Module:

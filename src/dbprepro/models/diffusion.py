@@ -40,10 +40,13 @@ def build_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
 
 
 def save_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> None:
-    """Save as a diffusers folder: ``unet/`` (safetensors) and ``scheduler/``."""
-    path = Path(path)
-    unet.save_pretrained(path / "unet", safe_serialization=True)
-    scheduler.save_pretrained(path / "scheduler")
+    """Save as a diffusers folder: ``unet/`` (safetensors) and ``scheduler/``, atomically (the
+    folder appears under ``path`` only when complete; an existing folder is replaced)."""
+    from ..io import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
 
 
 def _diffusion_layout(path: Path) -> tuple[Path, Path]:

@@ -108,8 +108,10 @@ def write_paper_vs_reproduced(tables_dir, csv_path, md_path, dataset: str, confi
     """The stage of rule ``paper_vs_reproduced``: CSV + a Markdown table with a warning line when
     the reproduced values are not of CIFAR-10."""
     df = paper_vs_reproduced(tables_dir, dataset, config_name)
-    Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(csv_path, index=False, float_format="%.6g")
+    from ..io import atomic_path, write_text
+
+    with atomic_path(csv_path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
     lines = [f"# Paper numbers vs reproduced values (config `{config_name}`, data set **{dataset}**)", ""]
     if dataset != "cifar10":
         lines += [f"**The reproduced values are of the {dataset} data set, not CIFAR-10**: they show that the "
@@ -121,5 +123,5 @@ def write_paper_vs_reproduced(tables_dir, csv_path, md_path, dataset: str, confi
     for _, r in df.iterrows():
         cells = [f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    Path(md_path).write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
     return df
