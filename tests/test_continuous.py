@@ -325,3 +325,27 @@ def test_make_purifier_builds_every_family(tiny_diffusion):
     assert isinstance(edm, EDMPurifier) and edm.num_steps == 4 and edm.sigma_max < 0.35
     with pytest.raises(ValueError, match="sampler"):
         make_purifier(unet, sch, {**base, "sampler": "dpm"}, r)
+
+
+# -- configuration and the DAG's purifier factory -------------------------------------------------
+def test_config_keys_validate_and_reach_the_purifier(tiny_diffusion, tmp_path):
+    from dbprepro.config import ConfigError, load_config
+    from dbprepro.evaluation import build_purifier
+    from dbprepro.models.diffusion import save_diffusion
+
+    cfg = load_config("config.yaml", {"purification": {"sampler": "edm"}})
+    assert cfg["purification"]["edm"] == dict(sigma_max=0.5, steps=50, sigma_min=0.002, rho=7.0, s_churn=6.0,
+                                              s_min=0.01, s_max=0.46, s_noise=1.007)
+    assert cfg["purification"]["vpsde"] == dict(beta_min=0.1, beta_max=20.0, steps=100, corrector=False, snr=0.16)
+    cfg = load_config("config.yaml", {"purification": {"sampler": "vpsde", "grad_mode": "adjoint",
+                                                       "vpsde": {"steps": 12}}})
+    save_diffusion(*tiny_diffusion, tmp_path / "diffusion")
+    p = build_purifier(tmp_path / "diffusion", cfg["purification"], "fixed_large", Randomness(0, "fixed"), "cpu")
+    assert isinstance(p, VPSDEPurifier) and p.num_steps == 12 and p.grad_mode == "adjoint"
+    for bad, key in [({"sampler": "vpsde", "grad_mode": "adjoint", "vpsde": {"corrector": True}}, "grad_mode"),
+                     ({"sampler": "edm", "grad_mode": "adjoint"}, "grad_mode"),
+                     ({"sampler": "edm", "edm": {"sigma_max": 0.001}}, "sigma_max"),
+                     ({"sampler": "edm", "edm": {"s_churn": -1}}, "s_churn"),
+                     ({"sampler": "euler"}, "sampler")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config("config.yaml", {"purification": bad})

@@ -104,6 +104,14 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     if t_start % (T // n):
         raise ConfigError(f"config key purification.num_inference_steps: t*={pur['t_star']} (timestep {t_start}) is not "
                           f"on the grid of {n} steps (every {T // n}); pick a value such that {T // n} divides {t_start}")
+    if pur["grad_mode"] == "adjoint" and (pur["sampler"] != "vpsde" or pur["vpsde"]["corrector"]):
+        raise ConfigError("config key purification.grad_mode: adjoint needs sampler vpsde without corrector "
+                          f"(got sampler {pur['sampler']!r}, corrector {pur['vpsde']['corrector']})")
+    if pur["sampler"] == "vpsde" and pur["vpsde"]["beta_max"] <= pur["vpsde"]["beta_min"]:
+        raise ConfigError("config key purification.vpsde.beta_max: must be larger than beta_min")
+    if pur["sampler"] == "edm" and pur["edm"]["sigma_max"] is not None \
+            and pur["edm"]["sigma_max"] <= pur["edm"]["sigma_min"]:
+        raise ConfigError("config key purification.edm.sigma_max: must be larger than sigma_min")
     att = cfg["attacks"]
     if att["n_images"] > data["n_test"]:
         raise ConfigError(f"config key attacks.n_images: {att['n_images']} exceeds data.n_test ({data['n_test']})")

@@ -30,13 +30,12 @@ SETTINGS = {
 
 def build_purifier(diffusion_dir: str | Path, purification: dict[str, Any], variance_type: str,
                    randomness: Randomness, device: torch.device) -> Purifier:
-    """A :class:`Purifier` from a diffusers folder and the ``purification`` config section."""
+    """The purifier of ``purification.sampler`` (a :class:`Purifier` for ddpm/ddim, a VP-SDE or EDM
+    purifier of :mod:`dbprepro.continuous` with the same API) from a diffusers folder."""
+    from .continuous import make_purifier
+
     unet, scheduler = load_diffusion(diffusion_dir, scheduler_overrides={"variance_type": variance_type})
-    return Purifier(unet.to(device), scheduler, t_star=purification["t_star"],
-                    num_inference_steps=purification["num_inference_steps"],
-                    sampler=purification["sampler"], eta=purification["eta"],
-                    clip_output=purification["clip_output"], randomness=randomness,
-                    grad_mode=purification.get("grad_mode", "exact"))
+    return make_purifier(unet.to(device), scheduler, purification, randomness)
 
 
 def build_defense(classifier_dir: str | Path, diffusion_dir: str | Path, purification: dict[str, Any],
