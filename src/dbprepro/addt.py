@@ -188,3 +188,100 @@ def rbgm_samples(unet: nn.Module, scheduler, classifier: nn.Module, images01: to
     g_std = (flat - flat.mean(-1, keepdim=True)) / flat.std(-1, keepdim=True).clamp_min(1e-12)
     return {"gradient": g_std.flatten().numpy(), "delta": delta.flatten().numpy(), "t": int(t),
             "lambda": float(lam[0]), "n_images": int(x0.shape[0])}
+
+
+# -- ADDT for the continuous families (paper 1's VP and EDM fine-tuning) -------------------------------
+#
+# Both write the noisy input in VP coordinates as x = a x0 + b eps_mixed, eps_mixed = sqrt(1 - lambda^2) eps
+# + lambda delta, with the one-step estimate x0_hat = (x - b eps_theta) / a:
+#   vp:  t ~ U(t_eps, 1) of the continuous VP-SDE, a = alpha(t), b = sigma_vp(t),
+#        lambda = clip(0.03 a / b, 0, 0.3), loss ||eps_theta - eps_mixed||^2 (paper 1: "same loss");
+#   edm: ln sigma ~ N(P_mean, P_std^2), x_edm = x0 + sigma eps_mixed, a = 1/sqrt(1 + sigma^2), b = sigma a,
+#        lambda = clip(0.03 / sigma, 0, 0.3), loss w(sigma) ||D(x_edm; sigma) - x0||^2 with
+#        w = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2; since D - x0 = sigma (eps_mixed - eps_theta)
+#        for the VP-preconditioned eps network, this is w sigma^2 ||eps_theta - eps_mixed||^2.
+# The network is called at the discrete timestep of the same noise level (dbprepro.continuous.NoiseLevelMap).
+FAMILY_VARIANTS: tuple[str, ...] = ("addt", "cgpo_mse", "clean_finetune")
+
+
+def _family_noise_levels(family: str, n: int, generator, *, beta_min: float, beta_max: float, t_eps: float,
+                         p_mean: float, p_std: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, sigma_edm) per sample, float64, for the family's training noise distribution."""
+    if family == "vp":
+        t = t_eps + (1 - t_eps) * torch.rand(n, generator=generator, dtype=torch.float64)
+        log_alpha = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
+        a = log_alpha.exp()
+        b = (-torch.expm1(2 * log_alpha)).sqrt()
+        return a, b, b / a
+    if family == "edm":
+        sigma = (p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64)).exp()
+        a = 1 / (1 + sigma**2).sqrt()
+        return a, sigma * a, sigma
+    raise ValueError(f"unknown ADDT family {family!r}; known: vp, edm")
+
+
+def addt_loss_family(unet: nn.Module, scheduler, classifier: nn.Module | None, x0: torch.Tensor, y: torch.Tensor, *,
+                     family: Literal["vp", "edm"], variant: str = "addt", iterations: int = 5,
+                     lambda_scale: float = 0.03, lambda_max: float = 0.3, beta_min: float = 0.1,
+                     beta_max: float = 20.0, t_eps: float = 1e-5, p_mean: float = -1.2, p_std: float = 1.2,
+                     sigma_data: float = 0.5, timestep_map: str = "interpolate",
+                     generator: torch.Generator | None = None, return_parts: bool = False):
+    """Paper 1's ADDT loss of one minibatch for the VP (DDPM++) or EDM family (``x0`` in [-1, 1]).
+
+    ``variant``: ``addt`` (CGPO + RBGM), ``cgpo_mse`` (CGPO on the denoising error) or
+    ``clean_finetune`` (the family's standard loss).  ``return_parts`` also returns the tensors
+    the loss was computed from (for tests).
+    """
+    from .continuous import NoiseLevelMap
+
+    if variant not in FAMILY_VARIANTS:
+        raise ValueError(f"ADDT variant {variant!r} is not implemented for the {family} family; "
+                         f"known: {', '.join(FAMILY_VARIANTS)}")
+    if variant == "addt" and classifier is None:
+        raise ValueError("variant 'addt' needs the classifier")
+    B = x0.shape[0]
+    view = (-1, *([1] * (x0.ndim - 1)))
+    a64, b64, sig64 = _family_noise_levels(family, B, generator, beta_min=beta_min, beta_max=beta_max, t_eps=t_eps,
+                                           p_mean=p_mean, p_std=p_std)
+    tmap = NoiseLevelMap(scheduler.alphas_cumprod, timestep_map)
+    t_net = torch.tensor([tmap(float(s)) for s in sig64], dtype=torch.float32, device=x0.device)
+    if timestep_map == "round":
+        t_net = t_net.long()
+    a, b = a64.to(x0).view(view), b64.to(x0).view(view)
+    lam = (lambda_scale * a64 / b64).clamp(0, lambda_max).to(x0).view(view)
+
+    def eps_theta(x):
+        return unet(x, t_net).sample
+
+    if variant == "clean_finetune":
+        delta = torch.zeros_like(x0)
+        lam = torch.zeros_like(lam)
+    else:
+        delta = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        G = torch.zeros_like(x0)
+        for _ in range(iterations):
+            e = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            d = delta.detach().requires_grad_(True)
+            x = a * x0 + b * ((1 - lam**2).sqrt() * e + lam * d)
+            e_hat = eps_theta(x)
+            if variant == "addt":
+                x0_hat = (x - b * e_hat) / a
+                loss = F.cross_entropy(classifier((x0_hat / 2 + 0.5).clamp(0, 1)), y, reduction="sum")
+            else:
+                loss = (e_hat - e).square().sum()
+            (g,) = torch.autograd.grad(loss, d)
+            G = G + g
+            delta = rbgm(G, generator)
+        delta = delta.detach()
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    target = (1 - lam**2).sqrt() * eps + lam * delta
+    x = a * x0 + b * target
+    err = (eps_theta(x) - target).square()
+    if family == "vp":
+        loss = err.mean()
+    else:
+        s = sig64.to(x0).view(view)
+        loss = ((s**2 + sigma_data**2) / sigma_data**2 * err).mean()
+    if return_parts:
+        return loss, dict(a=a, b=b, sigma=sig64, lam=lam, delta=delta, eps=eps, target=target, x=x, t_net=t_net)
+    return loss
