@@ -156,3 +156,31 @@ def test_measurement_and_cli(tmp_path, smoke):
     assert df["job"].iloc[-1] == "TOTAL" and df["device_hours"].iloc[-1] > 0
     assert df["measured_on"].str.startswith("cpu").all()
     assert len(df) == len(count_calls(smoke)) + 1
+
+
+@pytest.mark.parametrize("sampler, extra", [
+    ("ddpm", {}), ("ddim", {}),
+    ("vpsde", {"vpsde": {"steps": 7, "corrector": False}}),
+    ("vpsde", {"vpsde": {"steps": 5, "corrector": True}}),
+    ("edm", {"edm": {"steps": 6}}),
+])
+def test_network_calls_counts_what_each_family_really_calls(sampler, extra, tmp_path):
+    """The cost model's per-purification count equals the UNet calls the purifier makes."""
+    import torch
+
+    from dbprepro.config import validate_config
+    from dbprepro.cost import network_calls
+    from dbprepro.evaluation import build_purifier
+    from dbprepro.models.diffusion import build_scheduler, build_unet, save_diffusion
+    from dbprepro.randomness import Randomness
+
+    cfg = validate_config({"name": "t", "purification": {"sampler": sampler, "num_inference_steps": 100, **extra}})
+    pur = cfg["purification"]
+    d = tmp_path
+    save_diffusion(build_unet(8, 1, [8], attention=[False], norm_num_groups=4), build_scheduler(), d)
+    p = build_purifier(d, pur, "fixed_large", Randomness(0, "fixed"), torch.device("cpu"))
+    calls = []
+    p.unet.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        p(torch.rand(2, 1, 8, 8))
+    assert len(calls) == network_calls(pur) > 0

@@ -90,6 +90,19 @@ def chain_length(t_star: float, num_inference_steps: int, num_train_timesteps: i
     return sum(1 for i in range(n) if i * step <= t_start)
 
 
+def network_calls(purification: dict, num_train_timesteps: int = 1000) -> int:
+    """UNet calls of one purification for the configured sampler family: the DDPM/DDIM chain
+    length; VP-SDE ``steps`` (twice with the Langevin corrector); EDM Heun 2 ``steps`` - 1 (the
+    last step to sigma = 0 is an Euler step).  Tested against each purifier's own count."""
+    sampler = purification.get("sampler", "ddpm")
+    if sampler == "vpsde":
+        vp = purification["vpsde"]
+        return int(vp["steps"]) * (2 if vp["corrector"] else 1)
+    if sampler == "edm":
+        return 2 * int(purification["edm"]["steps"]) - 1
+    return chain_length(purification["t_star"], purification["num_inference_steps"], num_train_timesteps)
+
+
 def purify(S: int) -> Calls:
     return Calls(unet_fwd=S)
 
@@ -174,7 +187,7 @@ def n_train_images(cfg: dict) -> int:
 def count_calls(cfg: dict) -> list[Job]:
     """Every compute-heavy job of the DAG of the validated config ``cfg`` with its network calls."""
     pur, sch = cfg["purification"], cfg["diffusion"]["schedule"]
-    S = chain_length(pur["t_star"], pur["num_inference_steps"], sch["num_train_timesteps"])
+    S = network_calls(pur, sch["num_train_timesteps"])
     gm = pur.get("grad_mode", "exact")
     variants = cfg["addt"]["variants"] if cfg["addt"]["enabled"] else []
     defenses = ["vanilla", *variants]
