@@ -169,7 +169,8 @@ def test_workflow_description_names_the_config(spec, tmp_path):
 # -- the report of a real run ---------------------------------------------------------------------
 def embedded_results(html: str) -> dict:
     """The ``results`` object the HTML report embeds (path -> name, caption, mime type, data URI)."""
-    start = html.index("var results = ") + len("var results = ")
+    anchor = html.index('<script id="results">')  # the bundled JavaScript has a "var results" of its own
+    start = html.index("var results = ", anchor) + len("var results = ")
     results, _ = json.JSONDecoder().raw_decode(html[start:])
     return results
 
