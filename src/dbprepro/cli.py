@@ -134,6 +134,81 @@ def _add_cost_commands(sub) -> None:
     h.set_defaults(func=_cmd_sha256)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import ConfigError, deep_merge, load_yaml, threat_model, validate_config
+
+    cfg: dict = {}
+    for path in args.config:  # later files overlay earlier ones, as Snakemake's --configfile
+        cfg = deep_merge(cfg, load_yaml(path))
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return 2
+    from . import api
+    from .checkpoints import CheckpointError
+    from .data import load_split, make_digits_split
+    from .metrics import write_table
+    from .runtime import configure_torch, resolve_device
+
+    att, pur, ev = cfg["attacks"], cfg["purification"], cfg["evaluation"]
+    try:
+        device = resolve_device(args.device or cfg["device"])
+        configure_torch(threads=args.threads, deterministic=cfg["deterministic"])
+        tm = threat_model(att, args.threat or att["threat_models"][0]["name"])
+        data = Path(args.data)
+        if (data / "test.npz").is_file():  # the DAG's split, checked against its manifest
+            split = load_split(data / "test.npz", data / "split.json")
+            images, labels = split.images, split.labels
+        elif cfg["data"]["dataset"] == "digits":  # the same seeded split, built in memory
+            images, labels, _ = make_digits_split(cfg["data"]["test_fraction"], cfg["data"]["split_seed"])["test"]
+            import torch
+
+            images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        else:
+            raise FileNotFoundError(f"{data / 'test.npz'}: no test split (snakemake results/data/test.npz makes it)")
+        if not 1 <= args.n_images <= len(labels):
+            raise ValueError(f"--n-images must lie in [1, {len(labels)}], got {args.n_images}")
+        purifier = api.load_purifier(args.diffusion, t_star=pur["t_star"], num_inference_steps=pur["num_inference_steps"],
+                                     sampler=pur["sampler"], eta=pur["eta"], clip_output=pur["clip_output"],
+                                     variance_type=cfg["diffusion"]["schedule"]["variance_type"],
+                                     grad_mode=pur.get("grad_mode", "exact"), seed=cfg["seed"], device=device)
+        table = api.evaluate(api.load_classifier(args.classifier, device), purifier,
+                             images[: args.n_images].to(device), labels[: args.n_images], setting=args.setting,
+                             norm=tm["norm"], eps=tm["eps"], alpha=tm["alpha"], steps=att["pgd"]["steps"],
+                             eot=att["pgd"]["eot"], eval_draws=att["eval_draws"], random_draws=ev["random_draws"],
+                             fixed_configs=ev["fixed_configs"], seed=cfg["seed"], fixed_draw=att["fixed_draw"],
+                             bpda=args.attack == "bpda")
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"dbprepro evaluate: {e}", file=sys.stderr)
+        return 2
+    print(table.to_markdown(index=False, floatfmt=".4f"))
+    if args.csv:
+        write_table(table, args.csv)
+        print(f"written to {args.csv}")
+    return 0
+
+
+def _add_evaluate_command(sub) -> None:
+    e = sub.add_parser("evaluate", help="one configuration outside Snakemake: clean accuracy and one attack on a "
+                                        "few test images, printed as a table (nothing written unless --csv)")
+    e.add_argument("--config", nargs="+", default=["config.yaml"],
+                   help="config file(s), later overlaying earlier, e.g. config.yaml config/smoke.yaml [%(default)s]")
+    e.add_argument("--classifier", default="results/models/classifier", help="classifier folder [%(default)s]")
+    e.add_argument("--diffusion", default="results/models/diffusion/vanilla",
+                   help="diffusers folder of the purifier [%(default)s]")
+    e.add_argument("--data", default="results/data",
+                   help="folder with test.npz + split.json; without it the digits split is rebuilt [%(default)s]")
+    e.add_argument("--n-images", type=int, default=8, help="first N test images [%(default)s]")
+    e.add_argument("--threat", help="threat model name from attacks.threat_models [the first]")
+    e.add_argument("--setting", default="dwbox", choices=["whitebox", "whitebox_eot", "dwbox"], help="[%(default)s]")
+    e.add_argument("--attack", default="pgd", choices=["pgd", "bpda"], help="[%(default)s]")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], help="[the config's device]")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch's default]")
+    e.add_argument("--csv", help="also write the table to this CSV")
+    e.set_defaults(func=_cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dbprepro", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -163,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--results", default="results", help="results folder to inspect [%(default)s]")
     d.set_defaults(func=_cmd_doctor)
     _add_cost_commands(sub)
+    _add_evaluate_command(sub)
     return ap
 
 
