@@ -58,6 +58,22 @@ BAD = [
     ({"evaluation": {"random_draws": 0}}, "evaluation.random_draws"),
     ({"evaluation": {"confidence": 1.5}}, "evaluation.confidence"),
     ({"name": "has space"}, "name"),
+    # attacks and defenses (issue 8: every kind of bad input names its key)
+    ({"attacks": {"threat_models": [{"name": "linf", "norm": "linf", "eps": -0.1, "alpha": 0.05}]}},
+     "attacks.threat_models.0.eps"),
+    ({"attacks": {"threat_models": [{"name": "linf", "norm": "linf", "eps": 0, "alpha": 0.05}]}},
+     "attacks.threat_models.0.eps"),
+    ({"attacks": {"threat_models": [{"name": "linf", "norm": "linf", "eps": 255, "alpha": 0.05}]}},
+     "attacks.threat_models.0.eps"),
+    ({"attacks": {"threat_models": [{"name": "linf", "norm": "l1", "eps": 0.1, "alpha": 0.05}]}},
+     "attacks.threat_models.0.norm"),
+    ({"attacks": {"pgd": {"eot": 0}}}, "attacks.pgd.eot"),
+    ({"attacks": {"pgd": {"steps": "20"}}}, "attacks.pgd.steps"),
+    ({"attacks": {"shards": 1000}}, "attacks.shards"),
+    ({"attacks": {"settings": ["whitebox", "blackbox"]}}, "attacks.settings"),
+    ({"attacks": {"autoattack": {"versions": ["plus"]}}}, "attacks.autoattack.versions"),
+    ({"addt": {"variants": ["addt", "diffpure"]}}, "addt.variants"),
+    ({"attacks": {"pgd": {"eot_samples": 10}}}, "eot_samples"),
 ]
 
 
