@@ -1,4 +1,4 @@
-"""The ``dbprepro`` command line: purify images, check configs, inspect the environment."""
+"""The ``dbprepro`` command line: purify images, check configs, inspect the environment, pull artifacts."""
 
 from __future__ import annotations
 
@@ -77,6 +77,28 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     for k, v in info.items():
         print(f"{k:>26}: {v}")
     return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .artifacts import ArtifactError, format_status, job_stats, pull
+
+    try:
+        rep = pull(args.repo, remote=args.remote, targets=args.targets, configfiles=args.configfile or (),
+                   snakefile=args.snakefile, force=args.force, touch=not args.no_touch)
+    except ArtifactError as e:
+        print(f"dbprepro pull: {e}", file=sys.stderr)
+        return 2
+    print(f"pulled from DVC remote {rep.remote!r} ({rep.url})")
+    print("artifacts match dvc.lock" if not rep.status else f"adopted despite:\n{format_status(rep.status)}")
+    if args.no_touch:
+        return 0
+    print(f"snakemake --touch adopted the outputs of: {', '.join(rep.touched) or 'no job (already up to date)'}")
+    if rep.up_to_date:
+        print("snakemake -n: nothing to be done")
+        return 0
+    print("snakemake -n still has jobs to run (outputs not versioned or not pulled; `snakemake -n` shows why):\n"
+          + (job_stats(rep.dry_run) or rep.dry_run[-3000:]), file=sys.stderr)
+    return 1
 
 
 def _cmd_estimate_cost(args: argparse.Namespace) -> int:
@@ -239,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_doctor)
     _add_cost_commands(sub)
     _add_evaluate_command(sub)
+
+    u = sub.add_parser("pull", help="dvc pull the recorded artifacts, check them against dvc.lock and let "
+                                    "Snakemake adopt them (snakemake --touch: nothing is retrained)")
+    u.add_argument("targets", nargs="*", help="DVC outs to pull (default: all of dvc.lock)")
+    u.add_argument("--remote", "-r", help="DVC remote [the default remote of .dvc/config]")
+    u.add_argument("--configfile", nargs="+", help="Snakemake config file(s) of the pulled run [config.yaml]")
+    u.add_argument("--snakefile", help="Snakefile [./Snakefile]")
+    u.add_argument("--repo", default=".", help="repository root [%(default)s]")
+    u.add_argument("--force", action="store_true",
+                   help="adopt the artifacts even if dvc status reports changes against dvc.lock")
+    u.add_argument("--no-touch", action="store_true", help="only dvc pull + check, leave mtimes alone")
+    u.set_defaults(func=_cmd_pull)
     return ap
 
 
