@@ -215,3 +215,137 @@ def test_provenance_path_of_a_job_with_wildcards():
 
     p = provenance_path("attack", {"defense": "vanilla", "shard": 1}, ["results/attacks/x/shard1.records.parquet"])
     assert p == Path("results/provenance/attack/defense=vanilla,shard=1.json")
+
+
+# -- the DAG: SIGKILL mid-way, and a failing shard -----------------------------------------------------
+RUN = "results/attacks/vanilla/linf/dwbox/pgd"  # 2 shards of one batch each in the smoke config
+SHARD_FILES = ("records.parquet", "trace.parquet", "paths.npz", "adv.npz")
+
+
+def _without_the_attack_run(smoke_run, tmp_path) -> Path:
+    """A copy of the finished smoke run (metadata included) without one attack run's outputs:
+    what is left to do is its two shard jobs and their merge."""
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(smoke_run, work, symlinks=True)
+    shutil.rmtree(work / RUN)
+    for rec in (work / "results" / "provenance").glob("*attack/*setting=dwbox,attack=pgd*"):
+        if "defense=vanilla,threat=linf" in rec.name:
+            rec.unlink()
+    return work
+
+
+def _assert_same_as_uninterrupted(work, smoke_run):
+    for name in ("records.parquet", "trace.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(work / RUN / name), pd.read_parquet(smoke_run / RUN / name),
+                                      check_exact=True)
+    for name in ("adv.npz", "paths.npz"):
+        with np.load(work / RUN / name) as a, np.load(smoke_run / RUN / name) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for k in a.files:
+                assert np.array_equal(a[k], b[k]), (name, k)
+
+
+def _job_processes(work: Path) -> list[int]:
+    """Pids of live processes whose working directory is ``work`` (the run's jobs)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if Path(os.readlink(proc / "cwd")) == work:
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _wait_for(condition, timeout: float, what: str, proc=None, log=None) -> None:
+    """Poll ``condition`` (an event in files the run writes) until true, else fail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"snakemake exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:] if log else ''}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{log.read_text()[-4000:] if log else ''}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_attack_then_rerun_finishes_identically_without_redoing_shards(smoke_run, tmp_path):
+    from smoke import ROOT, job_counts, snakemake, snakemake_command
+
+    work = _without_the_attack_run(smoke_run, tmp_path)
+    target = f"{RUN}/records.parquet"
+    # shard 1 writes its first output, then hangs: a job killed half-way through its outputs
+    cmd, env = snakemake_command(work, target)
+    env[faults.ENV] = "attack:defense=vanilla,setting=dwbox,shard=1:hang"
+    log = tmp_path / "snakemake.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        shard = work / RUN
+        # shard 0 done (Snakemake reports its first finished step; shard 1 cannot finish) and shard 1 half-written
+        _wait_for(lambda: (shard / "shard1.records.parquet").exists() and "1 of 3 steps" in log.read_text(),
+                  timeout=600, what="shard 0 to finish and shard 1 to hang", proc=proc, log=log)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and its jobs, as when a node goes away
+        except ProcessLookupError:  # it had exited already (the wait above failed)
+            pass
+        proc.wait()
+    _wait_for(lambda: not _job_processes(work), timeout=30, what="the killed jobs to disappear")
+    assert (shard / "shard1.records.parquet").exists() and not (shard / "shard1.adv.npz").exists()
+    assert not (shard / "records.parquet").exists()
+    assert not (work / "results" / "provenance" / "attack" /
+                "defense=vanilla,threat=linf,setting=dwbox,attack=pgd,shard=1.json").exists()
+    done = {f: (shard / f"shard0.{f}").stat().st_mtime_ns for f in SHARD_FILES}
+
+    # shard 1's half-written output is not taken as complete: a plain rerun stops and names it ...
+    r = snakemake(work, target)
+    assert r.returncode != 0 and "IncompleteFilesException" in r.stderr, r.stdout[-3000:] + r.stderr[-5000:]
+    assert f"{RUN}/shard1.records.parquet" in r.stderr and "--rerun-incomplete" in r.stderr
+    # ... and after `--unlock` (the killed run's lock is left behind) the rerun it asks for redoes
+    # shard 1 only, keeping shard 0
+    r = snakemake(work, "--unlock")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = snakemake(work, "--rerun-incomplete", target)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    jobs = job_counts(r.stdout + r.stderr)
+    assert jobs == {"attack": 1, "merge_attack": 1}, jobs
+    assert {f: (shard / f"shard0.{f}").stat().st_mtime_ns for f in SHARD_FILES} == done
+    _assert_same_as_uninterrupted(work, smoke_run)
+    assert not list(shard.glob(".*.tmp"))
+    rec = json.loads((work / "results" / "provenance" / "attack" /
+                      "defense=vanilla,threat=linf,setting=dwbox,attack=pgd,shard=1.json").read_text())
+    assert rec["runtime"]["threads"] == 1 and rec["runtime"]["deterministic_algorithms"] is True
+    assert rec["seed"] == 0 and rec["wildcards"]["shard"] == "1"
+    from dbprepro.data import sha256_file
+
+    assert rec["outputs"][f"{RUN}/shard1.adv.npz"] == sha256_file(shard / "shard1.adv.npz")
+
+
+@pytest.mark.slow
+def test_a_shard_out_of_memory_fails_loudly_others_continue_and_rerun_completes_only_it(smoke_run, tmp_path):
+    from smoke import job_counts, snakemake
+
+    work = _without_the_attack_run(smoke_run, tmp_path)
+    target = f"{RUN}/records.parquet"
+    env = dict(os.environ, **{faults.ENV: "attack:defense=vanilla,setting=dwbox,shard=1:oom"})
+    r = snakemake(work, "--keep-going", target, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    # loud: the failing job is named and its log is shown, with the error and its traceback
+    assert "Error in rule attack" in out and "shard1.log" in out
+    assert "simulated out of memory" in out and "Traceback" in out and "FAILED" in out
+    shard = work / RUN
+    assert all((shard / f"shard0.{f}").exists() for f in SHARD_FILES)  # the other shard went on
+    assert not any((shard / f"shard1.{f}").exists() for f in SHARD_FILES)
+    assert not (shard / "records.parquet").exists()
+    done = {f: (shard / f"shard0.{f}").stat().st_mtime_ns for f in SHARD_FILES}
+
+    r = snakemake(work, target)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert job_counts(r.stdout + r.stderr) == {"attack": 1, "merge_attack": 1}
+    assert {f: (shard / f"shard0.{f}").stat().st_mtime_ns for f in SHARD_FILES} == done
+    _assert_same_as_uninterrupted(work, smoke_run)
