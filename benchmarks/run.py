@@ -172,9 +172,10 @@ def time_gradient_modes(model: str, k: int, batch: int, reps: int, modes=("exact
     torch.set_num_threads(1)
     p, step = gradient_problem(model, k, batch)
     times: dict[str, list[float]] = {m: [] for m in modes}
-    for m in modes:  # warm-up
-        p.grad_mode = m
-        step()
+    if reps > 1:  # warm-up (skipped for the slow paper-size cases, where it is negligible)
+        for m in modes:
+            p.grad_mode = m
+            step()
     for _ in range(reps):
         for m in modes:
             p.grad_mode = m
