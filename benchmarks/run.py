@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run.py --only gradients,overhead
     .venv/bin/python benchmarks/run.py --dag smoke     # also time a cold DAG run (smoke or default)
 
-Writes ``results/benchmarks/<comparison>.csv`` and ``results/benchmarks/summary.md`` (each target,
+Writes ``results/benchmarks/suite/<comparison>.csv`` and ``results/benchmarks/suite/summary.md`` (each target,
 the measured figure, met or not) plus ``scaling.png``.  Not a pass/fail test: the numbers are
 measurements of this machine, medians over repetitions.  Within one comparison the contenders run
 interleaved in the same process (time) or in fresh child processes of the same script (peak
@@ -513,7 +513,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, in seconds")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(COMPARISONS)}")
-    ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "suite"))
     ap.add_argument("--models", default=str(ROOT / "results" / "models"), help="trained digits models, if any")
     ap.add_argument("--dag", choices=["smoke", "default"], help="also time a cold DAG run of this config")
     ap.add_argument("--child", help=argparse.SUPPRESS)
