@@ -41,16 +41,21 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from .config import ConfigError, deep_merge, load_yaml, validate_config
+def _configs(paths) -> dict | None:
+    """The validated overlay of config files (later ones win, as Snakemake's --configfile), or
+    None after printing why it is invalid."""
+    from .config import ConfigError, load_configs
 
-    cfg: dict = {}
-    for path in args.configs:
-        cfg = deep_merge(cfg, load_yaml(path))
     try:
-        validate_config(cfg)
+        return load_configs(paths)
     except ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
+        return None
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _configs(args.configs)
+    if cfg is None:
         return 2
     print(json.dumps(cfg, indent=2, sort_keys=True) if args.show else "configuration is valid")
     return 0
@@ -102,16 +107,10 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate_cost(args: argparse.Namespace) -> int:
-    from .config import ConfigError, deep_merge, load_yaml, validate_config
     from .cost import run_estimate
 
-    cfg: dict = {}
-    for path in args.config:  # later files overlay earlier ones, as Snakemake's --configfile
-        cfg = deep_merge(cfg, load_yaml(path))
-    try:
-        validate_config(cfg)
-    except ConfigError as e:
-        print(f"invalid configuration: {e}", file=sys.stderr)
+    cfg = _configs(args.config)
+    if cfg is None:
         return 2
     print(run_estimate(cfg, device=args.device, batch_size=args.batch_size, repeats=args.repeats, csv=args.csv,
                        threads=args.threads))
@@ -157,15 +156,10 @@ def _add_cost_commands(sub) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import ConfigError, deep_merge, load_yaml, threat_model, validate_config
+    from .config import ConfigError, threat_model
 
-    cfg: dict = {}
-    for path in args.config:  # later files overlay earlier ones, as Snakemake's --configfile
-        cfg = deep_merge(cfg, load_yaml(path))
-    try:
-        validate_config(cfg)
-    except ConfigError as e:
-        print(f"invalid configuration: {e}", file=sys.stderr)
+    cfg = _configs(args.config)
+    if cfg is None:
         return 2
     from . import api
     from .checkpoints import CheckpointError
