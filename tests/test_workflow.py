@@ -5,7 +5,7 @@ import re
 import pandas as pd
 import pytest
 
-from smoke import ROOT, read_tables, snakemake
+from smoke import ROOT, job_counts, read_tables, snakemake
 
 
 def test_lint_is_clean(tmp_path):
@@ -20,18 +20,6 @@ def test_default_dag_resolves(tmp_path):
     out = r.stdout + r.stderr
     for rule in ("prepare_data", "train_classifier", "train_diffusion", "evaluate_clean", "table_clean_accuracy"):
         assert rule in out
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Rule -> job count from Snakemake's 'Job stats' table."""
-    lines = output[output.index("Job stats"):].splitlines()[3:]
-    counts = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit() or parts[0] == "total":
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def test_one_figure_target_builds_only_what_it_needs(tmp_path):

@@ -278,18 +278,7 @@ def download_url(url: str, sha256: str | None, dest: str | Path, timeout: float 
         verify_file(dest, expected)
         log.info("%s: present and verified, not downloaded", dest)
         return dest
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https", "file"):
-        raise CheckpointError(f"{url}: unsupported URL scheme {scheme!r} (http, https or file)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    request = urllib.request.Request(url, headers={"User-Agent": "dbprepro"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not download {url} to {dest}: {e}") from e
+    tmp = download_url_unverified(url, dest, timeout)
     try:
         verify_file(tmp, expected)
     except CheckpointError as e:
