@@ -81,9 +81,8 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .purification import (Purifier, Trajectory, _ExactChain, check_images, default_ids,
+from .purification import (Purifier, ReverseChain, Trajectory, check_images, default_ids,
                            start_timestep)
 from .randomness import Randomness, Stream
 
@@ -127,7 +126,7 @@ def edm_sigma(alpha_bar: float) -> float:
     return math.sqrt((1 - alpha_bar) / alpha_bar)
 
 
-class _FamilyPurifier(nn.Module):
+class _FamilyPurifier(ReverseChain):
     """What the VP-SDE and EDM purifiers share: the API of :class:`Purifier` on top of
     ``diffuse`` / ``reverse_step`` / ``timesteps`` (the keys of the reverse steps, 0..n-1)."""
 
@@ -170,31 +169,6 @@ class _FamilyPurifier(nn.Module):
         dtype = torch.float32 if self.net_time.mode == "interpolate" else torch.long
         tt = torch.full((x_vp.shape[0],), t, device=x_vp.device, dtype=dtype)
         return self.unet(x_vp, tt).sample
-
-    def _eps_checkpointed(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        return checkpoint(self.eps, x, sigma, use_reentrant=False)
-
-    # -- the chain ------------------------------------------------------------------------------
-    def denoise(self, x_t: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and x_t.requires_grad):
-            with torch.no_grad():
-                return self._run_chain(x_t, ids, draws)
-        if self.grad_mode == "exact":
-            return _ExactChain.apply(x_t, self, ids, draws)
-        if self.grad_mode == "adjoint":
-            return self._adjoint_chain(x_t, ids, draws)
-        eps_fn = self._eps_checkpointed if self.grad_mode == "checkpoint" else None
-        return self._run_chain(x_t, ids, draws, eps_fn=eps_fn)
-
-    def _run_chain(self, x, ids, draws, eps_fn=None, keep_states: list | None = None):
-        for k in self.timesteps:
-            if keep_states is not None:
-                keep_states.append(x)
-            x = self.reverse_step(x, k, ids, draws, eps_fn=eps_fn)
-        return x
-
-    def _adjoint_chain(self, x_t, ids, draws):  # pragma: no cover - only VP-SDE allows the mode
-        raise NotImplementedError
 
     def _draws(self, x, ids, draws):
         check_images(x)

@@ -53,7 +53,39 @@ def start_timestep(t_star: float, num_train_timesteps: int) -> int:
     return min(int(round(float(t_star) * num_train_timesteps)), num_train_timesteps - 1)
 
 
-class Purifier(nn.Module):
+class ReverseChain(nn.Module):
+    """The reverse chain and its gradient modes, shared by every purifier family (DDPM/DDIM here,
+    VP-SDE and EDM in :mod:`dbprepro.continuous`).  A subclass provides ``eps(x, level)``,
+    ``reverse_step(x, key, ids, draws, eps_fn=None)``, ``timesteps`` (the step keys, in order)
+    and ``grad_mode``; ``_adjoint_chain`` where it offers ``grad_mode="adjoint"``."""
+
+    def _eps_checkpointed(self, x: torch.Tensor, level) -> torch.Tensor:
+        return checkpoint(self.eps, x, level, use_reentrant=False)
+
+    def denoise(self, x_t: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The reverse chain from x_{t*} to x_0 (model space), with the configured gradient."""
+        if not (torch.is_grad_enabled() and x_t.requires_grad):
+            with torch.no_grad():
+                return self._run_chain(x_t, ids, draws)
+        if self.grad_mode == "exact":
+            return _ExactChain.apply(x_t, self, ids, draws)
+        if self.grad_mode == "adjoint":
+            return self._adjoint_chain(x_t, ids, draws)
+        eps_fn = self._eps_checkpointed if self.grad_mode == "checkpoint" else None
+        return self._run_chain(x_t, ids, draws, eps_fn=eps_fn)
+
+    def _adjoint_chain(self, x_t, ids, draws):
+        raise ValueError(f"grad_mode 'adjoint' is not available for {type(self).__name__}")
+
+    def _run_chain(self, x, ids, draws, eps_fn=None, keep_states: list | None = None):
+        for key in self.timesteps:
+            if keep_states is not None:
+                keep_states.append(x)
+            x = self.reverse_step(x, key, ids, draws, eps_fn=eps_fn)
+        return x
+
+
+class Purifier(ReverseChain):
     """Diffuse to t*, then denoise back with the reverse chain (see the module docstring).
 
     Args:
@@ -165,26 +197,6 @@ class Purifier(nn.Module):
         """The network's noise prediction eps_theta(x, t)."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         return self.unet(x, tt).sample
-
-    def _eps_checkpointed(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        return checkpoint(self.eps, x, t, use_reentrant=False)
-
-    def denoise(self, x_t: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """The reverse chain from x_{t*} to x_0 (model space), with the configured gradient."""
-        if not (torch.is_grad_enabled() and x_t.requires_grad):
-            with torch.no_grad():
-                return self._run_chain(x_t, ids, draws)
-        if self.grad_mode == "exact":
-            return _ExactChain.apply(x_t, self, ids, draws)
-        eps_fn = self._eps_checkpointed if self.grad_mode == "checkpoint" else None
-        return self._run_chain(x_t, ids, draws, eps_fn=eps_fn)
-
-    def _run_chain(self, x, ids, draws, eps_fn=None, keep_states: list | None = None):
-        for t in self.timesteps:
-            if keep_states is not None:
-                keep_states.append(x)
-            x = self.reverse_step(x, t, ids, draws, eps_fn=eps_fn)
-        return x
 
     # -- the API ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None,
