@@ -26,6 +26,6 @@ def smoke_run(tmp_path_factory):
     from smoke import snakemake
 
     workdir = tmp_path_factory.mktemp("smoke") / "run"
-    r = snakemake(workdir, "--show-failed-logs")
+    r = snakemake(workdir, "--show-failed-logs", timeout=3600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return workdir
