@@ -93,3 +93,28 @@ def test_load_purifier_refuses_unpinned_hub_ids_and_broken_folders(tmp_path, tin
     (tmp_path / "clf" / "model.safetensors").write_bytes(b"<!doctype html><html>quota exceeded</html>")
     with pytest.raises(api.CheckpointError, match="clf"):
         api.load_classifier(tmp_path / "clf")
+
+
+def test_the_readme_library_block_runs_as_written(tmp_path, monkeypatch):
+    """README's "Use it as a library" code block, executed verbatim against stand-in models saved
+    where the pipeline saves its own (results/models/...)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Use it as a library"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from api_example import tiny_models
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    diffusion, classifier = tiny_models(tmp_path)
+    (tmp_path / "results" / "models" / "diffusion").mkdir(parents=True)
+    diffusion.rename(tmp_path / "results" / "models" / "diffusion" / "vanilla")
+    classifier.rename(tmp_path / "results" / "models" / "classifier")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["x_pur"].shape == scope["images"].shape
+    assert torch.equal(scope["x_pur"], api.purify(scope["purifier"], scope["images"], seed=0, mode="fixed"))
+    assert 0.0 <= scope["report"].robust_accuracy("single") <= 1.0
