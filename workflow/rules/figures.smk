@@ -57,10 +57,9 @@ rule figure_p1_fig1_attack_trajectories:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule figure_p1_fig2_loss_landscape:
@@ -84,10 +83,9 @@ rule figure_p1_fig2_loss_landscape:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule figure_p1_fig3_robustness_bars:
@@ -114,10 +112,9 @@ rule figure_p1_fig3_robustness_bars:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule rbgm_samples:
@@ -164,7 +161,6 @@ rule figure_p1_fig5_rbgm:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
