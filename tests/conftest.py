@@ -18,6 +18,24 @@ def tiny_diffusion():
     return unet.eval(), build_scheduler()
 
 
+@pytest.fixture
+def stage_inputs(tiny_diffusion, tmp_path):
+    """What a model stage reads, on disk in ``tmp_path``: the digits split, the tiny diffusion
+    model (``diffusion/``) and a small untrained classifier (``clf/``); returns the paths by name."""
+    from dbprepro.data import prepare_split
+    from dbprepro.models.classifiers import SmallCNN, save_classifier
+    from dbprepro.models.diffusion import save_diffusion
+
+    paths = {"train": tmp_path / "train.npz", "test": tmp_path / "test.npz", "manifest": tmp_path / "split.json",
+             "diffusion": tmp_path / "diffusion", "classifier": tmp_path / "clf"}
+    prepare_split("digits", {"train": paths["train"], "test": paths["test"]}, paths["manifest"], test_fraction=0.2,
+                  seed=0)
+    save_diffusion(*tiny_diffusion, paths["diffusion"])
+    torch.manual_seed(0)
+    save_classifier(SmallCNN(width=8, hidden=16), "small_cnn", {"width": 8, "hidden": 16}, paths["classifier"])
+    return {k: str(v) for k, v in paths.items()}
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """A finished local run of the smoke configuration (``--cores 2``), shared by every test that

@@ -339,6 +339,11 @@ class VPSDEPurifier(_FamilyPurifier):
     def _grid_sigmas(self):
         return [self.sigma_edm(self.time(k)) for k in range(self.steps + 1)]
 
+    @property
+    def num_network_calls(self) -> int:
+        """UNet evaluations of one purification: one per step, two with the corrector."""
+        return self.steps * (2 if self.corrector else 1)
+
     # -- adjoint --------------------------------------------------------------------------------
     def _adjoint_chain(self, x_t, ids, draws):
         import torchsde
@@ -514,27 +519,15 @@ def make_purifier(unet: nn.Module, scheduler, purification: dict, randomness: Ra
 def adjoint_agreement(purifier: VPSDEPurifier, x: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor | None = None, draws: torch.Tensor | None = None) -> dict:
     """Gradient of ``sum(purifier(x) * weights)`` w.r.t. ``x`` by the adjoint and by the exact
-    step-wise method, on the same draws: relative L2 error, cosine, and the forward mismatch."""
-    ids = default_ids(x, ids)
-    if draws is None:
-        draws = purifier.randomness.next_draws(ids)
-    saved = purifier.grad_mode
-    grads, outs = {}, {}
-    try:
-        for mode in ("exact", "adjoint"):
-            purifier.grad_mode = mode
-            xx = x.detach().clone().requires_grad_(True)
-            out = purifier(xx, ids=ids, draws=draws)
-            (grads[mode],) = torch.autograd.grad((out * weights).sum(), xx)
-            outs[mode] = out.detach()
-    finally:
-        purifier.grad_mode = saved
-    ge, ga = grads["exact"].flatten(), grads["adjoint"].flatten()
+    step-wise method, on the same draws: relative L2 error, cosine, and the forward mismatch
+    (:func:`dbprepro.gradients.mode_gradients`, as every gradient-mode comparison)."""
+    from .gradients import gradient_agreement, mode_gradients
+
+    res = mode_gradients(purifier, x, lambda out: (out * weights).sum(), ("exact", "adjoint"), ids=ids, draws=draws)
+    agree = gradient_agreement(res["adjoint"]["grad"], res["exact"]["grad"])
     return {
         "steps": purifier.steps, "dt": purifier.dt,
-        "rel_error": float((ga - ge).norm() / ge.norm()),
-        "cosine": float(torch.nn.functional.cosine_similarity(ga, ge, dim=0)),
-        "norm_ratio": float(ga.norm() / ge.norm()),
-        "forward_max_abs_diff": float((outs["adjoint"] - outs["exact"]).abs().max()),
-        "grad_exact": grads["exact"], "grad_adjoint": grads["adjoint"],
+        "rel_error": agree["rel_error"], "cosine": agree["cosine"], "norm_ratio": agree["norm_ratio"],
+        "forward_max_abs_diff": float((res["adjoint"]["out"] - res["exact"]["out"]).abs().max()),
+        "grad_exact": res["exact"]["grad"], "grad_adjoint": res["adjoint"]["grad"],
     }
