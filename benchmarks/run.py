@@ -430,8 +430,10 @@ def plot_scaling(df, path: Path) -> None:
     plt.close(fig)
 
 
-def bench_dag(q: bool, out: Path, which: str | None) -> tuple[list[dict], list[dict]]:
-    """Wall time of a cold DAG run in a fresh directory, and per-rule times from its benchmark files."""
+def bench_dag(q: bool, out: Path, which: str | None, workdir: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Wall time of a cold DAG run in a fresh directory (``workdir``: one without results/ or
+    .snakemake/, e.g. a fresh clone, whose results DVC can then record; default a new temporary
+    directory), and per-rule times from its benchmark files."""
     import tempfile
 
     import pandas as pd
@@ -439,7 +441,13 @@ def bench_dag(q: bool, out: Path, which: str | None) -> tuple[list[dict], list[d
     if not which:
         return [], []
     configs = [str(ROOT / "config.yaml")] + ([str(ROOT / "config" / "smoke.yaml")] if which == "smoke" else [])
-    work = Path(tempfile.mkdtemp(prefix=f"dbprepro-dag-{which}-"))
+    if workdir:
+        work = Path(workdir).resolve()
+        stale = [d for d in ("results", ".snakemake") if (work / d).exists()]
+        if stale:
+            raise RuntimeError(f"--dag-workdir {work} is not cold: it has {', '.join(stale)}")
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f"dbprepro-dag-{which}-"))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(work),
            "--cores", "2", "--configfile", *configs]
     t = time.perf_counter()
@@ -516,6 +524,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "suite"))
     ap.add_argument("--models", default=str(ROOT / "results" / "models"), help="trained digits models, if any")
     ap.add_argument("--dag", choices=["smoke", "default"], help="also time a cold DAG run of this config")
+    ap.add_argument("--dag-workdir", help="run the cold DAG there (no results/ or .snakemake/ yet) instead of a "
+                                          "temporary directory")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-args", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -535,7 +545,7 @@ def main(argv=None) -> int:
         "eot": lambda: bench_eot(args.quick, out, Path(args.models)),
         "overhead": lambda: bench_overhead(args.quick, out),
         "scaling": lambda: bench_scaling(args.quick, out),
-        "dag": lambda: bench_dag(args.quick, out, args.dag),
+        "dag": lambda: bench_dag(args.quick, out, args.dag, args.dag_workdir),
         "cost": lambda: bench_cost(args.quick, out),
     }
     for name in only:

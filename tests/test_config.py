@@ -92,3 +92,51 @@ def test_load_config_applies_overrides(tmp_path):
     p.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p)
+
+
+# -- paper 1's purifier families (issue 9) --------------------------------------------------------
+FAMILY_BAD = [
+    ({"families": {"names": ["heun"]}}, "families.names"),
+    ({"families": {"names": ["edm"], "threat_models": ["l3"]}}, "families.threat_models"),
+    ({"families": {"names": ["edm"], "n_images": 1000}}, "families.n_images"),
+    ({"families": {"names": ["edm"], "n_images": 8}, "attacks": {"shards": 2, "batch_size": 8}}, "families.n_images"),
+    ({"families": {"names": ["edm"]}, "addt": {"variants": ["clean_finetune"]}}, "families.addt"),
+    ({"families": {"own_addt": ["ddim"]}}, "families.own_addt"),
+]
+
+
+@pytest.mark.parametrize("override, key", FAMILY_BAD, ids=[k for _, k in FAMILY_BAD])
+def test_malformed_family_configs_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(default(**override))
+
+
+def test_family_defenses_weights_and_sections():
+    from dbprepro.config import (attack_runs, defense_attacks, defense_family, defense_purification,
+                                 defense_weights, family_defenses, own_addt_defenses)
+
+    cfg = validate_config(default(families={"names": ["ddim", "vpsde", "edm"], "own_addt": ["edm"], "n_images": 32,
+                                            "settings": ["dwbox"]}))
+    assert family_defenses(cfg) == ["ddim", "ddim_addt", "vpsde", "vpsde_addt", "edm", "edm_addt"]
+    assert own_addt_defenses(cfg) == ["edm_addt"]
+    # vanilla weights for f, the family's own ADDT weights where trained, else the DDPM-loss ADDT
+    assert [defense_weights(cfg, d) for d in family_defenses(cfg)] == [
+        "vanilla", "addt", "vanilla", "addt", "vanilla", "edm_addt"]
+    assert defense_weights(cfg, "addt_no_rbgm") == "addt_no_rbgm"
+    assert defense_family(cfg, "vanilla") == defense_family(cfg, "addt") == cfg["purification"]["sampler"] == "ddpm"
+    pur = defense_purification(cfg, "vpsde_addt")
+    assert pur["sampler"] == "vpsde" and pur["t_star"] == cfg["purification"]["t_star"]
+    assert cfg["purification"]["sampler"] == "ddpm"  # not modified in place
+    assert defense_attacks(cfg, "edm")["n_images"] == 32
+    assert defense_attacks(cfg, "vanilla")["n_images"] == cfg["attacks"]["n_images"]
+    runs = attack_runs(cfg)
+    assert [r for r in runs if r[0] in family_defenses(cfg)] == [
+        (d, "linf", "dwbox", "pgd") for d in family_defenses(cfg)]
+    # without the addt variant, no f_addt defenses (families.addt false)
+    off = validate_config(default(families={"names": ["edm"], "addt": False}, addt={"variants": ["clean_finetune"]}))
+    assert family_defenses(off) == ["edm"]
+    assert family_defenses(validate_config(default(families={"names": []}))) == []
+    # the main sampler is the defense vanilla: listed among the families, it is skipped there
+    assert family_defenses(validate_config(default(families={"names": ["ddpm", "edm"]}))) == ["edm", "edm_addt"]
+    as_edm = validate_config(default(purification={"sampler": "edm"}, families={"names": ["vpsde", "edm"]}))
+    assert family_defenses(as_edm) == ["vpsde", "vpsde_addt"]

@@ -44,8 +44,10 @@ def test_chain_length_matches_the_purifier():
 def test_the_jobs_of_the_smoke_dag(jobs):
     # 12 attack runs: undefended; vanilla x 3 settings; BPDA; AutoAttack x 2; 2 ADDT variants x 2
     # settings; paper 2's fixed configuration 1 (configuration 0 is the dwbox run)
+    # + paper 1's families (config.yaml: vpsde, edm): f and f_addt x whitebox_eot, dwbox
     attacks = sorted(j for j in jobs if j.startswith("attack/"))
-    assert len(attacks) == 12 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    assert len(attacks) == 12 + 8 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    assert {j.split("/")[1] for j in attacks} >= {"vpsde", "vpsde_addt", "edm", "edm_addt"}
     assert "attack/vanilla/linf/dwbox_c0/pgd" not in attacks
     assert {j.split("/")[0] for j in jobs} == {"train_classifier", "train_diffusion", "train_addt", "evaluate_clean",
                                                "attack", "loss_landscape", "p2_lp_distances", "p2_randomness",
@@ -77,6 +79,13 @@ HAND = {
     # ADDT: 4 steps x batch 16; 2 CGPO iterations (UNet + classifier gradient) + 1 training pass
     "train_addt/addt": calls(unet_grad=64 * 2, clf_grad=64 * 2, unet_train=64),
     "train_addt/clean_finetune": calls(unet_train=64),
+    "train_addt/edm_addt": calls(unet_grad=64 * 2, clf_grad=64 * 2, unet_train=64),  # EDM's own ADDT loss
+    # the families (families.n_images 16): VP-SDE 5 Euler-Maruyama steps = 5 calls, EDM 3 Heun steps = 5
+    "attack/vpsde/linf/dwbox/pgd": calls(unet_fwd=16 * (4 * 5 + 5), unet_grad=16 * 4 * 5, clf_grad=16 * 4,
+                                         clf_fwd=16),
+    "attack/edm_addt/linf/whitebox_eot/pgd": calls(unet_fwd=16 * (8 * 5 + 3 * 5), unet_grad=16 * 8 * 5,
+                                                   clf_grad=16 * 8, clf_fwd=16 * 3),
+    "evaluate_clean/edm": calls(unet_fwd=48 * 4 * 5, clf_fwd=48 * 5),
     "train_classifier": calls(clf_train=5 * 1438),  # 5 epochs x (1797 - 359) images
     "train_diffusion": calls(unet_train=300 * 64),
     # 48 images x (classifier alone + 2 random + 2 fixed defended forwards)

@@ -84,3 +84,41 @@ def test_main_table_rows_and_clean_accuracy_source():
     assert (t["clean_accuracy"] == 0.75).all()  # dwbox: clean accuracy of the attacked fixed configuration
     rec["setting"] = "whitebox_eot"
     assert (p1_main_table([rec], {"vanilla": clean})["clean_accuracy"] == 1.0).all()
+
+
+def _main_rows(defense, setting, n, k, clean=0.9):
+    from dbprepro.metrics import wilson_interval
+
+    lo, hi = wilson_interval(k, n, 0.95)
+    return [{"defense": defense, "threat": "linf", "norm": "linf", "eps": 0.2, "setting": setting, "attack": "pgd",
+             "evaluation": ev, "n_images": n, "clean_accuracy": clean,
+             "robust_accuracy": (k if ev == "single" else 0) / n, "ci_low": lo, "ci_high": hi,
+             "mean_linf": 0.2, "mean_l2": 1.0} for ev in ("single", "mean", "worst", "vote")]
+
+
+def test_families_and_ablation_tables_pick_the_single_evaluation_rows(tmp_path):
+    from dbprepro.robustness import write_p1_ablation_table, write_p1_families_table
+
+    rows = (_main_rows("vanilla", "whitebox_eot", 64, 22) + _main_rows("vanilla", "dwbox", 64, 14)
+            + _main_rows("addt", "whitebox_eot", 64, 26) + _main_rows("addt", "dwbox", 64, 19)
+            + _main_rows("edm", "whitebox_eot", 32, 12) + _main_rows("edm", "dwbox", 32, 5)
+            + _main_rows("edm_addt", "dwbox", 32, 9)  # no whitebox_eot run: its columns stay empty
+            + _main_rows("edm", "whitebox", 32, 30))  # a setting the table does not show
+    main = tmp_path / "main.csv"
+    pd.DataFrame(rows).to_csv(main, index=False)
+    spec = [dict(family="ddpm", weights="vanilla", defense="vanilla"), dict(family="ddpm", weights="addt", defense="addt"),
+            dict(family="edm", weights="vanilla", defense="edm"), dict(family="edm", weights="addt", defense="edm_addt")]
+    fam = write_p1_families_table(main, tmp_path / "f.csv", tmp_path / "f.md", spec, "linf")
+    assert fam[["family", "weights", "defense"]].values.tolist() == [[r["family"], r["weights"], r["defense"]] for r in spec]
+    assert fam["robust_dwbox"].tolist() == pytest.approx([14 / 64, 19 / 64, 5 / 32, 9 / 32])
+    assert fam["n_images_dwbox"].tolist() == [64, 64, 32, 32]
+    assert fam["robust_whitebox_eot"].iloc[:3].tolist() == pytest.approx([22 / 64, 26 / 64, 12 / 32])
+    assert np.isnan(fam["robust_whitebox_eot"].iloc[3])
+    assert (tmp_path / "f.md").read_text().count("\n") >= 5
+    # the ablation table: the ablation order first, then the families as given, with their family
+    abl = write_p1_ablation_table(main, tmp_path / "a.csv", tmp_path / "a.md", ["edm_addt", "edm", "addt", "vanilla"],
+                                  "linf", families={"vanilla": "ddpm", "addt": "ddpm", "edm": "edm", "edm_addt": "edm"})
+    assert abl["defense"].tolist() == ["vanilla", "addt", "edm_addt", "edm"]
+    assert abl["family"].tolist() == ["ddpm", "ddpm", "edm", "edm"]
+    assert abl["robust_dwbox"].tolist() == pytest.approx([14 / 64, 19 / 64, 9 / 32, 5 / 32])
+    assert str(abl["n_images_whitebox_eot"].dtype) == "Int64" and "16.0" not in (tmp_path / "a.csv").read_text()

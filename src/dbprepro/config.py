@@ -107,11 +107,6 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     if pur["grad_mode"] == "adjoint" and (pur["sampler"] != "vpsde" or pur["vpsde"]["corrector"]):
         raise ConfigError("config key purification.grad_mode: adjoint needs sampler vpsde without corrector "
                           f"(got sampler {pur['sampler']!r}, corrector {pur['vpsde']['corrector']})")
-    if pur["sampler"] == "vpsde" and pur["vpsde"]["beta_max"] <= pur["vpsde"]["beta_min"]:
-        raise ConfigError("config key purification.vpsde.beta_max: must be larger than beta_min")
-    if pur["sampler"] == "edm" and pur["edm"]["sigma_max"] is not None \
-            and pur["edm"]["sigma_max"] <= pur["edm"]["sigma_min"]:
-        raise ConfigError("config key purification.edm.sigma_max: must be larger than sigma_min")
     att = cfg["attacks"]
     if att["n_images"] > data["n_test"]:
         raise ConfigError(f"config key attacks.n_images: {att['n_images']} exceeds data.n_test ({data['n_test']})")
@@ -126,6 +121,24 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         if tm not in names:
             raise ConfigError(f"config key attacks.autoattack.threat_models: {tm!r} is not a name in "
                               f"attacks.threat_models ({', '.join(names)})")
+    fam = cfg["families"]
+    for tm in fam["threat_models"]:
+        if tm not in names:
+            raise ConfigError(f"config key families.threat_models: {tm!r} is not a name in attacks.threat_models "
+                              f"({', '.join(names)})")
+    if fam["n_images"] is not None and fam["n_images"] > att["n_images"]:
+        raise ConfigError(f"config key families.n_images: {fam['n_images']} exceeds attacks.n_images ({att['n_images']})")
+    if fam["names"] and fam["n_images"] is not None and att["shards"] > -(-fam["n_images"] // att["batch_size"]):
+        raise ConfigError(f"config key families.n_images: {fam['n_images']} images are fewer than attacks.shards "
+                          f"({att['shards']}) batches of {att['batch_size']}")
+    if fam["names"] and fam["addt"] and not (cfg["addt"]["enabled"] and "addt" in cfg["addt"]["variants"]):
+        raise ConfigError("config key families.addt: needs addt.enabled and 'addt' in addt.variants "
+                          "(or set families.addt: false)")
+    for f in set(fam["names"]) | {pur["sampler"]}:
+        if f == "vpsde" and pur["vpsde"]["beta_max"] <= pur["vpsde"]["beta_min"]:
+            raise ConfigError("config key purification.vpsde.beta_max: must be larger than beta_min")
+        if f == "edm" and pur["edm"]["sigma_max"] is not None and pur["edm"]["sigma_max"] <= pur["edm"]["sigma_min"]:
+            raise ConfigError("config key purification.edm.sigma_max: must be larger than sigma_min")
     an = cfg["analysis"]
     if an["threat_model"] is not None and an["threat_model"] not in names:
         raise ConfigError(f"config key analysis.threat_model: {an['threat_model']!r} is not a name in "
@@ -216,6 +229,61 @@ def fixed_setting_name(k: int, default_draw: int = 0) -> str:
     return "dwbox" if int(k) == int(default_draw) else f"dwbox_c{int(k)}"
 
 
+def addt_settings(cfg: dict[str, Any], variant: str) -> list[str]:
+    """The settings the ADDT defense ``variant`` is attacked in: ``addt.attack_settings`` for
+    ``addt``, ``addt.ablation_settings`` (default: the same) for the ablation variants."""
+    a = cfg["addt"]
+    if variant != "addt" and a["ablation_settings"] is not None:
+        return list(a["ablation_settings"])
+    return list(a["attack_settings"])
+
+
+def family_defenses(cfg: dict[str, Any]) -> list[str]:
+    """The defenses of ``families``: ``f`` (vanilla weights, sampler f) and, with ``families.addt``,
+    ``f_addt`` (ADDT weights, sampler f) for every family f."""
+    fam = cfg["families"]
+    with_addt = fam["addt"] and cfg["addt"]["enabled"] and "addt" in cfg["addt"]["variants"]
+    names = [f for f in fam["names"] if f != cfg["purification"]["sampler"]]  # that one is vanilla/addt
+    return [d for f in names for d in ([f, f"{f}_addt"] if with_addt else [f])]
+
+
+def own_addt_defenses(cfg: dict[str, Any]) -> list[str]:
+    """Family defenses whose weights are fine-tuned with the family's own ADDT loss (``f_addt``)."""
+    own = set(cfg["families"]["own_addt"])
+    return [d for d in family_defenses(cfg) if d.endswith("_addt") and d[: -len("_addt")] in own]
+
+
+def defense_family(cfg: dict[str, Any], defense: str) -> str:
+    """The sampler (purifier family) of ``defense``: ``f`` for the family defenses, else
+    ``purification.sampler``."""
+    if defense in family_defenses(cfg):
+        return defense.removesuffix("_addt")
+    return cfg["purification"]["sampler"]
+
+
+def defense_weights(cfg: dict[str, Any], defense: str) -> str:
+    """The folder under ``results/models/diffusion/`` holding ``defense``'s network: ``vanilla``
+    for ``f``, ``f_addt`` for a family with its own ADDT, ``addt`` for the others."""
+    if defense not in family_defenses(cfg):
+        return defense
+    if not defense.endswith("_addt"):
+        return "vanilla"
+    return defense if defense in own_addt_defenses(cfg) else "addt"
+
+
+def defense_purification(cfg: dict[str, Any], defense: str) -> dict[str, Any]:
+    """The ``purification`` section ``defense`` is purified with (``sampler`` = its family)."""
+    return {**cfg["purification"], "sampler": defense_family(cfg, defense)}
+
+
+def defense_attacks(cfg: dict[str, Any], defense: str) -> dict[str, Any]:
+    """The ``attacks`` section of ``defense``'s attack runs (``families.n_images`` for families)."""
+    n = cfg["families"]["n_images"]
+    if defense in family_defenses(cfg) and n is not None:
+        return {**cfg["attacks"], "n_images": n}
+    return cfg["attacks"]
+
+
 def attack_runs(cfg: dict[str, Any], fixed_configs: bool = False) -> list[tuple[str, str, str, str]]:
     """``(defense, threat, setting, attack)`` of every configured attack run: the undefended
     reference, paper 1's grid on the vanilla purifier (PGD in every setting, BPDA, AutoAttack) and
@@ -235,7 +303,11 @@ def attack_runs(cfg: dict[str, Any], fixed_configs: bool = False) -> list[tuple[
                 runs.append(("vanilla", tm, "dwbox" if v == "standard" else "whitebox_eot", f"aa_{v}"))
     for d in (addt["variants"] if addt["enabled"] else []):  # fine-tuned defenses: the ablation's settings
         for tm in addt["attack_threat_models"]:
-            runs += [(d, tm, s, "pgd") for s in addt["attack_settings"]]
+            runs += [(d, tm, s, "pgd") for s in addt_settings(cfg, d)]
+    fam = cfg["families"]
+    for d in family_defenses(cfg):  # paper 1's other purifier families
+        for tm in fam["threat_models"]:
+            runs += [(d, tm, s, "pgd") for s in fam["settings"]]
     if fixed_configs and cfg["analysis"]["enabled"]:
         for k in range(cfg["analysis"]["fixed_configs"]):
             run = ("vanilla", analysis_threat(cfg), fixed_setting_name(k, att["fixed_draw"]), "pgd")

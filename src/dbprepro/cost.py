@@ -38,7 +38,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import analysis_threat, attack_runs
+from .config import (addt_settings, analysis_threat, attack_runs, defense_attacks, defense_purification, family_defenses,
+                     own_addt_defenses)
 
 KINDS = ("unet_fwd", "unet_grad", "unet_train", "clf_fwd", "clf_grad", "clf_train")
 DIGITS_IMAGES = 1797  # scikit-learn's digits
@@ -209,26 +210,37 @@ def count_calls(cfg: dict) -> list[Job]:
         per = addt_step_calls(v, a["cgpo_iterations"])
         jobs.append(Job(f"train_addt/{v}", "tables/addt_training.csv", per * (a["steps"] * a["batch_size"]),
                         note=f"{a['steps']} steps x batch {a['batch_size']}"))
+    for d in own_addt_defenses(cfg):  # a family's own ADDT loss: the same passes per step as addt
+        per = addt_step_calls("addt", a["cgpo_iterations"])
+        jobs.append(Job(f"train_addt/{d}", "tables/p1_table_families.csv", per * (a["steps"] * a["batch_size"]),
+                        note=f"{a['steps']} steps x batch {a['batch_size']}"))
+    fam = family_defenses(cfg)
+
+    def chain(d: str) -> int:  # network calls of one purification by defense d's sampler
+        return network_calls(defense_purification(cfg, d), sch["num_train_timesteps"])
 
     # clean evaluation
     ev, n_test = cfg["evaluation"], cfg["data"]["n_test"]
-    for d in defenses:
-        per = Calls(clf_fwd=1) + defended_forward(S) * (ev["random_draws"] + ev["fixed_configs"])
+    for d in [*defenses, *fam]:
+        per = Calls(clf_fwd=1) + defended_forward(chain(d)) * (ev["random_draws"] + ev["fixed_configs"])
         jobs.append(Job(f"evaluate_clean/{d}", "tables/clean_accuracy.csv", per * n_test,
                         note=f"{n_test} images x ({ev['random_draws']} random + {ev['fixed_configs']} fixed)"))
 
     # attacks
     n_att = cfg["attacks"]["n_images"]
     for d, tm, s, atk in attack_runs(cfg, fixed_configs=True):
-        per, bound = _attack_calls(cfg, d, s, atk, S, gm)
-        if d in variants:
+        per, bound = _attack_calls(cfg, d, s, atk, chain(d) if d != "undefended" else S, gm)
+        n_d = defense_attacks(cfg, d)["n_images"]
+        if d in fam:
+            target = "tables/p1_table_families.csv"
+        elif d in variants:
             target = "tables/p1_table_ablation.csv"
         elif s.startswith("dwbox_c"):
             target = "tables/p2_table_fixed_randomness.csv"
         else:
             target = "tables/p1_table_main.csv"
-        jobs.append(Job(f"attack/{d}/{tm}/{s}/{atk}", target, per * n_att, upper_bound=bound,
-                        note=f"{n_att} images" + (" (upper bound: every image through every sub-attack)"
+        jobs.append(Job(f"attack/{d}/{tm}/{s}/{atk}", target, per * n_d, upper_bound=bound,
+                        note=f"{n_d} images" + (" (upper bound: every image through every sub-attack)"
                                                   if bound else "")))
 
     # paper 1 loss landscapes
@@ -256,8 +268,8 @@ def count_calls(cfg: dict) -> list[Job]:
         for s_ in image_shape(cfg):
             D *= s_
         p2_threat = analysis_threat(cfg)
-        addt_dw = p2_threat in a["attack_threat_models"] and "dwbox" in a["attack_settings"]
-        for d in ["vanilla"] + (variants if addt_dw else []):
+        addt_dw = [v for v in variants if p2_threat in a["attack_threat_models"] and "dwbox" in addt_settings(cfg, v)]
+        for d in ["vanilla", *addt_dw]:
             n_cfg = an["fixed_configs"] if d == "vanilla" else 1
             per_img = purify(S) * (comp["probes"] + 1) + defended_forward(S)
             jac = purify_grad(S, gm) * (min(comp["jacobian_images"], n_a) * D)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -186,6 +187,40 @@ def table_clean_accuracy(input, output, params, wildcards) -> None:
                                confidence=params.confidence, defenses=list(params.defenses))
 
 
+@stage
+def gradient_modes(input, output, params, wildcards) -> None:
+    """Time and agreement of the gradient modes of every purifier family in ``params.families``
+    (the base ``params.purification`` with its sampler replaced), on the first ``params.n_images``
+    test images in fixed randomness (draw 0)."""
+    import pandas as pd
+
+    from .data import load_split
+    from .evaluation import build_purifier
+    from .gradients import compare_gradient_modes
+    from .metrics import write_table
+    from .models.classifiers import load_classifier
+    from .purification import DefendedClassifier
+    from .randomness import Randomness
+
+    device = _device(params)
+    test = load_split(input.test, input.manifest).head(int(params.n_images))
+    x, y, ids = test.images.to(device), test.labels.to(device), test.ids
+    classifier = load_classifier(input.classifier).to(device)
+    tables = []
+    for family in params.families:
+        # grad_mode "exact" only to build it (an adjoint in the base section is refused by the other families)
+        pur = {**params.purification, "sampler": family, "grad_mode": "exact"}
+        purifier = build_purifier(input.diffusion, pur, params.variance_type, Randomness(params.seed, "fixed", 0),
+                                  device)
+        table = compare_gradient_modes(DefendedClassifier(classifier, purifier), x, y, ids,
+                                       repeats=int(params.repeats))
+        for _, r in table.iterrows():
+            log.info("%-6s %-10s %4d calls: %.3f s, rel. error vs exact %.2e, cosine %.6f", r["family"],
+                     r["grad_mode"], r["steps"], r["seconds"], r["rel_error_vs_exact"], r["cosine_vs_exact"])
+        tables.append(table)
+    write_table(pd.concat(tables, ignore_index=True), output.csv, decimals=8)
+
+
 # -- attacks -------------------------------------------------------------------------------------
 @stage
 def attack(input, output, params, wildcards) -> None:
@@ -265,26 +300,35 @@ def train_addt(input, output, params, wildcards) -> None:
     from .models.diffusion import load_diffusion, save_diffusion
     from .training import train_ddpm
 
-    a, variant = params.addt, wildcards.defense
+    # the defense (e.g. "edm_addt") names the outputs; params.variant / params.family say what it trains
+    a, defense = params.addt, wildcards.defense
+    variant, family = params.get("variant", defense), params.get("family", "ddpm")
+    family_kw = {}
+    if family in ("vpsde", "edm"):
+        pur = params.get("purification") or {}
+        vp = pur.get("vpsde", {})
+        family_kw = dict(beta_min=vp.get("beta_min", 0.1), beta_max=vp.get("beta_max", 20.0),
+                         timestep_map=pur.get("timestep_map", "interpolate"), p_mean=a.get("edm_p_mean", -1.2),
+                         p_std=a.get("edm_p_std", 1.2), sigma_data=a.get("edm_sigma_data", 0.5))
     device = _device(params)
     train = load_split(input.train, input.manifest)
     unet, scheduler = load_diffusion(input.base)
     classifier = load_classifier(input.classifier).to(device)
-    loss_fn = make_loss_fn(classifier, variant, iterations=a["cgpo_iterations"], lambda_scale=a["lambda_scale"],
-                           lambda_max=a["lambda_max"], pgd_eps=a["pgd_eps"], pgd_alpha=a["pgd_alpha"],
-                           t_max=a["t_max"])
+    loss_fn = make_loss_fn(classifier, variant, family=family, iterations=a["cgpo_iterations"],
+                           lambda_scale=a["lambda_scale"], lambda_max=a["lambda_max"], pgd_eps=a["pgd_eps"],
+                           pgd_alpha=a["pgd_alpha"], t_max=a["t_max"], **family_kw)
     t0 = _time.perf_counter()
     ema_unet, history = train_ddpm(unet.to(device), scheduler, train.images, labels=train.labels, steps=a["steps"],
                                    batch_size=a["batch_size"], lr=a["lr"], ema_decay=a["ema_decay"], warmup_steps=0,
                                    grad_clip=a["grad_clip"], weight_decay=a["weight_decay"], betas=a["betas"],
                                    seed=params.seed, loss_fn=loss_fn, checkpoint_dir=params.checkpoint_dir,
-                                   checkpoint_every=a["checkpoint_every"], desc=variant)
+                                   checkpoint_every=a["checkpoint_every"], desc=defense)
     seconds = _time.perf_counter() - t0
     save_diffusion(ema_unet, scheduler, output.model)
-    history.insert(0, "defense", variant)
+    history.insert(0, "defense", defense)
     history["unet_passes_per_step"] = network_passes_per_step(variant, a["cgpo_iterations"])
     write_table(history, output.history)
-    write_table(pd.DataFrame([{"defense": variant, "steps": a["steps"], "seconds": seconds,
+    write_table(pd.DataFrame([{"defense": defense, "steps": a["steps"], "seconds": seconds,
                                "seconds_per_step": seconds / a["steps"]}]), output.timing)
 
 
@@ -300,7 +344,15 @@ def table_p1_ablation(input, output, params, wildcards) -> None:
     from .robustness import write_p1_ablation_table
 
     write_p1_ablation_table(input.main, output.csv, output.md, defenses=list(params.defenses),
-                            threat=params.threat)
+                            threat=params.threat, families=dict(params.families))
+
+
+@stage
+def table_p1_families(input, output, params, wildcards) -> None:
+    from .robustness import write_p1_families_table
+
+    write_p1_families_table(input.main, output.csv, output.md, rows=list(params.rows), threat=params.threat,
+                            settings=tuple(params.settings))
 
 
 @stage
@@ -437,11 +489,25 @@ def figure_p2_fig6_compression_vs_robustness(input, output, params, wildcards) -
     fig_p2_compression_vs_robustness(input.csv, input.summary, input.models, output.png, output.pdf)
 
 
+# Light stages (merges, tables, figures) run in the Snakemake process itself when Snakemake runs
+# `run:` jobs in threads (profiles/default sets force-use-threads; without it Snakemake spawns a
+# fresh `python -m snakemake` per `run:` job, ~10 s of start-up and imports for ~1 s of work).
+# One lock serialises them: pyplot's figure registry and the shared "dbprepro" log handler are
+# process-wide, and every light stage takes a second or two.
+_INLINE_LOCK = threading.Lock()
+
+
 def run_stage_inline(name: str, input, output, params, wildcards, logfiles) -> None:
     """Run a light stage in the calling (Snakemake) process, logging to the rule's log file
-    without touching the process-wide logging or torch settings."""
+    without touching the process-wide logging or torch settings; one at a time (see
+    ``_INLINE_LOCK``)."""
     if name not in STAGES:
         raise KeyError(f"no dbprepro stage for rule {name!r}")
+    with _INLINE_LOCK:
+        _run_inline(name, input, output, params, wildcards, logfiles)
+
+
+def _run_inline(name: str, input, output, params, wildcards, logfiles) -> None:
     logfile = logfiles[0] if logfiles else None
     handler = logging.FileHandler(logfile, mode="a") if logfile else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -223,25 +223,61 @@ def write_addt_training_table(history_paths, timing_paths, csv_path, md_path, co
 ABLATION_ORDER = ("vanilla", "clean_finetune", "cgpo_mse", "addt_no_rbgm", "addt")
 
 
-def write_p1_ablation_table(main_csv, csv_path, md_path, defenses, threat) -> pd.DataFrame:
-    """``p1_table_ablation``: clean and robust accuracy (PGD; whitebox_eot and dwbox, one-shot
-    evaluation) for vanilla and each fine-tuned defense, one row per defense."""
-    main = pd.read_csv(main_csv)
-    sub = main[(main["threat"] == threat) & (main["attack"] == "pgd") & (main["evaluation"] == "single")]
-    rows = []
-    for d in [x for x in ABLATION_ORDER if x in defenses]:
-        row = {"defense": d}
-        for setting in ("whitebox_eot", "dwbox"):
-            r = sub[(sub["defense"] == d) & (sub["setting"] == setting)]
-            if r.empty:
-                continue
-            r = r.iloc[0]
-            row[f"clean_{setting}"] = r["clean_accuracy"]
-            row[f"robust_{setting}"] = r["robust_accuracy"]
-            row[f"ci_low_{setting}"] = r["ci_low"]
-            row[f"ci_high_{setting}"] = r["ci_high"]
-        rows.append(row)
+def _pgd_single(main: pd.DataFrame, threat: str) -> pd.DataFrame:
+    return main[(main["threat"] == threat) & (main["attack"] == "pgd") & (main["evaluation"] == "single")]
+
+
+def _setting_columns(sub: pd.DataFrame, defense: str, settings=("whitebox_eot", "dwbox")) -> dict:
+    """Clean and robust accuracy with its interval of ``defense`` per setting (columns suffixed
+    with the setting; a setting not attacked is left out)."""
+    row = {}
+    for setting in settings:
+        r = sub[(sub["defense"] == defense) & (sub["setting"] == setting)]
+        if r.empty:
+            continue
+        r = r.iloc[0]
+        row[f"n_images_{setting}"] = int(r["n_images"])
+        row[f"clean_{setting}"] = r["clean_accuracy"]
+        row[f"robust_{setting}"] = r["robust_accuracy"]
+        row[f"ci_low_{setting}"] = r["ci_low"]
+        row[f"ci_high_{setting}"] = r["ci_high"]
+    return row
+
+
+def _settings_frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table, image counts as integers also where a setting was not attacked."""
     table = pd.DataFrame(rows)
+    for c in [c for c in table.columns if c.startswith("n_images_")]:
+        table[c] = table[c].astype("Int64")
+    return table
+
+
+def write_p1_ablation_table(main_csv, csv_path, md_path, defenses, threat,
+                            families: dict[str, str] | None = None) -> pd.DataFrame:
+    """``p1_table_ablation``: clean and robust accuracy (PGD; whitebox_eot and dwbox, one-shot
+    evaluation) for vanilla and each fine-tuned defense, one row per defense: the ablation order
+    first, then the other defenses (the purifier families) as given.  ``families`` maps a defense
+    to its purifier family (a ``family`` column when given)."""
+    sub = _pgd_single(pd.read_csv(main_csv), threat)
+    order = [x for x in ABLATION_ORDER if x in defenses] + [x for x in defenses if x not in ABLATION_ORDER]
+    rows = []
+    for d in order:
+        row = {"defense": d} if families is None else {"defense": d, "family": families[d]}
+        row.update(_setting_columns(sub, d))
+        rows.append(row)
+    table = _settings_frame(rows)
+    write_table(table, csv_path, md_path)
+    return table
+
+
+def write_p1_families_table(main_csv, csv_path, md_path, rows: list[dict], threat: str,
+                            settings=("whitebox_eot", "dwbox")) -> pd.DataFrame:
+    """``p1_table_families``: per purifier family, vanilla vs ADDT weights - clean and robust
+    accuracy (PGD, one-shot evaluation) with Wilson intervals in each setting.  ``rows``: one dict
+    per defense with keys family, weights (vanilla | addt) and defense, in table order."""
+    sub = _pgd_single(pd.read_csv(main_csv), threat)
+    table = _settings_frame([{"family": r["family"], "weights": r["weights"], "defense": r["defense"],
+                              **_setting_columns(sub, r["defense"], settings)} for r in rows])
     write_table(table, csv_path, md_path)
     return table
 

@@ -13,8 +13,8 @@ rule attack:
         paths=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/shard{{shard}}.paths.npz",
         adv=f"{RESULTS}/attacks/{{defense}}/{{threat}}/{{setting}}/{{attack}}/shard{{shard}}.adv.npz",
     params:
-        attacks=config["attacks"],
-        purification=config["purification"],
+        attacks=defense_attacks_param,
+        purification=defense_purification_param,
         variance_type=config["diffusion"]["schedule"]["variance_type"],
         **RUNTIME,
     log:

@@ -5,6 +5,8 @@ from snakemake.utils import min_version
 
 from dbprepro.config import ConfigError, validate_config
 from dbprepro.config import attack_runs as config_attack_runs
+from dbprepro.config import (defense_attacks, defense_family, defense_purification, defense_weights,
+                             family_defenses, own_addt_defenses)
 
 min_version("9.20")
 
@@ -18,6 +20,9 @@ RESULTS = "results"
 LOGS = "logs"
 ADDT_VARIANTS = config["addt"]["variants"] if config["addt"]["enabled"] else []
 DEFENSES = ["vanilla", *ADDT_VARIANTS]
+FAMILY_DEFENSES = family_defenses(config)  # paper 1's other purifier families (families.names)
+EVAL_DEFENSES = [*DEFENSES, *FAMILY_DEFENSES]  # every defense with a clean evaluation and table rows
+OWN_ADDT = own_addt_defenses(config)  # family defenses fine-tuned with their own ADDT loss
 
 # keys of every stage's params: runtime settings that change numbers
 RUNTIME = dict(seed=config["seed"], device=config["device"], deterministic=config["deterministic"])
@@ -48,6 +53,7 @@ def all_targets():
         *addt_targets(),
         *figure_targets(),
         *paper2_targets(),
+        *family_targets(),
         f"{RESULTS}/tables/paper_vs_reproduced.csv",  # workflow/rules/report.smk
         f"{RESULTS}/tables/paper_vs_reproduced.md",
     ]
@@ -75,8 +81,43 @@ def merged_attack_records():
 
 
 def defense_diffusion_input(wildcards):
-    """The purifier of a defense; the undefended classifier has none."""
-    return [] if wildcards.defense == "undefended" else diffusion_dir(wildcards.defense)
+    """The network of a defense's purifier; the undefended classifier has none."""
+    return [] if wildcards.defense == "undefended" else diffusion_dir(defense_weights(config, wildcards.defense))
+
+
+def defense_purification_param(wildcards):
+    """The purification section of a defense (its family's sampler)."""
+    return defense_purification(config, wildcards.defense)
+
+
+def defense_attacks_param(wildcards):
+    """The attacks section of a defense's runs (families.n_images for the family defenses)."""
+    return defense_attacks(config, wildcards.defense)
+
+
+def gradient_mode_families():
+    """Purifier families of gradient_modes.csv: the main sampler and families.names."""
+    return [config["purification"]["sampler"], *config["families"]["names"]]
+
+
+def family_targets():
+    """p1_table_families (families.names) and gradient_modes (workflow/rules/tables.smk, evaluate.smk)."""
+    out = [f"{RESULTS}/tables/p1_table_families.csv"] if FAMILY_DEFENSES else []
+    if config["families"]["gradient_modes"]["enabled"] and len(gradient_mode_families()) > 1:
+        out.append(f"{RESULTS}/tables/gradient_modes.csv")
+    return out
+
+
+def family_table_rows():
+    """Rows of p1_table_families: the main sampler (defenses vanilla, addt) and every family."""
+    main = config["purification"]["sampler"]
+    rows = [dict(family=main, weights="vanilla", defense="vanilla")]
+    if "addt" in ADDT_VARIANTS:
+        rows.append(dict(family=main, weights="addt", defense="addt"))
+    for d in FAMILY_DEFENSES:
+        rows.append(dict(family=defense_family(config, d), weights="addt" if d.endswith("_addt") else "vanilla",
+                         defense=d))
+    return rows
 
 
 def addt_targets():
@@ -103,8 +144,9 @@ def paper2_targets():
 
 
 def run_light_stage(name, input, output, params, wildcards, logfiles):
-    """Run a cheap stage (merging, tables) inside the Snakemake process: no interpreter start-up
-    per job.  Heavy stages run through workflow/scripts/stage.py in their own process."""
+    """Run a cheap stage (merges, tables, figures) inside the Snakemake process: no interpreter
+    start-up per job when `run:` jobs run in threads (force-use-threads, set by profiles/default
+    and profiles/slurm).  Heavy stages run through workflow/scripts/stage.py in their own process."""
     from dbprepro.pipeline import run_stage_inline
 
     run_stage_inline(name, input, output, params, wildcards, logfiles)

@@ -4,13 +4,13 @@
 rule evaluate_clean:
     input:
         classifier=classifier_dir(),
-        diffusion=diffusion_dir("{defense}"),
+        diffusion=defense_diffusion_input,
         **split_files(),
     output:
         records=f"{RESULTS}/evaluation/{{defense}}/clean_records.parquet",
     params:
         n_test=config["data"]["n_test"],
-        purification=config["purification"],
+        purification=defense_purification_param,
         variance_type=config["diffusion"]["schedule"]["variance_type"],
         evaluation=config["evaluation"],
         **RUNTIME,
@@ -23,6 +23,41 @@ rule evaluate_clean:
         gpu=1,
         mem_mb=8000,
         runtime="2h",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
+rule gradient_modes:
+    input:
+        classifier=classifier_dir(),
+        diffusion=diffusion_dir("vanilla"),
+        **split_files(),
+    output:
+        csv=report(
+            f"{RESULTS}/tables/gradient_modes.csv",
+            caption="../report/gradient_modes.rst",
+            category="Paper 1",
+            subcategory="Purifier families",
+            labels={"result": "Exact vs adjoint gradients"},
+        ),
+    params:
+        purification=config["purification"],
+        families=gradient_mode_families(),
+        n_images=config["families"]["gradient_modes"]["n_images"],
+        repeats=config["families"]["gradient_modes"]["repeats"],
+        variance_type=config["diffusion"]["schedule"]["variance_type"],
+        **RUNTIME,
+    log:
+        f"{LOGS}/gradient_modes.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/gradient_modes.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime="1h",
     conda:
         "../../envs/dbprepro.yaml"
     script:

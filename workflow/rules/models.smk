@@ -103,9 +103,12 @@ rule train_addt:
         history=f"{RESULTS}/models/diffusion/{{defense}}_history.csv",
         timing=f"{RESULTS}/benchmarks/addt/{{defense}}_timing.csv",
     wildcard_constraints:
-        defense="addt|addt_no_rbgm|cgpo_mse|clean_finetune",
+        defense="|".join(["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune", *OWN_ADDT]),
     params:
         addt=config["addt"],
+        variant=lambda wildcards: "addt" if wildcards.defense in OWN_ADDT else wildcards.defense,
+        family=lambda wildcards: defense_family(config, wildcards.defense) if wildcards.defense in OWN_ADDT else "ddpm",
+        purification=defense_purification_param,
         checkpoint_dir=f"{RESULTS}/checkpoints/addt/{{defense}}",
         **RUNTIME,
     log:

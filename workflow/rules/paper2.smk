@@ -3,7 +3,7 @@
 # one threat model.  Robustness under fixed randomness reuses the attack rule: setting dwbox_c<k>
 # attacks fixed configuration k (configuration attacks.fixed_draw is the plain dwbox run).
 
-from dbprepro.config import analysis_threat, fixed_setting_name, threat_model
+from dbprepro.config import addt_settings, analysis_threat, fixed_setting_name, threat_model
 
 P2 = config["analysis"]
 P2_THREAT = analysis_threat(config)
@@ -12,10 +12,10 @@ P2_FIXED_DRAW = config["attacks"]["fixed_draw"]
 P2_CONFIGS = list(range(P2["fixed_configs"]))
 P2_FIXED_SETTINGS = [fixed_setting_name(k, P2_FIXED_DRAW) for k in P2_CONFIGS]
 # defenses compared by compression rate: vanilla + the ADDT defenses with a dwbox run on P2_THREAT
-_ADDT_DWBOX = P2_THREAT in config["addt"]["attack_threat_models"] and "dwbox" in config["addt"]["attack_settings"]
-P2_MODEL_DEFENSES = ["vanilla"] + (ADDT_VARIANTS if _ADDT_DWBOX else [])
-_ADDT_EOT = P2_THREAT in config["addt"]["attack_threat_models"] and "whitebox_eot" in config["addt"]["attack_settings"]
-P2_EOT_DEFENSES = ["vanilla"] + (ADDT_VARIANTS if _ADDT_EOT else [])
+# (P2_EOT_DEFENSES: those of them with a whitebox_eot run too)
+_ADDT_ON_THREAT = ADDT_VARIANTS if P2_THREAT in config["addt"]["attack_threat_models"] else []
+P2_MODEL_DEFENSES = ["vanilla"] + [v for v in _ADDT_ON_THREAT if "dwbox" in addt_settings(config, v)]
+P2_EOT_DEFENSES = ["vanilla"] + [v for v in P2_MODEL_DEFENSES[1:] if "whitebox_eot" in addt_settings(config, v)]
 P2_PURIFY = dict(
     purification=config["purification"],
     variance_type=config["diffusion"]["schedule"]["variance_type"],
@@ -83,10 +83,9 @@ rule figure_p2_fig1_lp_distance:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule p2_randomness:
@@ -151,10 +150,9 @@ rule figure_p2_fig2_randomness_correlation:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule table_p2_fixed_randomness:
@@ -183,10 +181,9 @@ rule table_p2_fixed_randomness:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule p2_compression:
@@ -252,10 +249,9 @@ rule table_p2_compression:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule table_p2_compression_models:
@@ -284,10 +280,9 @@ rule table_p2_compression_models:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule figure_p2_fig5_compression_spectrum:
@@ -311,10 +306,9 @@ rule figure_p2_fig5_compression_spectrum:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
 
 
 rule figure_p2_fig6_compression_vs_robustness:
@@ -339,7 +333,6 @@ rule figure_p2_fig6_compression_vs_robustness:
     resources:
         mem_mb=2000,
         runtime="10m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)

@@ -3,7 +3,7 @@
 
 rule table_clean_accuracy:
     input:
-        records=expand(f"{RESULTS}/evaluation/{{defense}}/clean_records.parquet", defense=DEFENSES),
+        records=expand(f"{RESULTS}/evaluation/{{defense}}/clean_records.parquet", defense=EVAL_DEFENSES),
     output:
         csv=report(
             f"{RESULTS}/tables/clean_accuracy.csv",
@@ -14,7 +14,7 @@ rule table_clean_accuracy:
         ),
         md=f"{RESULTS}/tables/clean_accuracy.md",
     params:
-        defenses=DEFENSES,
+        defenses=EVAL_DEFENSES,
         confidence=config["evaluation"]["confidence"],
         **RUNTIME,
     log:
@@ -31,7 +31,7 @@ rule table_clean_accuracy:
 rule table_p1_main:
     input:
         records=merged_attack_records(),
-        clean=expand(f"{RESULTS}/evaluation/{{defense}}/clean_records.parquet", defense=DEFENSES),
+        clean=expand(f"{RESULTS}/evaluation/{{defense}}/clean_records.parquet", defense=EVAL_DEFENSES),
     output:
         csv=report(
             f"{RESULTS}/tables/p1_table_main.csv",
@@ -42,7 +42,7 @@ rule table_p1_main:
         ),
         md=f"{RESULTS}/tables/p1_table_main.md",
     params:
-        defenses=DEFENSES,
+        defenses=EVAL_DEFENSES,
         confidence=config["evaluation"]["confidence"],
         fixed_draw=config["attacks"]["fixed_draw"],
         **RUNTIME,
@@ -103,11 +103,40 @@ rule table_p1_ablation:
         ),
         md=f"{RESULTS}/tables/p1_table_ablation.md",
     params:
-        defenses=DEFENSES,
+        defenses=EVAL_DEFENSES,
+        families={d: defense_family(config, d) for d in EVAL_DEFENSES},
         threat=config["addt"]["attack_threat_models"][0],
         **RUNTIME,
     log:
         f"{LOGS}/table_p1_ablation.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
+
+
+rule table_p1_families:
+    input:
+        main=f"{RESULTS}/tables/p1_table_main.csv",
+    output:
+        csv=report(
+            f"{RESULTS}/tables/p1_table_families.csv",
+            caption="../report/p1_table_families.rst",
+            category="Paper 1",
+            subcategory="Purifier families",
+            labels={"result": "Families: vanilla vs ADDT"},
+        ),
+        md=f"{RESULTS}/tables/p1_table_families.md",
+    params:
+        rows=family_table_rows(),
+        threat=config["families"]["threat_models"][0],
+        settings=config["families"]["settings"],
+        **RUNTIME,
+    log:
+        f"{LOGS}/table_p1_families.log",
     threads: 1
     resources:
         mem_mb=2000,
