@@ -257,7 +257,11 @@ def bench_gradients(q: bool, out: Path) -> tuple[list[dict], list[dict]]:
                           f"{at.loc['checkpoint', 'peak_bytes'] / 2**20:.0f} MiB",
                  met=bool(at.loc["exact", "peak_bytes"] <= at.loc["checkpoint", "peak_bytes"] * 1.02)),
             dict(comparison="gradients", target=f"{model}: exact time at K={kmax} <= 1.4x plain autograd",
-                 measured=f"{time_ratio:.2f}x", met=bool(time_ratio <= 1.4)),
+                 measured=f"{time_ratio:.2f}x", met=bool(time_ratio <= 1.4),
+                 why="the purifier's weights are frozen, so a backward pass computes input gradients only (B ~ F) and "
+                     "recomputing every forward costs (2F + B) / (F + B) ~ 1.5x; on a small UNet Python overhead "
+                     "adds to that. Meeting 1.4x would need keeping >= 20 % of the steps' activations, more memory "
+                     "than the 0.15x target allows"),
             dict(comparison="gradients", target=f"{model}: gradients equal across the three modes",
                  measured=f"max relative difference {diff:.1e}", met=bool(diff <= 1e-4)),
         ]
@@ -464,7 +468,9 @@ def bench_dag(q: bool, out: Path, which: str | None, workdir: str | None = None)
     budget = 15 * 60 if which == "default" else 10 * 60
     return [row], [dict(comparison="dag", target=f"cold {which} DAG on 2 cores <= {budget // 60} min",
                         measured=f"{wall / 60:.1f} min wall, {row['cpu_seconds'] / 60:.1f} min CPU in benchmarked rules",
-                        met=bool(wall <= budget))]
+                        met=bool(wall <= budget),
+                        why=f"its benchmarked jobs alone need {row['cpu_seconds'] / 60:.1f} min of CPU, at least "
+                            f"{row['cpu_seconds'] / 120:.1f} min on 2 cores; dag_{which}_rules.csv lists them")]
 
 
 def aggregate_rule_benchmarks(folder: Path):
@@ -511,6 +517,8 @@ def write_summary(targets: list[dict], out: Path, args) -> None:
              f"{time.strftime('%Y-%m-%d %H:%M')}.", ""]
     if targets:
         t = pd.DataFrame(targets)
+        if "why" in t:  # the reason is shown for a missed target only
+            t["why"] = [w if (isinstance(w, str) and not m) else "" for w, m in zip(t["why"], t["met"])]
         t["met"] = t["met"].map({True: "yes", False: "**no**"})
         lines.append(t.to_markdown(index=False))
     lines += ["", "CSV files beside this summary hold every measurement; `scaling.png` plots growth."]
