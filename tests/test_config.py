@@ -140,3 +140,14 @@ def test_family_defenses_weights_and_sections():
     assert family_defenses(validate_config(default(families={"names": ["ddpm", "edm"]}))) == ["edm", "edm_addt"]
     as_edm = validate_config(default(purification={"sampler": "edm"}, families={"names": ["vpsde", "edm"]}))
     assert family_defenses(as_edm) == ["vpsde", "vpsde_addt"]
+
+
+def test_ablation_variants_take_their_own_settings():
+    from dbprepro.config import addt_settings, attack_runs
+
+    paper = validate_config(default(addt={"ablation_settings": None}))
+    assert addt_settings(paper, "cgpo_mse") == addt_settings(paper, "addt") == paper["addt"]["attack_settings"]
+    cfg = validate_config(default(addt={"ablation_settings": ["dwbox"], "attack_settings": ["whitebox_eot", "dwbox"]}))
+    assert addt_settings(cfg, "addt") == ["whitebox_eot", "dwbox"] and addt_settings(cfg, "cgpo_mse") == ["dwbox"]
+    runs = {(d, s) for d, _, s, _ in attack_runs(cfg)}
+    assert ("addt", "whitebox_eot") in runs and ("cgpo_mse", "whitebox_eot") not in runs and ("cgpo_mse", "dwbox") in runs
