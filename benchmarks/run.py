@@ -497,7 +497,12 @@ def bench_cost(q: bool, out: Path) -> tuple[list[dict], list[dict]]:
 
     cfg = load_configs([ROOT / "config.yaml", ROOT / "config" / "cifar10.yaml"])
     csv = out / "cost_cifar10.csv"
-    print(run_estimate(cfg, batch_size=2 if q else None, repeats=1 if q else 3, csv=str(csv)), flush=True)
+    # on a CPU the paper-size UNet is compute-bound (seconds per image flat in the batch size), and a
+    # training step at the attacks' batch (32 x EOT 10 = 320) takes minutes: measure at 16 there
+    import torch
+
+    batch = 2 if q else (None if torch.cuda.is_available() else 16)
+    print(run_estimate(cfg, batch_size=batch, repeats=1 if q else 3, csv=str(csv)), flush=True)
     df = pd.read_csv(csv)
     hours = float(df.loc[df.job == "TOTAL", "device_hours"].iloc[0])
     return df.to_dict("records"), [dict(comparison="cost", target="paper-scale cost estimate from measured per-call costs",
@@ -562,7 +567,7 @@ def main(argv=None) -> int:
         _, tg = runners[name]()
         targets += tg
         print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
-    write_summary(targets, out, args)
+        write_summary(targets, out, args)  # after every comparison: an interrupted run keeps what it measured
     print((out / "summary.md").read_text())
     return 0
 
