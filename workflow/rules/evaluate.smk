@@ -42,6 +42,7 @@ rule gradient_modes:
             subcategory="Purifier families",
             labels={"result": "Exact vs adjoint gradients"},
         ),
+        seconds=f"{RESULTS}/benchmarks/gradient_modes_seconds.csv",
     params:
         purification=config["purification"],
         families=gradient_mode_families(),
