@@ -18,7 +18,7 @@ rule evaluate_clean:
         f"{LOGS}/evaluate_clean/{{defense}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_clean/{{defense}}.tsv"
-    threads: 2
+    threads: 1  # short jobs: two at a time use 2 cores better than one on both (import time is serial)
     resources:
         gpu=1,
         mem_mb=8000,
