@@ -462,15 +462,19 @@ def bench_dag(q: bool, out: Path, which: str | None, workdir: str | None = None)
         raise RuntimeError(f"DAG run failed:\n{r.stderr[-3000:]}")
     rules = aggregate_rule_benchmarks(work / "results" / "benchmarks")
     rules.to_csv(out / f"dag_{which}_rules.csv", index=False)
-    row = dict(config=which, wall_seconds=wall, cpu_seconds=float(rules.cpu_time.sum()), jobs=len(rules), workdir=str(work))
+    # job_seconds (the sum of the jobs' wall times) bounds the run from below: wall >= job_seconds / cores.
+    # cpu_seconds is psutil's sampled CPU time of the job processes, an undercount for short jobs.
+    row = dict(config=which, wall_seconds=wall, job_seconds=float(rules.s.sum()), cpu_seconds=float(rules.cpu_time.sum()),
+               jobs=len(rules), workdir=str(work))
     pd.DataFrame([row]).to_csv(out / f"dag_{which}.csv", index=False)
     print(f"  dag {which}: {wall / 60:.1f} min wall", flush=True)
     budget = 15 * 60 if which == "default" else 10 * 60
     return [row], [dict(comparison="dag", target=f"cold {which} DAG on 2 cores <= {budget // 60} min",
-                        measured=f"{wall / 60:.1f} min wall, {row['cpu_seconds'] / 60:.1f} min CPU in benchmarked rules",
+                        measured=f"{wall / 60:.1f} min wall; its {len(rules)} compute jobs take "
+                                 f"{row['job_seconds'] / 60:.1f} min of job time",
                         met=bool(wall <= budget),
-                        why=f"its benchmarked jobs alone need {row['cpu_seconds'] / 60:.1f} min of CPU, at least "
-                            f"{row['cpu_seconds'] / 120:.1f} min on 2 cores; dag_{which}_rules.csv lists them")]
+                        why=f"the compute jobs alone need {row['job_seconds'] / 60:.1f} min of job time, at least "
+                            f"{row['job_seconds'] / 120:.1f} min on 2 cores; dag_{which}_rules.csv lists them")]
 
 
 def aggregate_rule_benchmarks(folder: Path):

@@ -3,6 +3,7 @@ bit, make_loss_fn dispatches on the family, the noise-range cap t_max of the VP 
 train_addt stage for a family defense."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -151,16 +152,17 @@ def test_train_addt_stage_for_a_family_defense(stage_inputs, tmp_path):
     from snakemake.iocontainers import Namedlist
 
     from dbprepro import pipeline
+    from dbprepro.config import defense_purification, load_config
     from dbprepro.models.diffusion import load_diffusion
 
-    addt = dict(cgpo_iterations=1, lambda_scale=0.03, lambda_max=0.3, pgd_eps=0.2, pgd_alpha=0.1, t_max=100,
-                steps=2, batch_size=4, lr=1e-4, ema_decay=0.9, grad_clip=1.0, weight_decay=0.0, betas=[0.9, 0.999],
-                checkpoint_every=None, edm_p_std=1.0)
+    # the sections the rule passes: the validated config's (schema defaults filled), sized down
+    cfg = load_config(Path(__file__).parents[1] / "config.yaml", overrides={
+        "addt": dict(cgpo_iterations=1, steps=2, batch_size=4, checkpoint_every=1, t_max=100, edm_p_std=1.0),
+        "families": {"own_addt": ["edm"]}, "purification": {"timestep_map": "round"}})
     out = Namedlist(fromdict={"model": str(tmp_path / "edm_addt"), "history": str(tmp_path / "h.csv"),
                               "timing": str(tmp_path / "t.csv")})
-    params = Namedlist(fromdict={"addt": addt, "variant": "addt", "family": "edm", "seed": 0, "device": "cpu",
-                                 "purification": {"sampler": "edm", "timestep_map": "round"},
-                                 "checkpoint_dir": None})
+    params = Namedlist(fromdict={"addt": cfg["addt"], "variant": "addt", "family": "edm", "seed": 0, "device": "cpu",
+                                 "purification": defense_purification(cfg, "edm_addt"), "checkpoint_dir": None})
     inp = Namedlist(fromdict={"base": stage_inputs["diffusion"], "classifier": stage_inputs["classifier"],
                               "train": stage_inputs["train"], "manifest": stage_inputs["manifest"]})
     pipeline.train_addt(inp, out, params, Namedlist(fromdict={"defense": "edm_addt"}))

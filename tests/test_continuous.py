@@ -334,10 +334,10 @@ def test_config_keys_validate_and_reach_the_purifier(tiny_diffusion, tmp_path):
     from dbprepro.models.diffusion import save_diffusion
 
     cfg = load_config("config.yaml", {"purification": {"sampler": "edm"}})
-    # config.yaml shortens the chains (EDM 6 Heun steps, VP-SDE 10 Euler-Maruyama steps); the rest: paper values
-    assert cfg["purification"]["edm"] == dict(sigma_max=0.5, steps=6, sigma_min=0.002, rho=7.0, s_churn=6.0,
+    # config.yaml shortens the chains (EDM 3 Heun steps, VP-SDE 6 Euler-Maruyama steps); the rest: paper values
+    assert cfg["purification"]["edm"] == dict(sigma_max=0.5, steps=3, sigma_min=0.002, rho=7.0, s_churn=6.0,
                                               s_min=0.01, s_max=0.46, s_noise=1.007)
-    assert cfg["purification"]["vpsde"] == dict(beta_min=0.1, beta_max=20.0, steps=10, corrector=False, snr=0.16)
+    assert cfg["purification"]["vpsde"] == dict(beta_min=0.1, beta_max=20.0, steps=6, corrector=False, snr=0.16)
     cfg = load_config("config.yaml", {"purification": {"sampler": "vpsde", "grad_mode": "adjoint",
                                                        "vpsde": {"steps": 12}}})
     save_diffusion(*tiny_diffusion, tmp_path / "diffusion")

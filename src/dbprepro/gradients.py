@@ -48,11 +48,6 @@ def supported_grad_modes(purifier, modes: Sequence[str] = COMPARED_MODES) -> lis
     return out
 
 
-def network_calls(purifier) -> int:
-    """UNet evaluations of one purification (EDM's Heun steps and the VP-SDE's corrector take two)."""
-    return int(getattr(purifier, "num_network_calls", purifier.num_steps))
-
-
 def mode_gradients(purifier, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                    modes: Sequence[str], ids: torch.Tensor | None = None, draws: torch.Tensor | None = None,
                    repeats: int = 1) -> dict[str, dict]:
@@ -122,7 +117,7 @@ def compare_gradient_modes(defended: DefendedClassifier, x: torch.Tensor, y: tor
     rows = []
     for m in run:
         agree = gradient_agreement(res[m]["grad"], ref)
-        rows.append({"family": purifier.sampler, "grad_mode": m, "steps": network_calls(purifier),
+        rows.append({"family": purifier.sampler, "grad_mode": m, "steps": purifier.num_network_calls,
                      "n_images": int(x.shape[0]), "seconds": res[m]["seconds"],
                      "rel_error_vs_exact": agree["rel_error"], "cosine_vs_exact": agree["cosine"],
                      "max_abs_diff_vs_exact": agree["max_abs_diff"]})

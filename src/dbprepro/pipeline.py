@@ -304,16 +304,16 @@ def train_addt(input, output, params, wildcards) -> None:
     from .models.diffusion import load_diffusion, save_diffusion
     from .training import train_ddpm
 
-    # the defense (e.g. "edm_addt") names the outputs; params.variant / params.family say what it trains
+    # the defense (e.g. "edm_addt") names the outputs; params.variant / params.family say what it trains;
+    # params.addt and params.purification are sections of the validated config (schema defaults filled)
     a, defense = params.addt, wildcards.defense
-    variant, family = params.get("variant", defense), params.get("family", "ddpm")
+    variant, family = params.variant, params.family
     family_kw = {}
     if family in ("vpsde", "edm"):
-        pur = params.get("purification") or {}
-        vp = pur.get("vpsde", {})
-        family_kw = dict(beta_min=vp.get("beta_min", 0.1), beta_max=vp.get("beta_max", 20.0),
-                         timestep_map=pur.get("timestep_map", "interpolate"), p_mean=a.get("edm_p_mean", -1.2),
-                         p_std=a.get("edm_p_std", 1.2), sigma_data=a.get("edm_sigma_data", 0.5))
+        pur = params.purification
+        family_kw = dict(beta_min=pur["vpsde"]["beta_min"], beta_max=pur["vpsde"]["beta_max"],
+                         timestep_map=pur["timestep_map"], p_mean=a["edm_p_mean"], p_std=a["edm_p_std"],
+                         sigma_data=a["edm_sigma_data"])
     device = _device(params)
     train = load_split(input.train, input.manifest)
     unet, scheduler = load_diffusion(input.base)

@@ -159,6 +159,12 @@ class Purifier(ReverseChain):
         """Number of reverse steps (UNet calls) of one purification."""
         return len(self.timesteps)
 
+    @property
+    def num_network_calls(self) -> int:
+        """UNet evaluations of one purification (every purifier family has this count; the
+        config-side count, before any model is built, is :func:`dbprepro.cost.network_calls`)."""
+        return self.num_steps
+
     # -- the chain ----------------------------------------------------------------------------
     def diffuse(self, x01: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor,
                 t: int | None = None) -> torch.Tensor:
