@@ -235,8 +235,9 @@ def fig_robustness_bars(table_csv, png, pdf, threat: str = "linf", attack: str =
     ax.set_ylim(0, 1.05)
     r0 = sub.iloc[0]
     ci = f"{confidence:.0%}" if confidence is not None else "table's"
-    ax.set_title(f"{attack.upper()} on DBP, {r0['norm']} eps={float(r0['eps']):.4g}, "
-                 f"n={int(sub['n_images'].max())} images (paper 1, Fig. 3)\n"
+    ns = sorted({int(v) for v in sub["n_images"]})  # the families may attack fewer images than the main grid
+    n_txt = f"n={ns[0]} images" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]} images per defense"
+    ax.set_title(f"{attack.upper()} on DBP, {r0['norm']} eps={float(r0['eps']):.4g}, {n_txt} (paper 1, Fig. 3)\n"
                  f"bars: robust accuracy, {ci} Wilson CI; ticks: clean accuracy", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
