@@ -1,6 +1,6 @@
 """dbprepro's benchmark suite: every performance claim of the package, measured side by side.
 
-    .venv/bin/python benchmarks/run.py                 # the full suite (~15-25 min on 2 CPU cores)
+    .venv/bin/python benchmarks/run.py                 # the full suite (~30 min on 2 CPU cores; +15 with --dag default)
     .venv/bin/python benchmarks/run.py --quick         # seconds-long smoke of every comparison (CI)
     .venv/bin/python benchmarks/run.py --only gradients,overhead
     .venv/bin/python benchmarks/run.py --dag smoke     # also time a cold DAG run (smoke or default)
