@@ -158,3 +158,25 @@ def test_robustness_bars(tmp_path):
     assert_figures(png, pdf)
     with pytest.raises(ValueError, match="no rows"):
         fig_robustness_bars(csv, png, pdf, attack="bpda")
+
+
+def test_robustness_bars_title_names_every_image_count(tmp_path, monkeypatch):
+    from dbprepro import figures
+
+    titles = []
+
+    def keep_title(fig, png, pdf):
+        titles.append(fig.axes[0].get_title())
+        figures.plt.close(fig)
+
+    monkeypatch.setattr(figures, "_save", keep_title)
+    rows = [dict(defense=d, threat="linf", norm="linf", eps=0.2, setting=s, attack="pgd", evaluation="single",
+                 n_images=n, clean_accuracy=0.9, robust_accuracy=0.3, ci_low=0.2, ci_high=0.4, mean_linf=0.2,
+                 mean_l2=1.0)
+            for d, n in (("vanilla", 64), ("edm", 24)) for s in ("whitebox_eot", "dwbox")]
+    csv = tmp_path / "t.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    fig_robustness_bars(csv, tmp_path / "a.png", tmp_path / "a.pdf")
+    pd.DataFrame(rows[:2]).to_csv(csv, index=False)
+    fig_robustness_bars(csv, tmp_path / "a.png", tmp_path / "a.pdf")
+    assert "n=24-64 images per defense" in titles[0] and "n=64 images" in titles[1]
