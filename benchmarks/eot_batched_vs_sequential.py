@@ -20,7 +20,7 @@ import torchattacks
 from dbprepro.attacks import PGD, settings_randomness
 from dbprepro.models.classifiers import SmallCNN, load_classifier
 from dbprepro.models.diffusion import build_scheduler, build_unet, load_diffusion
-from dbprepro.purification import DefendedClassifier, Purifier
+from dbprepro.purifiers import DefendedClassifier, Purifier
 
 
 def main() -> None:

@@ -116,7 +116,7 @@ def gradient_problem(model: str, k: int, batch: int, mode: str = "exact"):
     """(purifier, step) for d(sum w * purified)/dx through a ``k``-step chain."""
     import torch
 
-    from dbprepro.purification import Purifier
+    from dbprepro.purifiers import Purifier
     from dbprepro.randomness import Randomness
 
     unet, sch, shape = build_model(model)
@@ -295,7 +295,7 @@ def bench_eot(q: bool, out: Path, models: Path) -> tuple[list[dict], list[dict]]
     from dbprepro.attacks import PGD, settings_randomness
     from dbprepro.models.classifiers import SmallCNN, load_classifier
     from dbprepro.models.diffusion import load_diffusion
-    from dbprepro.purification import DefendedClassifier, Purifier
+    from dbprepro.purifiers import DefendedClassifier, Purifier
 
     torch.set_num_threads(1)
     if (models / "diffusion" / "vanilla").exists():
@@ -340,7 +340,7 @@ def bench_overhead(q: bool, out: Path) -> tuple[list[dict], list[dict]]:
     import pandas as pd
     import torch
 
-    from dbprepro.purification import Purifier
+    from dbprepro.purifiers import Purifier
     from dbprepro.randomness import Randomness
 
     torch.set_num_threads(1)

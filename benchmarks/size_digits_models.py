@@ -26,7 +26,7 @@ import torch
 from dbprepro.data import make_digits_split
 from dbprepro.models.classifiers import SmallCNN, save_classifier
 from dbprepro.models.diffusion import build_scheduler, build_unet, save_diffusion
-from dbprepro.purification import Purifier
+from dbprepro.purifiers import Purifier
 from dbprepro.randomness import Randomness
 from dbprepro.training import accuracy, train_classifier, train_ddpm
 

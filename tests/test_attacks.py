@@ -6,7 +6,7 @@ import torchattacks
 from dbprepro.attacks import (PGD, EVAL_DRAW_OFFSET, attack_batch, evaluate_draws, project,
                               settings_randomness, summarise_evaluations)
 from dbprepro.models.classifiers import SmallCNN
-from dbprepro.purification import DefendedClassifier, Purifier
+from dbprepro.purifiers import DefendedClassifier, Purifier
 
 EPS, ALPHA = 8 / 255, 2 / 255
 

@@ -8,7 +8,7 @@ import dbprepro.autoattack as aa
 from dbprepro.attacks import SELECT_DRAW_OFFSET, evaluate_draws, settings_randomness
 from dbprepro.autoattack import IdTracker, autoattack_batch, monotone_assignment, run_multi_evaluation
 from dbprepro.models.classifiers import SmallCNN
-from dbprepro.purification import DefendedClassifier, Purifier
+from dbprepro.purifiers import DefendedClassifier, Purifier
 
 EPS = 0.1
 CFG = dict(n_eval=3, apgd_steps=2, eot_iter=2, n_restarts=1, fab_steps=2, square_queries=10, n_target_classes=2)

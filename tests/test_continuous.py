@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from dbprepro.continuous import (EDMPurifier, NoiseLevelMap, VPSDEPurifier, adjoint_agreement, edm_sigma,
+from dbprepro.purifiers import (EDMPurifier, NoiseLevelMap, VPSDEPurifier, adjoint_agreement, edm_sigma,
                                  make_purifier)
-from dbprepro.purification import DefendedClassifier, Purifier
+from dbprepro.purifiers import DefendedClassifier, Purifier
 from dbprepro.randomness import Randomness, Stream
 
 FAMILIES = {
@@ -330,7 +330,7 @@ def test_make_purifier_builds_every_family(tiny_diffusion):
 # -- configuration and the DAG's purifier factory -------------------------------------------------
 def test_config_keys_validate_and_reach_the_purifier(tiny_diffusion, tmp_path):
     from dbprepro.config import ConfigError, load_config
-    from dbprepro.evaluation import build_purifier
+    from dbprepro.purifiers import load_purifier as build_purifier
     from dbprepro.models.diffusion import save_diffusion
 
     cfg = load_config("config.yaml", {"purification": {"sampler": "edm"}})

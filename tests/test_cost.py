@@ -32,7 +32,7 @@ def calls(**kw):
 
 def test_chain_length_matches_the_purifier():
     from dbprepro.models.diffusion import build_scheduler, build_unet
-    from dbprepro.purification import Purifier
+    from dbprepro.purifiers import Purifier
 
     assert chain_length(0.1, 1000) == 101 and chain_length(0.1, 100) == 11 and chain_length(0.1, 50) == 6
     unet = build_unet(8, 1, [8], attention=[False], norm_num_groups=4)
@@ -182,7 +182,7 @@ def test_network_calls_counts_what_each_family_really_calls(sampler, extra, tmp_
 
     from dbprepro.config import validate_config
     from dbprepro.cost import network_calls
-    from dbprepro.evaluation import build_purifier
+    from dbprepro.purifiers import load_purifier as build_purifier
     from dbprepro.models.diffusion import build_scheduler, build_unet, save_diffusion
     from dbprepro.randomness import Randomness
 

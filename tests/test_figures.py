@@ -11,7 +11,7 @@ from dbprepro.figures import fig_attack_trajectories, fig_loss_landscape, fig_ro
 from dbprepro.landscape import compute_landscapes, grid_axis, loss_landscape, plane_directions
 from dbprepro.models.classifiers import SmallCNN, save_classifier
 from dbprepro.models.diffusion import save_diffusion
-from dbprepro.purification import DefendedClassifier, Purifier
+from dbprepro.purifiers import DefendedClassifier, Purifier
 
 PURIFICATION = dict(t_star=0.1, num_inference_steps=100, sampler="ddpm", eta=0.0, clip_output=True)
 D, STEPS, N_TRACK = 64, 4, 2

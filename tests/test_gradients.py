@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dbprepro.continuous import EDMPurifier, VPSDEPurifier
-from dbprepro.gradients import compare_gradient_modes, supported_grad_modes
+from dbprepro.purifiers import EDMPurifier, VPSDEPurifier
+from dbprepro.purifiers.gradients import compare_gradient_modes, supported_grad_modes
 from dbprepro.models.classifiers import SmallCNN
-from dbprepro.purification import DefendedClassifier, Purifier
+from dbprepro.purifiers import DefendedClassifier, Purifier
 from dbprepro.randomness import Randomness
 
 FAMILIES = {

@@ -14,7 +14,7 @@ from dbprepro.config import ConfigError, fixed_setting_name, validate_config
 from dbprepro.distances import chain_distances, image_distances, pair_distances, summarise_distances
 from dbprepro.dominance import correlation_matrix, mean_off_diagonal, purified_vectors
 from dbprepro.models.classifiers import SmallCNN
-from dbprepro.purification import DefendedClassifier, Purifier
+from dbprepro.purifiers import DefendedClassifier, Purifier
 from dbprepro.randomness import Randomness
 from dbprepro.robustness import p2_fixed_randomness_table
 

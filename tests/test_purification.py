@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dbprepro.models.classifiers import SmallCNN
-from dbprepro.purification import DefendedClassifier, Purifier
+from dbprepro.purifiers import DefendedClassifier, Purifier
 from dbprepro.randomness import Randomness
 
 

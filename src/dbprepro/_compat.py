@@ -16,7 +16,11 @@ import sys
 import warnings
 
 #: old module path -> new module path
-MOVED: dict[str, str] = {}
+MOVED: dict[str, str] = {
+    "dbprepro.purification": "dbprepro.purifiers",
+    "dbprepro.continuous": "dbprepro.purifiers",
+    "dbprepro.gradients": "dbprepro.purifiers.gradients",
+}
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -308,7 +308,7 @@ def addt_loss_family(unet: nn.Module, scheduler, classifier: nn.Module | None, x
     timestep ``t_max`` (:func:`family_noise_cap`; None: the paper's full distribution).
     ``return_parts`` also returns the tensors the loss was computed from (for tests).
     """
-    from .continuous import NoiseLevelMap
+    from .purifiers import NoiseLevelMap
 
     if variant not in FAMILY_VARIANTS:
         raise ValueError(f"ADDT variant {variant!r} is not implemented for the {family} family; "

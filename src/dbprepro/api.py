@@ -1,7 +1,7 @@
 """The library face of dbprepro: purify, defend and attack with your own models.
 
-A thin layer over the package's classes (:class:`~dbprepro.purification.Purifier`,
-:class:`~dbprepro.purification.DefendedClassifier`, :class:`~dbprepro.attacks.PGD`); the
+A thin layer over the package's classes (:class:`~dbprepro.purifiers.Purifier`,
+:class:`~dbprepro.purifiers.DefendedClassifier`, :class:`~dbprepro.attacks.PGD`); the
 Snakemake pipeline uses the same classes.  Images are float tensors ``[B, C, H, W]`` in [0, 1];
 anything else (NaN/Inf, values outside [0, 1], wrong channels or size, an empty batch) is refused
 with a ``ValueError`` naming the problem.
@@ -35,7 +35,7 @@ from torch import nn
 
 from .attacks import NORMS, attack_batch, base_setting, settings_randomness
 from .checkpoints import CheckpointError
-from .purification import DefendedClassifier, Purifier, check_images
+from .purifiers import DefendedClassifier, Purifier, ReverseChain, build_purifier, check_images
 from .randomness import Randomness
 
 __all__ = ["load_purifier", "load_classifier", "purify", "defend", "attack", "AttackReport", "evaluate",
@@ -51,11 +51,12 @@ def _cache_dir(repo_id: str, revision: str, cache_dir) -> Path:
 
 def load_purifier(source: str | Path, *, revision: str | None = None, files: dict[str, str] | None = None,
                   cache_dir: str | Path | None = None, t_star: float = 0.1, num_inference_steps: int | None = None,
-                  sampler: Literal["ddpm", "ddim"] = "ddpm", eta: float = 0.0, variance_type: str | None = None,
+                  sampler: str = "ddpm", eta: float = 0.0, variance_type: str | None = None,
                   seed: int = 0, mode: Literal["random", "fixed"] = "random", fixed_draw: int = 0,
-                  grad_mode: str = "exact", clip_output: bool = True, device: str | torch.device = "cpu"
-                  ) -> Purifier:
-    """A :class:`Purifier` from a diffusers checkpoint folder or a Hugging Face hub id.
+                  grad_mode: str = "exact", clip_output: bool = True, device: str | torch.device = "cpu",
+                  settings: dict | None = None) -> ReverseChain:
+    """A purifier of any registered family (:data:`dbprepro.purifiers.PURIFIERS`) from a diffusers
+    checkpoint folder or a Hugging Face hub id.
 
     Args:
         source: a local diffusers folder (``unet/`` + ``scheduler/`` as the pipeline writes it,
@@ -69,7 +70,10 @@ def load_purifier(source: str | Path, *, revision: str | None = None, files: dic
             verified files already there are not fetched again (offline reruns).
         t_star: diffusion strength in (0, 1] (0.1 = timestep 100 of 1000, both papers).
         num_inference_steps: schedule the reverse chain is cut from (None = every training step).
-        sampler, eta: ``"ddpm"`` (ancestral) or ``"ddim"`` (with DDIM ``eta``).
+        sampler, eta: a registered family: ``"ddpm"`` (ancestral), ``"ddim"`` (with DDIM ``eta``),
+            ``"vpsde"``, ``"edm"``, ...
+        settings: further keys of the config's ``purification`` section, e.g. the family's own
+            section (``{"vpsde": {"steps": 6}}``, ``{"edm": {"steps": 3}}``) or ``timestep_map``.
         variance_type: override the scheduler's DDPM variance (``"fixed_large"``, ``"fixed_small"``).
         seed, mode, fixed_draw: the purifier's randomness (:class:`Randomness`): ``"random"`` draws
             fresh noise on every call (replayable from ``seed``), ``"fixed"`` reuses configuration
@@ -98,9 +102,10 @@ def load_purifier(source: str | Path, *, revision: str | None = None, files: dic
         raise
     except Exception as e:  # truncated or corrupt safetensors, unreadable config, wrong class
         raise CheckpointError(f"{path}: could not load the diffusion model ({type(e).__name__}: {e})") from e
-    return Purifier(unet.to(device), scheduler, t_star=t_star, num_inference_steps=num_inference_steps,
-                    sampler=sampler, eta=eta, randomness=Randomness(seed, mode, fixed_draw=fixed_draw),
-                    grad_mode=grad_mode, clip_output=clip_output)
+    purification = {"t_star": t_star, "num_inference_steps": num_inference_steps, "sampler": sampler, "eta": eta,
+                    "clip_output": clip_output, **(settings or {})}
+    return build_purifier(unet.to(device), scheduler, purification, Randomness(seed, mode, fixed_draw=fixed_draw),
+                          grad_mode=grad_mode)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -127,12 +132,9 @@ def purify(purifier: Purifier, images: torch.Tensor, *, seed: int | None = None,
     check_images(images, *_expected_shape(purifier))
     if seed is None and mode is None:
         return purifier(images, ids=ids)
-    saved = purifier.randomness
-    purifier.randomness = Randomness(saved.seed if seed is None else seed, mode or saved.mode, fixed_draw=fixed_draw)
-    try:
-        return purifier(images, ids=ids)
-    finally:
-        purifier.randomness = saved
+    own = purifier.randomness
+    return purifier.with_randomness(Randomness(own.seed if seed is None else seed, mode or own.mode,
+                                               fixed_draw=fixed_draw))(images, ids=ids)
 
 
 def defend(classifier: nn.Module, purifier: Purifier) -> DefendedClassifier:
@@ -216,15 +218,10 @@ def attack(model: DefendedClassifier, images: torch.Tensor, labels, *, setting: 
     check_images(images, *_expected_shape(model.purifier))
     y = _labels(labels, images.shape[0]).to(images.device)
     ids = torch.arange(images.shape[0]) if ids is None else torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
-    saved = model.purifier.randomness
-    model.purifier.randomness = settings_randomness(setting, seed, fixed_draw)
-    try:
-        cols, res = attack_batch(model, images, y, ids, attack="bpda" if bpda else "pgd", setting=setting,
-                                 norm=norm, eps=eps, alpha=alpha,
-                                 pgd={"steps": steps, "eot": eot, "random_start": random_start, "restarts": restarts},
-                                 eval_draws=eval_draws)
-    finally:
-        model.purifier.randomness = saved
+    cols, res = attack_batch(model.with_randomness(settings_randomness(setting, seed, fixed_draw)), images, y, ids,
+                             attack="bpda" if bpda else "pgd", setting=setting, norm=norm, eps=eps, alpha=alpha,
+                             pgd={"steps": steps, "eot": eot, "random_start": random_start, "restarts": restarts},
+                             eval_draws=eval_draws)
     return AttackReport(res.x_adv, pd.DataFrame(cols), res.loss, setting)
 
 
@@ -244,22 +241,16 @@ def evaluate(classifier: nn.Module, purifier: Purifier, images: torch.Tensor, la
     y = _labels(labels, images.shape[0]).to(images.device)
     ids = torch.arange(images.shape[0])
     model = defend(classifier, purifier)
-    saved = purifier.randomness
     rows = [{"what": "clean", "setting": "classifier", "evaluation": "-", "accuracy": _accuracy(classifier, images, y),
              "draws": 1}]
-    try:
-        purifier.randomness = Randomness(seed, "random")
-        acc = [_accuracy(model, images, y, ids, torch.full_like(ids, k)) for k in range(random_draws)]
-        rows.append({"what": "clean", "setting": "random", "evaluation": "mean", "accuracy": float(np.mean(acc)),
-                     "draws": random_draws})
-        acc = []
-        for k in range(fixed_configs):
-            purifier.randomness = Randomness(seed, "fixed", fixed_draw=k)
-            acc.append(_accuracy(model, images, y, ids, torch.full_like(ids, k)))
-        rows.append({"what": "clean", "setting": "fixed", "evaluation": "mean", "accuracy": float(np.mean(acc)),
-                     "draws": fixed_configs})
-    finally:
-        purifier.randomness = saved
+    rnd = model.with_randomness(Randomness(seed, "random"))
+    acc = [_accuracy(rnd, images, y, ids, torch.full_like(ids, k)) for k in range(random_draws)]
+    rows.append({"what": "clean", "setting": "random", "evaluation": "mean", "accuracy": float(np.mean(acc)),
+                 "draws": random_draws})
+    acc = [_accuracy(model.with_randomness(Randomness(seed, "fixed", fixed_draw=k)), images, y, ids,
+                     torch.full_like(ids, k)) for k in range(fixed_configs)]
+    rows.append({"what": "clean", "setting": "fixed", "evaluation": "mean", "accuracy": float(np.mean(acc)),
+                 "draws": fixed_configs})
     rep = attack(model, images, y, setting=setting, norm=norm, eps=eps, alpha=alpha, steps=steps, eot=eot,
                  eval_draws=eval_draws, seed=seed, fixed_draw=fixed_draw, bpda=bpda)
     name = f"{'bpda' if bpda else 'pgd'}-{steps} {norm} eps={eps:.4g}"

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .purification import DefendedClassifier
+from .purifiers import DefendedClassifier
 from .randomness import Randomness, Stream
 
 Setting = Literal["whitebox", "whitebox_eot", "dwbox"]

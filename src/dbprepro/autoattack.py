@@ -44,7 +44,7 @@ from torch import nn
 
 from .attacks import (EVAL_DRAW_OFFSET, SELECT_DRAW_OFFSET, NORMS, AttackResult, Norm, Setting, _check_randomness,
                       evaluate_draws, is_fixed, perturbation_norms, project, summarise_evaluations)
-from .purification import DefendedClassifier
+from .purifiers import DefendedClassifier
 
 log = logging.getLogger("dbprepro.autoattack")
 

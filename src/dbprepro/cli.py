@@ -15,7 +15,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .models.diffusion import load_diffusion
-    from .purification import Purifier
+    from .purifiers import Purifier
     from .randomness import Randomness
     from .runtime import resolve_device
 

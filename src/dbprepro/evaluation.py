@@ -15,8 +15,9 @@ from .data import Split, batches, load_split
 from .io import write_parquet
 from .metrics import accuracy_summary, write_table
 from .models.classifiers import load_classifier
-from .models.diffusion import load_diffusion
-from .purification import DefendedClassifier, Purifier
+from .purifiers import load_defense
+from .purifiers import load_defense as build_defense  # noqa: F401 - names before 0.2
+from .purifiers import load_purifier as build_purifier  # noqa: F401
 from .randomness import Randomness
 
 log = logging.getLogger(__name__)
@@ -26,24 +27,6 @@ SETTINGS = {
     "random": "purified, fresh randomness per evaluation (mean over draws)",
     "fixed": "purified, fixed randomness configuration (mean over configurations)",
 }
-
-
-def build_purifier(diffusion_dir: str | Path, purification: dict[str, Any], variance_type: str,
-                   randomness: Randomness, device: torch.device) -> Purifier:
-    """The purifier of ``purification.sampler`` (a :class:`Purifier` for ddpm/ddim, a VP-SDE or EDM
-    purifier of :mod:`dbprepro.continuous` with the same API) from a diffusers folder."""
-    from .continuous import make_purifier
-
-    unet, scheduler = load_diffusion(diffusion_dir, scheduler_overrides={"variance_type": variance_type})
-    return make_purifier(unet.to(device), scheduler, purification, randomness)
-
-
-def build_defense(classifier_dir: str | Path, diffusion_dir: str | Path, purification: dict[str, Any],
-                  variance_type: str, randomness: Randomness, device: torch.device) -> DefendedClassifier:
-    """Classifier after purifier, both loaded from the DAG's model folders."""
-    classifier = load_classifier(classifier_dir).to(device)
-    purifier = build_purifier(diffusion_dir, purification, variance_type, randomness, device)
-    return DefendedClassifier(classifier, purifier)
 
 
 @torch.no_grad()
@@ -85,15 +68,15 @@ def evaluate_clean(classifier_dir, diffusion_dir, test_path, manifest, out_path,
     classifier = load_classifier(classifier_dir).to(device)
     record("classifier", 0, predict(classifier, split, bs, device, desc="classifier"))
 
-    rnd = build_defense(classifier_dir, diffusion_dir, purification, variance_type,
-                        Randomness(seed, "random"), device)
+    rnd = load_defense(classifier_dir, diffusion_dir, purification, variance_type,
+                       Randomness(seed, "random"), device)
     log.info("purifier: t*=%s (timestep %d), %s sampler, %d reverse steps", purification["t_star"],
              rnd.purifier.t_start, purification["sampler"], rnd.purifier.num_steps)
     for k in range(evaluation["random_draws"]):
         record("random", k, predict(rnd, split, bs, device, draws=k, desc=f"random draw {k}"))
     for k in range(evaluation["fixed_configs"]):
-        rnd.purifier.randomness = Randomness(seed, "fixed", fixed_draw=k)
-        record("fixed", k, predict(rnd, split, bs, device, draws=k, desc=f"fixed config {k}"))
+        fixed = rnd.with_randomness(Randomness(seed, "fixed", fixed_draw=k))
+        record("fixed", k, predict(fixed, split, bs, device, draws=k, desc=f"fixed config {k}"))
 
     df = pd.concat(frames, ignore_index=True)
     write_parquet(df, out_path)

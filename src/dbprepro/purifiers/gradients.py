@@ -1,12 +1,12 @@
 """The gradient modes of the purifiers compared on one input (``results/tables/gradient_modes.csv``).
 
 Every purifier family offers several ways to differentiate through its reverse chain
-(``grad_mode``, see :mod:`dbprepro.purification` and :mod:`dbprepro.continuous`): ``exact``
+(``grad_mode``, see :mod:`dbprepro.purifiers.base`): ``exact``
 (per-step recomputation), ``autograd``, ``checkpoint`` and, for the VP-SDE without corrector,
 torchsde's ``adjoint``.  The first three compute the same gradient; the adjoint re-solves the state
 backwards and is only first-order accurate.  :func:`mode_gradients` evaluates a loss's input
 gradient under several modes on the same noise draw (the one place that does it; also used by
-:func:`dbprepro.continuous.adjoint_agreement`), :func:`gradient_agreement` compares two gradients
+:func:`dbprepro.purifiers.vpsde.adjoint_agreement`), :func:`gradient_agreement` compares two gradients
 and :func:`compare_gradient_modes` produces the table rows: time and agreement with ``exact``.
 """
 
@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .purification import GRAD_MODES, DefendedClassifier, default_ids
+from .base import GRAD_MODES, default_ids
+from .defended import DefendedClassifier
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ COMPARED_MODES: tuple[str, ...] = ("exact", "autograd", "checkpoint", "adjoint")
 
 def supported_grad_modes(purifier, modes: Sequence[str] = COMPARED_MODES) -> list[str]:
     """The ``modes`` the purifier accepts, in order: those of its ``grad_modes`` (``GRAD_MODES`` for
-    the DDPM/DDIM :class:`~dbprepro.purification.Purifier`) that its ``grad_mode`` setter does not
+    the DDPM/DDIM :class:`~dbprepro.purifiers.Purifier`) that its ``grad_mode`` setter does not
     refuse (e.g. ``adjoint`` of a VP-SDE with the Langevin corrector)."""
     saved, out = purifier.grad_mode, []
     try:

@@ -1,0 +1,238 @@
+"""What every purifier family shares: the reverse chain, its gradient modes, draws and images.
+
+A purifier diffuses [0, 1] images to t* and runs a reverse chain back to 0; a family (DDPM, DDIM,
+VP-SDE, EDM, ...) is one subclass of :class:`ReverseChain` that provides ``diffuse``,
+``reverse_step``, ``eps`` and ``timesteps`` (the keys of the reverse steps, in order), and is
+registered under its ``sampler`` name (:mod:`dbprepro.purifiers.registry`).
+
+Gradients (``grad_mode``)
+------------------------
+``"exact"`` (default)
+    The exact gradient of the whole chain with per-step recomputation: the forward pass keeps
+    only the chain states (one image-sized tensor per step, no activations) and the backward
+    pass re-runs one step at a time under autograd, regenerating that step's noise from the
+    replayable :class:`~dbprepro.randomness.Randomness`.  Activation memory is that of a single
+    network call, whatever the number of steps.
+``"autograd"``
+    Plain autograd through every step (the reference the tests compare against; memory grows
+    with the number of steps).
+``"checkpoint"``
+    ``torch.utils.checkpoint`` around each network call (paper 1's official approach); exact too.
+``"bpda"``
+    Backward pass as identity (BPDA, Athalye et al. 2018): cheap and weak, for baselines only.
+``"adjoint"``
+    Only where a family offers it (VP-SDE): torchsde's adjoint, an approximation.
+
+The purifier's own weights never receive gradients through the chain (it is frozen).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..randomness import Randomness
+
+GradMode = Literal["exact", "autograd", "checkpoint", "bpda"]
+GRAD_MODES = ("exact", "autograd", "checkpoint", "bpda")
+
+
+def start_timestep(t_star: float, num_train_timesteps: int) -> int:
+    """Integer diffusion timestep of t* (0.1 of 1000 steps -> 100): the one place that maps t*
+    to a timestep (purifiers, config checks and the cost model all call it)."""
+    if not 0.0 < float(t_star) <= 1.0:
+        raise ValueError(f"t_star must lie in (0, 1], got {t_star}")
+    return min(int(round(float(t_star) * num_train_timesteps)), num_train_timesteps - 1)
+
+
+class ReverseChain(nn.Module):
+    """The reverse chain and its gradient modes, shared by every purifier family, and the
+    class-level contract of a registered family (its config section, construction, network
+    calls and ADDT loss family).
+
+    Instances map [0, 1] images to purified [0, 1] images: ``purifier(x, ids, draws)``.
+    """
+
+    #: registry key: the ``purification.sampler`` / ``families.names`` value of this family
+    sampler: ClassVar[str]
+    #: the ADDT loss this family's network is fine-tuned with (:func:`dbprepro.addt.make_loss_fn`)
+    loss_family: ClassVar[str] = "ddpm"
+    #: its own section under ``purification`` in the config (None: only the shared keys)
+    config_section: ClassVar[str | None] = None
+
+    randomness: Randomness
+    grad_mode: str
+    clip_output: bool
+
+    # -- the family contract (class level, no model needed) -------------------------------------
+    @classmethod
+    def config_kwargs(cls, purification: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments of this family from the ``purification`` section, beyond the
+        shared ``t_star``, ``randomness``, ``grad_mode`` and ``clip_output``."""
+        section = purification.get(cls.config_section, {}) if cls.config_section else {}
+        return dict(section)
+
+    @classmethod
+    def from_config(cls, unet: nn.Module, scheduler, purification: dict[str, Any],
+                    randomness: Randomness | None = None, grad_mode: str | None = None) -> "ReverseChain":
+        """The purifier of the ``purification`` config section (schema defaults filled in; missing
+        keys fall back to paper 1's settings)."""
+        return cls(unet, scheduler, t_star=purification.get("t_star", 0.1), randomness=randomness,
+                   grad_mode=grad_mode or purification.get("grad_mode", "exact"),
+                   clip_output=purification.get("clip_output", True), **cls.config_kwargs(purification))
+
+    @classmethod
+    def network_calls(cls, purification: dict[str, Any], num_train_timesteps: int = 1000) -> int:
+        """Network calls of one purification with these settings (before any model is built;
+        tested against the instance's ``num_network_calls``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any]) -> None:
+        """Checks of the validated config that a schema cannot express, for a config that uses
+        this family; raise ValueError naming the key."""
+
+    @classmethod
+    def addt_loss_kwargs(cls, purification: dict[str, Any], addt: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of :func:`dbprepro.addt.make_loss_fn` for this family's ADDT loss."""
+        return {}
+
+    # -- randomness and inputs ------------------------------------------------------------------
+    def with_randomness(self, randomness: Randomness) -> "ReverseChain":
+        """The same purifier (shared network and settings) with another randomness: a shallow copy,
+        so that no caller swaps ``randomness`` in place on a purifier others hold."""
+        new = copy.copy(self)
+        new.__dict__["randomness"] = randomness
+        return new
+
+    def ids_and_draws(self, x: torch.Tensor, ids, draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the images and normalise sample ids and draws (the one place that does it):
+        ids default to ``0..B-1``, draws to ``self.randomness.next_draws(ids)`` (fresh in random
+        mode, the fixed configuration in fixed mode)."""
+        check_images(x)
+        ids = default_ids(x, ids)
+        if draws is None:
+            draws = self.randomness.next_draws(ids)
+        draws = torch.as_tensor(draws, dtype=torch.long).reshape(-1)
+        if draws.numel() != x.shape[0]:
+            raise ValueError(f"got {draws.numel()} draws for a batch of {x.shape[0]} images")
+        return ids, draws
+
+    # -- the API --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None,
+                draws: torch.Tensor | None = None) -> torch.Tensor:
+        """Purify images ``x`` in [0, 1], shape [B, C, H, W].
+
+        ``ids`` name the samples (default ``0..B-1``); ``draws`` pick the randomness draw per
+        sample (default: ``self.randomness.next_draws(ids)``).  Returns the purified images in [0, 1].
+        """
+        ids, draws = self.ids_and_draws(x, ids, draws)
+        if self.grad_mode == "bpda" and torch.is_grad_enabled() and x.requires_grad:
+            # BPDA: forward is the real purification, backward is the identity.
+            with torch.no_grad():
+                out = self._purify(x, ids, draws)
+            return x + (out - x).detach()
+        return self._purify(x, ids, draws)
+
+    def _purify(self, x, ids, draws):
+        out = (self.denoise(self.diffuse(x, ids, draws), ids, draws) + 1) / 2
+        return out.clamp(0, 1) if self.clip_output else out
+
+    @property
+    def num_steps(self) -> int:
+        """Number of reverse steps of one purification."""
+        return len(self.timesteps)
+
+    # -- the chain ------------------------------------------------------------------------------
+    def _eps_checkpointed(self, x: torch.Tensor, level) -> torch.Tensor:
+        return checkpoint(self.eps, x, level, use_reentrant=False)
+
+    def denoise(self, x_t: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The reverse chain from x_{t*} to x_0 (model space), with the configured gradient."""
+        if not (torch.is_grad_enabled() and x_t.requires_grad):
+            with torch.no_grad():
+                return self._run_chain(x_t, ids, draws)
+        if self.grad_mode == "exact":
+            return _ExactChain.apply(x_t, self, ids, draws)
+        if self.grad_mode == "adjoint":
+            return self._adjoint_chain(x_t, ids, draws)
+        eps_fn = self._eps_checkpointed if self.grad_mode == "checkpoint" else None
+        return self._run_chain(x_t, ids, draws, eps_fn=eps_fn)
+
+    def _adjoint_chain(self, x_t, ids, draws):
+        raise ValueError(f"grad_mode 'adjoint' is not available for {type(self).__name__}")
+
+    def _run_chain(self, x, ids, draws, eps_fn=None, keep_states: list | None = None):
+        for key in self.timesteps:
+            if keep_states is not None:
+                keep_states.append(x)
+            x = self.reverse_step(x, key, ids, draws, eps_fn=eps_fn)
+        return x
+
+
+class Trajectory(NamedTuple):
+    """States of one purification (``purifier.trajectory``): ``phase[i]`` is ``input``,
+    ``forward`` or ``reverse``; ``t[i]`` the diffusion timestep of ``states[i]`` ([B, C, H, W],
+    [0, 1] units; the input and the final reverse state are at t = 0)."""
+
+    phase: list[str]
+    t: list[int]
+    states: list[torch.Tensor]
+
+
+class _ExactChain(torch.autograd.Function):
+    """Exact gradient of the reverse chain by per-step recomputation (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x_t, purifier: ReverseChain, ids, draws):
+        states: list[torch.Tensor] = []
+        with torch.no_grad():
+            out = purifier._run_chain(x_t.detach(), ids, draws, keep_states=states)
+        ctx.purifier, ctx.ids, ctx.draws, ctx.states = purifier, ids, draws, states
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p: ReverseChain = ctx.purifier
+        g = grad_out
+        for t, x in zip(reversed(p.timesteps), reversed(ctx.states)):
+            with torch.enable_grad():
+                xi = x.detach().requires_grad_(True)
+                out = p.reverse_step(xi, t, ctx.ids, ctx.draws)
+                (g,) = torch.autograd.grad(out, xi, g)
+        ctx.states = None
+        return g, None, None, None
+
+
+def default_ids(x: torch.Tensor, ids) -> torch.Tensor:
+    """Sample ids as a long tensor; ``0..B-1`` when not given."""
+    if ids is None:
+        return torch.arange(x.shape[0], dtype=torch.long)
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
+    if ids.numel() != x.shape[0]:
+        raise ValueError(f"got {ids.numel()} sample ids for a batch of {x.shape[0]} images")
+    return ids
+
+
+def check_images(x: torch.Tensor, channels: int | None = None, size: int | None = None) -> None:
+    """Refuse what cannot be an image batch in [0, 1] with a clear message."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"images must have shape [B, C, H, W], got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: no images to purify")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"the model expects {channels} channel(s), the images have {x.shape[1]}")
+    if size is not None and tuple(x.shape[2:]) != (size, size):
+        raise ValueError(f"the model expects {size}x{size} images, got {x.shape[2]}x{x.shape[3]}")
+    with torch.no_grad():
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or Inf")
+        lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")

@@ -1,0 +1,64 @@
+"""The defended classifier: classifier after purifier, one ``nn.Module`` from images to logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ReverseChain
+
+
+class DefendedClassifier(nn.Module):
+    """Classifier after purifier, an ``nn.Module`` mapping [0, 1] images to logits.
+
+    Usable directly by torchattacks: ``forward(x)`` purifies with the purifier's randomness
+    (fresh per call in random mode, always the same in fixed mode).  Sample ids (needed for
+    replayable noise) are bound with :meth:`bind`; without binding they are ``0..B-1``.
+    """
+
+    def __init__(self, classifier: nn.Module, purifier: ReverseChain):
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.purifier = purifier
+        self._ids: torch.Tensor | None = None
+        self._draws: torch.Tensor | None = None
+        self.eval()  # a defense is evaluated, never trained through (dropout/BatchNorm off)
+
+    def bind(self, ids=None, draws=None) -> "_Binding":
+        """Context manager: use these sample ids (and optionally draws) in ``forward(x)``."""
+        return _Binding(self, ids, draws)
+
+    def with_randomness(self, randomness) -> "DefendedClassifier":
+        """The same classifier and network with the purifier's randomness replaced (a new module
+        sharing the weights; nothing is swapped in place)."""
+        return DefendedClassifier(self.classifier, self.purifier.with_randomness(randomness))
+
+    def forward(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
+        ids = self._ids if ids is None else ids
+        draws = self._draws if draws is None else draws
+        return self.classifier(self.purifier(x, ids=ids, draws=draws))
+
+
+class _Binding:
+    def __init__(self, model: DefendedClassifier, ids, draws):
+        self.model, self.ids, self.draws = model, ids, draws
+
+    def __enter__(self):
+        self.saved = (self.model._ids, self.model._draws)
+        self.model._ids = None if self.ids is None else torch.as_tensor(self.ids, dtype=torch.long)
+        self.model._draws = None if self.draws is None else torch.as_tensor(self.draws, dtype=torch.long)
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model._ids, self.model._draws = self.saved
+        return False
+
+
+def load_defense(classifier_dir, diffusion_dir, purification: dict, variance_type: str, randomness,
+                 device) -> DefendedClassifier:
+    """Classifier after purifier, both loaded from the DAG's model folders."""
+    from ..models.classifiers import load_classifier
+    from .registry import load_purifier
+
+    classifier = load_classifier(classifier_dir).to(device)
+    return DefendedClassifier(classifier, load_purifier(diffusion_dir, purification, variance_type, randomness, device))

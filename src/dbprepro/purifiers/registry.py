@@ -1,0 +1,63 @@
+"""The registry of purifier families: ``sampler`` name -> class.
+
+A family registers itself with :func:`register_purifier`; every other part of the package reads
+:data:`PURIFIERS` (the factory :func:`build_purifier`, config checks, the cost model, ADDT, the API
+and the CLI), so adding a family is one module in ``dbprepro/purifiers/`` plus its config section
+in the schema.  The modules of ``dbprepro/purifiers/`` are imported (and so registered) by the
+package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..randomness import Randomness
+    from .base import ReverseChain
+
+#: sampler name -> purifier family class, in registration order
+PURIFIERS: dict[str, type["ReverseChain"]] = {}
+
+
+def register_purifier(cls):
+    """Class decorator: register a purifier family under its ``sampler`` name."""
+    name = cls.__dict__.get("sampler")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute sampler = '<name>' to be registered")
+    if name in PURIFIERS and PURIFIERS[name] is not cls:
+        raise ValueError(f"purifier family {name!r} is registered twice ({PURIFIERS[name].__name__}, {cls.__name__})")
+    PURIFIERS[name] = cls
+    return cls
+
+
+def samplers() -> tuple[str, ...]:
+    """Names of every registered purifier family."""
+    return tuple(PURIFIERS)
+
+
+def purifier_class(sampler: str) -> type["ReverseChain"]:
+    """The registered family ``sampler``, or a ValueError listing the known ones."""
+    try:
+        return PURIFIERS[sampler]
+    except KeyError:
+        raise ValueError(f"unknown purifier family (sampler) {sampler!r}; registered: "
+                         f"{', '.join(PURIFIERS)}") from None
+
+
+def build_purifier(unet, scheduler, purification: dict[str, Any], randomness: "Randomness | None" = None,
+                   grad_mode: str | None = None) -> "ReverseChain":
+    """The purifier of ``purification.sampler`` (default ddpm) from a ``purification`` config section."""
+    cls = purifier_class(purification.get("sampler", "ddpm"))
+    return cls.from_config(unet, scheduler, purification, randomness=randomness, grad_mode=grad_mode)
+
+
+def load_purifier(diffusion_dir, purification: dict[str, Any], variance_type: str, randomness: "Randomness",
+                  device) -> "ReverseChain":
+    """:func:`build_purifier` on the network of a diffusers folder (the DAG's model folders)."""
+    from ..models.diffusion import load_diffusion
+
+    unet, scheduler = load_diffusion(diffusion_dir, scheduler_overrides={"variance_type": variance_type})
+    return build_purifier(unet.to(device), scheduler, purification, randomness)
+
+
+make_purifier = build_purifier  # its name in dbprepro.continuous before 0.2
