@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import dbprepro.autoattack as aa
+import dbprepro.attacks.autoattack as aa
 from dbprepro.attacks import SELECT_DRAW_OFFSET, evaluate_draws, settings_randomness
-from dbprepro.autoattack import IdTracker, autoattack_batch, monotone_assignment, run_multi_evaluation
+from dbprepro.attacks.autoattack import IdTracker, autoattack_batch, monotone_assignment, run_multi_evaluation
 from dbprepro.models.classifiers import SmallCNN
 from dbprepro.purifiers import DefendedClassifier, Purifier
 

@@ -7,7 +7,8 @@ from dbprepro.config import validate_config
 from dbprepro.data import prepare_split, shard_slices
 from dbprepro.models.classifiers import SmallCNN, save_classifier
 from dbprepro.models.diffusion import save_diffusion
-from dbprepro.robustness import merge_shards, p1_main_table, run_attack_shard
+from dbprepro.attacks.runner import merge_shards, run_attack_shard
+from dbprepro.paper1.tables import p1_main_table
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def _main_rows(defense, setting, n, k, clean=0.9):
 
 
 def test_families_and_ablation_tables_pick_the_single_evaluation_rows(tmp_path):
-    from dbprepro.robustness import write_p1_ablation_table, write_p1_families_table
+    from dbprepro.paper1.tables import write_p1_ablation_table, write_p1_families_table
 
     rows = (_main_rows("vanilla", "whitebox_eot", 64, 22) + _main_rows("vanilla", "dwbox", 64, 14)
             + _main_rows("addt", "whitebox_eot", 64, 26) + _main_rows("addt", "dwbox", 64, 19)

@@ -13,13 +13,17 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
 
-#: old module path -> new module path
-MOVED: dict[str, str] = {
+#: old module path -> new module path (or the new modules whose public names it had)
+MOVED: dict[str, str | tuple[str, ...]] = {
     "dbprepro.purification": "dbprepro.purifiers",
     "dbprepro.continuous": "dbprepro.purifiers",
     "dbprepro.gradients": "dbprepro.purifiers.gradients",
+    "dbprepro.autoattack": "dbprepro.attacks.autoattack",
+    # split in three: the names of all of them
+    "dbprepro.robustness": ("dbprepro.attacks.runner", "dbprepro.paper1.tables", "dbprepro.paper2.fixed_randomness"),
 }
 
 
@@ -31,9 +35,16 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         new = MOVED[spec.name]
-        warnings.warn(f"{spec.name} moved to {new}; the old path will be removed in a later release",
+        where = new if isinstance(new, str) else " and ".join(new)
+        warnings.warn(f"{spec.name} moved to {where}; the old path will be removed in a later release",
                       DeprecationWarning, stacklevel=3)
-        return importlib.import_module(new)
+        if isinstance(new, str):
+            return importlib.import_module(new)
+        merged = types.ModuleType(spec.name, f"Deprecated: the names of {where}.")
+        for name in new:
+            module = importlib.import_module(name)
+            merged.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+        return merged
 
     def exec_module(self, module):  # the new module is already executed
         pass

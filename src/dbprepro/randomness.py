@@ -35,7 +35,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 Mode = Literal["random", "fixed"]
 
@@ -153,6 +152,8 @@ class Randomness:
         gens = self.generators(ids, draws, stream, index)
         if not gens:
             return torch.empty((0, *shape), device=device, dtype=dtype)
+        from diffusers.utils.torch_utils import randn_tensor  # imported here: diffusers takes ~3 s to import
+
         return randn_tensor((len(gens), *shape), generator=gens, device=torch.device(device or "cpu"),
                             dtype=dtype)
 

@@ -63,6 +63,8 @@ class ReverseChain(nn.Module):
     loss_family: ClassVar[str] = "ddpm"
     #: its own section under ``purification`` in the config (None: only the shared keys)
     config_section: ClassVar[str | None] = None
+    #: the gradient modes it offers (``grad_mode``)
+    grad_modes: ClassVar[tuple[str, ...]] = GRAD_MODES
 
     randomness: Randomness
     grad_mode: str

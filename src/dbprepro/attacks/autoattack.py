@@ -11,12 +11,12 @@ Multi-evaluation (paper 1's "Fixed-AutoAttack")
 AutoAttack counts a sample as broken as soon as one forward pass misclassifies it, which on a
 stochastic defense is luck, not robustness.  Here the clean input is the initial candidate of
 each sample; after every sub-attack, each candidate it returns is re-purified and classified
-``n_eval`` times (:func:`~dbprepro.attacks.evaluate_draws`: fresh evaluation draws in the
+``n_eval`` times (:func:`~dbprepro.attacks.protocols.evaluate_draws`: fresh evaluation draws in the
 stochastic settings, the fixed configuration in ``dwbox``), its score is the mean correctness,
 and it replaces the stored example only if its score is strictly lower.  Only samples whose
 stored score is still > 0 are attacked by later sub-attacks.  The reported columns come from
 the final stored examples evaluated with ``eval_draws`` draws, like
-:func:`~dbprepro.attacks.attack_batch`.
+:func:`~dbprepro.attacks.pgd.attack_batch`.
 
 Sample ids inside torchattacks
 ------------------------------
@@ -42,9 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks import (EVAL_DRAW_OFFSET, SELECT_DRAW_OFFSET, NORMS, AttackResult, Norm, Setting, _check_randomness,
-                      evaluate_draws, is_fixed, perturbation_norms, project, summarise_evaluations)
-from .purifiers import DefendedClassifier
+from ..calls import Calls, defended_forward, defended_grad
+from ..purifiers import DefendedClassifier
+from .base import NORMS, Attack, AttackResult, Norm, evaluation_calls, perturbation_norms, project
+from .protocols import (EVAL_DRAW_OFFSET, SELECT_DRAW_OFFSET, Setting, _check_randomness, evaluate_draws, is_fixed,
+                        summarise_evaluations)
+from .registry import register_attack
 
 log = logging.getLogger("dbprepro.autoattack")
 
@@ -217,7 +220,7 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
 
     ``model``'s purifier randomness must match ``setting`` (fixed for ``dwbox``, random
     otherwise); its random-mode counters are reset first, so a call is replayable whatever ran
-    before.  Returns the per-sample columns of :func:`~dbprepro.attacks.attack_batch` (losses
+    before.  Returns the per-sample columns of :func:`~dbprepro.attacks.pgd.attack_batch` (losses
     are NaN: torchattacks does not expose them) and an :class:`AttackResult` whose
     ``extra["per_subattack"]`` lists the mean score after each stage.
     """
@@ -284,3 +287,59 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
              setting, norm, eps, cols["correct_single"].mean(), cols["correct_mean"].mean(), eval_draws)
     extra = {"per_subattack": records, "score": score, "n_eval": n_eval, "version": version}
     return cols, AttackResult(x_adv, loss=None, deltas=None, extra=extra)
+
+
+@register_attack
+class AutoAttackStandard(Attack):
+    """``aa_standard``: AutoAttack's standard sub-attacks (APGD-CE, APGD-T, FAB-T, Square) with
+    multi-evaluation, on the deterministic purifier (``dwbox``); config ``attacks.autoattack``."""
+
+    name = "aa_standard"
+    config_section = "autoattack"
+    version = "standard"
+    setting = "dwbox"
+
+    @classmethod
+    def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
+        aa = attacks["autoattack"]
+        run = aa["enabled"] and cls.version in aa["versions"] and threat in aa["threat_models"]
+        return [cls.setting] if run else []
+
+    @classmethod
+    def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
+        """An upper bound: every image through every sub-attack (AutoAttack stops attacking an
+        image once it is broken), and the multi-evaluation after each sub-attack."""
+        aa = attacks["autoattack"]
+        R, n_eval = aa["n_restarts"], (1 if is_fixed(setting) else aa["n_eval"])
+        select = defended_forward(S) * n_eval
+        g = defended_grad(S, grad_mode)
+        T = aa["n_target_classes"]
+        apgd_ce = g * (R * (aa["apgd_steps"] + 1))
+        apgd_t = g * (T * R * (aa["apgd_steps"] + 1))
+        fab_t = (g + defended_forward(S)) * (T * R * aa["fab_steps"])
+        square = defended_forward(S) * aa["square_queries"]
+        return apgd_ce + apgd_t + fab_t + square + select * 4 + evaluation_calls(attacks, setting, S), True
+
+    @classmethod
+    def run_batch(cls, model, x, y, ids, *, setting, threat, attacks, seed, track=0):
+        return autoattack_batch(model, x, y, ids, version=cls.version, setting=setting, norm=threat["norm"],
+                                eps=threat["eps"], config=attacks["autoattack"], eval_draws=attacks["eval_draws"],
+                                seed=seed)
+
+
+@register_attack
+class AutoAttackRand(AutoAttackStandard):
+    """``aa_rand``: AutoAttack's version for stochastic defenses (APGD-CE and APGD-DLR with EOT),
+    with multi-evaluation, on the stochastic purifier (``whitebox_eot``)."""
+
+    name = "aa_rand"
+    version = "rand"
+    setting = "whitebox_eot"
+
+    @classmethod
+    def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
+        aa = attacks["autoattack"]
+        R, n_eval = aa["n_restarts"], (1 if is_fixed(setting) else aa["n_eval"])
+        apgd = defended_grad(S, grad_mode) * (R * (aa["apgd_steps"] + 1) * aa["eot_iter"])
+        select = defended_forward(S) * n_eval
+        return apgd * 2 + select * 2 + evaluation_calls(attacks, setting, S), True

@@ -1,4 +1,4 @@
-"""Experiment configuration: one JSON schema, one validation function.
+"""Validation of a configuration: one JSON schema, then the checks a schema cannot express.
 
 The schema (``schemas/config.schema.yaml`` inside the package) documents every key.  Snakemake
 (``workflow/rules/common.smk``) and the CLI both call :func:`validate_config`, which runs
@@ -14,11 +14,9 @@ from typing import Any
 
 import yaml
 
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
+from ..errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the offending key."""
+SCHEMA_PATH = Path(__file__).parent.parent / "schemas" / "config.schema.yaml"
 
 
 def _key(path) -> str:
@@ -72,7 +70,6 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def _semantic_checks(cfg: dict[str, Any]) -> None:
     data, clf, dif = cfg["data"], cfg["classifier"], cfg["diffusion"]
-    pur = cfg["purification"]
     if data["dataset"] == "cifar10" and "download" not in data:
         raise ConfigError("config key data.download: required for dataset cifar10 (repo, revision, sha256 per file)")
     for section, name in ((clf, "classifier"), (dif, "diffusion")):
@@ -95,18 +92,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     sch = dif["schedule"]
     if sch["beta_end"] <= sch["beta_start"]:
         raise ConfigError("config key diffusion.schedule.beta_end: must be larger than beta_start")
-    T, n = sch["num_train_timesteps"], pur["num_inference_steps"]
-    if n > T:
-        raise ConfigError(f"config key purification.num_inference_steps: {n} exceeds the {T} training timesteps")
-    t_start = min(int(round(pur["t_star"] * T)), T - 1)
-    if t_start < 1:
-        raise ConfigError(f"config key purification.t_star: {pur['t_star']} rounds to timestep 0 of {T}: nothing to purify")
-    if t_start % (T // n):
-        raise ConfigError(f"config key purification.num_inference_steps: t*={pur['t_star']} (timestep {t_start}) is not "
-                          f"on the grid of {n} steps (every {T // n}); pick a value such that {T // n} divides {t_start}")
-    if pur["grad_mode"] == "adjoint" and (pur["sampler"] != "vpsde" or pur["vpsde"]["corrector"]):
-        raise ConfigError("config key purification.grad_mode: adjoint needs sampler vpsde without corrector "
-                          f"(got sampler {pur['sampler']!r}, corrector {pur['vpsde']['corrector']})")
+    _purifier_checks(cfg)
     att = cfg["attacks"]
     if att["n_images"] > data["n_test"]:
         raise ConfigError(f"config key attacks.n_images: {att['n_images']} exceeds data.n_test ({data['n_test']})")
@@ -134,11 +120,6 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     if fam["names"] and fam["addt"] and not (cfg["addt"]["enabled"] and "addt" in cfg["addt"]["variants"]):
         raise ConfigError("config key families.addt: needs addt.enabled and 'addt' in addt.variants "
                           "(or set families.addt: false)")
-    for f in set(fam["names"]) | {pur["sampler"]}:
-        if f == "vpsde" and pur["vpsde"]["beta_max"] <= pur["vpsde"]["beta_min"]:
-            raise ConfigError("config key purification.vpsde.beta_max: must be larger than beta_min")
-        if f == "edm" and pur["edm"]["sigma_max"] is not None and pur["edm"]["sigma_max"] <= pur["edm"]["sigma_min"]:
-            raise ConfigError("config key purification.edm.sigma_max: must be larger than sigma_min")
     an = cfg["analysis"]
     if an["threat_model"] is not None and an["threat_model"] not in names:
         raise ConfigError(f"config key analysis.threat_model: {an['threat_model']!r} is not a name in "
@@ -153,6 +134,29 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         if data["n_test"] > n_test_max:
             raise ConfigError(f"config key data.n_test: {data['n_test']} exceeds the ~{n_test_max} test images of "
                               f"the digits split with test_fraction {data['test_fraction']}")
+
+
+def _purifier_checks(cfg: dict[str, Any]) -> None:
+    """The checks of every purifier family the config uses (the registered class's ``check_config``),
+    and whether the main sampler offers ``purification.grad_mode``."""
+    from ..purifiers import purifier_class
+
+    pur, fam = cfg["purification"], cfg["families"]
+    main = purifier_class(pur["sampler"])
+    gm = pur["grad_mode"]
+    modes = getattr(main, "grad_modes", ())
+    try:
+        for name in dict.fromkeys([pur["sampler"], *fam["names"]]):
+            purifier_class(name).check_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if gm not in modes:
+        raise ConfigError(f"config key purification.grad_mode: {gm!r} is not offered by sampler {pur['sampler']!r} "
+                          f"(it offers {', '.join(modes)})")
+    own = [f for f in fam["own_addt"] if purifier_class(f).loss_family == "ddpm"]
+    if own:
+        raise ConfigError(f"config key families.own_addt: {own} fine-tune with the DDPM loss, which the addt weights "
+                          "already are; list only families with an ADDT loss of their own")
 
 
 def unpinned_entries(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -206,111 +210,3 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def threat_model(attacks: dict[str, Any], name: str) -> dict[str, Any]:
-    """The threat model called ``name`` in the ``attacks`` config section."""
-    for tm in attacks["threat_models"]:
-        if tm["name"] == name:
-            return tm
-    raise ConfigError(f"no threat model named {name!r} in attacks.threat_models")
-
-
-def analysis_threat(cfg: dict[str, Any]) -> str:
-    """Name of the threat model paper 2's analyses use (``analysis.threat_model``, else the first)."""
-    name = cfg["analysis"]["threat_model"]
-    return name if name is not None else cfg["attacks"]["threat_models"][0]["name"]
-
-
-def fixed_setting_name(k: int, default_draw: int = 0) -> str:
-    """The attack setting that attacks fixed randomness configuration ``k``: ``dwbox`` when ``k``
-    is ``attacks.fixed_draw`` (that run exists already), else ``dwbox_c{k}`` (see
-    :mod:`dbprepro.attacks`).  Torch-free, for the Snakefile."""
-    if int(k) < 0:
-        raise ValueError(f"a fixed configuration is a non-negative integer, got {k}")
-    return "dwbox" if int(k) == int(default_draw) else f"dwbox_c{int(k)}"
-
-
-def addt_settings(cfg: dict[str, Any], variant: str) -> list[str]:
-    """The settings the ADDT defense ``variant`` is attacked in: ``addt.attack_settings`` for
-    ``addt``, ``addt.ablation_settings`` (default: the same) for the ablation variants."""
-    a = cfg["addt"]
-    if variant != "addt" and a["ablation_settings"] is not None:
-        return list(a["ablation_settings"])
-    return list(a["attack_settings"])
-
-
-def family_defenses(cfg: dict[str, Any]) -> list[str]:
-    """The defenses of ``families``: ``f`` (vanilla weights, sampler f) and, with ``families.addt``,
-    ``f_addt`` (ADDT weights, sampler f) for every family f."""
-    fam = cfg["families"]
-    with_addt = fam["addt"] and cfg["addt"]["enabled"] and "addt" in cfg["addt"]["variants"]
-    names = [f for f in fam["names"] if f != cfg["purification"]["sampler"]]  # that one is vanilla/addt
-    return [d for f in names for d in ([f, f"{f}_addt"] if with_addt else [f])]
-
-
-def own_addt_defenses(cfg: dict[str, Any]) -> list[str]:
-    """Family defenses whose weights are fine-tuned with the family's own ADDT loss (``f_addt``)."""
-    own = set(cfg["families"]["own_addt"])
-    return [d for d in family_defenses(cfg) if d.endswith("_addt") and d[: -len("_addt")] in own]
-
-
-def defense_family(cfg: dict[str, Any], defense: str) -> str:
-    """The sampler (purifier family) of ``defense``: ``f`` for the family defenses, else
-    ``purification.sampler``."""
-    if defense in family_defenses(cfg):
-        return defense.removesuffix("_addt")
-    return cfg["purification"]["sampler"]
-
-
-def defense_weights(cfg: dict[str, Any], defense: str) -> str:
-    """The folder under ``results/models/diffusion/`` holding ``defense``'s network: ``vanilla``
-    for ``f``, ``f_addt`` for a family with its own ADDT, ``addt`` for the others."""
-    if defense not in family_defenses(cfg):
-        return defense
-    if not defense.endswith("_addt"):
-        return "vanilla"
-    return defense if defense in own_addt_defenses(cfg) else "addt"
-
-
-def defense_purification(cfg: dict[str, Any], defense: str) -> dict[str, Any]:
-    """The ``purification`` section ``defense`` is purified with (``sampler`` = its family)."""
-    return {**cfg["purification"], "sampler": defense_family(cfg, defense)}
-
-
-def defense_attacks(cfg: dict[str, Any], defense: str) -> dict[str, Any]:
-    """The ``attacks`` section of ``defense``'s attack runs (``families.n_images`` for families)."""
-    n = cfg["families"]["n_images"]
-    if defense in family_defenses(cfg) and n is not None:
-        return {**cfg["attacks"], "n_images": n}
-    return cfg["attacks"]
-
-
-def attack_runs(cfg: dict[str, Any], fixed_configs: bool = False) -> list[tuple[str, str, str, str]]:
-    """``(defense, threat, setting, attack)`` of every configured attack run: the undefended
-    reference, paper 1's grid on the vanilla purifier (PGD in every setting, BPDA, AutoAttack) and
-    the ADDT defenses in their ablation settings.  With ``fixed_configs``, also paper 2's attacks
-    on the further fixed randomness configurations (``dwbox_c<k>``, :func:`fixed_setting_name`).
-    Torch-free: the Snakefile builds its targets from it, :mod:`dbprepro.cost` its estimate."""
-    att, addt = cfg["attacks"], cfg["addt"]
-    names = [tm["name"] for tm in att["threat_models"]]
-    runs = [("undefended", tm, "none", "pgd") for tm in names]
-    for tm in names:  # vanilla: the full grid of paper 1's main table
-        runs += [("vanilla", tm, s, "pgd") for s in att["settings"]]
-        if att["bpda"]["enabled"] and tm in (att["bpda"]["threat_models"] or names):
-            runs += [("vanilla", tm, s, "bpda") for s in att["bpda"]["settings"]]
-    if att["autoattack"]["enabled"]:
-        for tm in att["autoattack"]["threat_models"]:
-            for v in att["autoattack"]["versions"]:
-                runs.append(("vanilla", tm, "dwbox" if v == "standard" else "whitebox_eot", f"aa_{v}"))
-    for d in (addt["variants"] if addt["enabled"] else []):  # fine-tuned defenses: the ablation's settings
-        for tm in addt["attack_threat_models"]:
-            runs += [(d, tm, s, "pgd") for s in addt_settings(cfg, d)]
-    fam = cfg["families"]
-    for d in family_defenses(cfg):  # paper 1's other purifier families
-        for tm in fam["threat_models"]:
-            runs += [(d, tm, s, "pgd") for s in fam["settings"]]
-    if fixed_configs and cfg["analysis"]["enabled"]:
-        for k in range(cfg["analysis"]["fixed_configs"]):
-            run = ("vanilla", analysis_threat(cfg), fixed_setting_name(k, att["fixed_draw"]), "pgd")
-            if run not in runs:
-                runs.append(run)
-    return runs

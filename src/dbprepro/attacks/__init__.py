@@ -1,0 +1,35 @@
+"""Attacks on diffusion-based purification, on the exact-gradient engine.
+
+- ``protocols.py``: paper 1's threat settings (``whitebox``, ``whitebox_eot``, ``dwbox``,
+  ``dwbox_c<k>``: which randomness the attacker sees) and the evaluation protocols (single / mean
+  / worst-of-N / majority vote over re-purifications);
+- ``base.py``: :class:`Attack`, the contract of a registered attack, and the threat-model geometry;
+- ``pgd.py``: PGD with batched EOT; ``bpda.py``: BPDA; ``autoattack.py``: AutoAttack (standard,
+  rand) with paper 1's multi-evaluation;
+- ``registry.py``: :data:`ATTACKS`, read by the attack grid, the DAG, the cost model, API and CLI;
+- ``runner.py``: one attack on one shard of the test set (the DAG's attack stage) and the merge.
+
+Every module of this folder is imported here, so a new attack is one new module with a class
+decorated by :func:`register_attack` (plus its config section in the schema, if it has one).
+"""
+
+import importlib
+import pkgutil
+
+from .base import (NORMS, Attack, AttackResult, Norm, ascent_direction, evaluation_calls, perturbation_norms, project,
+                   threat_model)
+from .protocols import (EVAL_DRAW_OFFSET, EVALUATIONS, SELECT_DRAW_OFFSET, SETTINGS, Setting, base_setting,
+                        evaluate_draws, is_fixed, setting_fixed_draw, settings_randomness, summarise_evaluations)
+from .registry import ATTACKS, attack_class, attack_names, register_attack
+from .pgd import PGD, attack_batch  # noqa: E402 - registered first: the grid's order is pgd, bpda, autoattack, ...
+from .bpda import BPDA  # noqa: E402
+from .autoattack import AutoAttackRand, AutoAttackStandard, autoattack_batch  # noqa: E402
+
+for _m in pkgutil.iter_modules(__path__):  # a new attack module registers itself on import
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["ATTACKS", "BPDA", "EVALUATIONS", "EVAL_DRAW_OFFSET", "NORMS", "PGD", "SELECT_DRAW_OFFSET", "SETTINGS",
+           "Attack", "AttackResult", "AutoAttackRand", "AutoAttackStandard", "Norm", "Setting", "ascent_direction",
+           "attack_batch", "attack_class", "attack_names", "autoattack_batch", "base_setting", "evaluate_draws",
+           "evaluation_calls", "is_fixed", "perturbation_norms", "project", "register_attack", "setting_fixed_draw",
+           "settings_randomness", "summarise_evaluations", "threat_model"]

@@ -1,0 +1,172 @@
+"""PGD with batched EOT on the exact-gradient engine (paper 1's attack in all three settings).
+
+Every draw the attacker uses is an explicit index of the purifier's replayable
+:class:`~dbprepro.randomness.Randomness`: step s, EOT sample k, restart r of a random-mode attack
+uses draw ``(r * steps + s) * K + k``; evaluation draws start at
+:data:`~dbprepro.attacks.protocols.EVAL_DRAW_OFFSET`, so the attacker never sees the noise it is
+evaluated with (except in ``dwbox``, by definition).
+
+:class:`PGD` runs the K EOT samples of a step as one batched forward/backward pass (torchattacks'
+``EOTPGD`` loops over them one call at a time and cannot pass per-sample draw indices); the
+update is paper 1's: zero start, sign (L-inf) or L2-normalised gradient of the cross-entropy on
+the classifier's logits after purification, projection on the epsilon-ball, clip to [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..calls import Calls, defended_grad
+from ..randomness import Stream
+from .base import NORMS, Attack, AttackResult, Norm, ascent_direction, evaluation_calls, perturbation_norms, project
+from .protocols import Setting, _check_randomness, base_setting, evaluate_draws, summarise_evaluations
+from .registry import register_attack
+
+
+@register_attack
+class PGD(Attack):
+    """Projected gradient descent with batched EOT on a :class:`DefendedClassifier`.
+
+    Args:
+        model: classifier after purifier; its purifier's randomness must match ``setting``
+            (see :func:`settings_randomness`); use ``grad_mode="bpda"`` on the purifier for BPDA.
+        setting: ``whitebox`` | ``whitebox_eot`` | ``dwbox`` | ``dwbox_c{k}``.
+        norm, eps, alpha, steps: threat model and step schedule, in [0, 1] pixel units.
+        eot: gradient samples per step (forced to 1 for ``whitebox`` and ``dwbox``).
+        random_start: start uniformly in the ball (seeded from the purifier seed) instead of at 0.
+        restarts: independent runs; the one with the highest final loss is kept per sample.
+        eot_chunk: at most this many images x EOT samples per forward pass (memory bound).
+        track: number of leading samples whose full perturbation path is recorded.
+    """
+
+    name = "pgd"
+    config_section = "pgd"
+
+    # -- the registered attack ------------------------------------------------------------------
+    @classmethod
+    def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
+        return list(attacks["settings"])  # paper 1's grid: every setting, every threat model
+
+    @classmethod
+    def gradient_calls(cls, S: int, grad_mode: str) -> Calls:
+        """Network calls of one attack gradient per image and draw."""
+        return defended_grad(S, grad_mode)
+
+    @classmethod
+    def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
+        pgd = attacks["pgd"]
+        K = pgd["eot"] if setting == "whitebox_eot" else 1
+        # steps + 1 passes per restart: the last one measures the final iterate's loss
+        grad = cls.gradient_calls(S, grad_mode) * (pgd["restarts"] * (pgd["steps"] + 1) * K)
+        return grad + evaluation_calls(attacks, setting, S), False
+
+    @classmethod
+    def run_batch(cls, model, x, y, ids, *, setting, threat, attacks, seed, track=0):
+        return attack_batch(model, x, y, ids, attack=cls.name, setting=setting, norm=threat["norm"],
+                            eps=threat["eps"], alpha=threat["alpha"], pgd=attacks["pgd"],
+                            eval_draws=attacks["eval_draws"], track=track)
+
+    # -- the attack -----------------------------------------------------------------------------
+
+    def __init__(self, model, setting: Setting, norm: Norm = "linf",
+                 eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20, eot: int = 10,
+                 random_start: bool = False, restarts: int = 1, eot_chunk: int = 4096, track: int = 0):
+        base = base_setting(setting)
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+        if eps <= 0 or alpha <= 0 or steps < 1 or eot < 1 or restarts < 1:
+            raise ValueError("eps and alpha must be > 0; steps, eot and restarts >= 1")
+        _check_randomness(setting, model.purifier.randomness)
+        self.model, self.setting, self.norm = model, base, norm
+        self.setting_name = setting
+        self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
+        self.eot = int(eot) if base == "whitebox_eot" else 1
+        self.random_start, self.restarts = bool(random_start), int(restarts)
+        self.eot_chunk, self.track = int(eot_chunk), int(track)
+
+    def draws(self, restart: int, step: int) -> torch.Tensor:
+        """Draw indices [eot] used at ``step`` of ``restart``."""
+        if self.setting == "dwbox":
+            return torch.full((1,), self.model.purifier.randomness.fixed_draw, dtype=torch.long)
+        base = (restart * (self.steps + 1) + step) * self.eot
+        return torch.arange(base, base + self.eot, dtype=torch.long)
+
+    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss (mean over the draws) and the gradient of its sum over the draws."""
+        B, K = x.shape[0], draws.numel()
+        x = x.detach().requires_grad_(True)
+        losses = torch.zeros(B, device=x.device)
+        grad = torch.zeros_like(x)
+        per = max(1, self.eot_chunk // max(B, 1))  # EOT samples per pass
+        for k0 in range(0, K, per):
+            kk = draws[k0:k0 + per]
+            xr = x.repeat_interleave(kk.numel(), dim=0)  # [B*k, ...] (image-major)
+            idr = ids.repeat_interleave(kk.numel())
+            dr = kk.repeat(B)
+            logits = self.model(xr, ids=idr, draws=dr)
+            ce = F.cross_entropy(logits, y.repeat_interleave(kk.numel()), reduction="none")
+            (g,) = torch.autograd.grad(ce.sum(), x)
+            grad += g
+            losses += ce.detach().view(B, -1).sum(1)
+        return losses / K, grad
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> AttackResult:
+        x, y, ids = x.detach(), y.to(x.device), torch.as_tensor(ids, dtype=torch.long).cpu()
+        best_adv, best_loss, best_hist, best_track = None, None, None, None
+        for r in range(self.restarts):
+            delta = torch.zeros_like(x)
+            if self.random_start:  # per-sample, replayable: keyed by (seed, id, restart)
+                u = self.model.purifier.randomness.uniform(ids, torch.full_like(ids, r), Stream.ATTACK, 0,
+                                                           x.shape[1:], device=x.device) * 2 - 1
+                delta = project(u * self.eps, self.norm, self.eps)
+                delta = (x + delta).clamp(0, 1) - x
+            hist = np.zeros((x.shape[0], self.steps + 1), dtype=np.float64)
+            track = np.zeros((min(self.track, x.shape[0]), self.steps + 1, x[0].numel()), dtype=np.float32)
+            for s in range(self.steps + 1):
+                loss, grad = self.loss_and_grad(x + delta, y, ids, self.draws(r, s))
+                hist[:, s] = loss.cpu().numpy()
+                if track.shape[0]:
+                    track[:, s] = delta[: track.shape[0]].flatten(1).cpu().numpy()
+                if s == self.steps:
+                    break  # the last pass only measures the final iterate
+                delta = delta + self.alpha * ascent_direction(grad, self.norm)
+                delta = project(delta, self.norm, self.eps)
+                delta = (x + delta).clamp(0, 1) - x
+            final = torch.as_tensor(hist[:, -1])
+            if best_loss is None:
+                best_adv, best_loss, best_hist, best_track = (x + delta).detach(), final, hist, track
+            else:
+                better = final > best_loss
+                best_adv[better] = (x + delta).detach()[better]
+                best_hist[better.numpy()] = hist[better.numpy()]
+                best_loss = torch.maximum(best_loss, final)
+        return AttackResult(best_adv, best_hist, best_track if self.track else None)
+
+
+def attack_batch(model, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *,
+                 attack: str, setting: Setting, norm: Norm, eps: float, alpha: float, pgd: dict,
+                 eval_draws: int, track: int = 0) -> tuple[dict[str, np.ndarray], AttackResult]:
+    """Run one attack on one batch and evaluate the result; returns per-sample columns."""
+    if attack not in ("pgd", "bpda"):
+        raise ValueError(f"unknown attack {attack!r}")
+    purifier = model.purifier
+    saved = purifier.grad_mode
+    purifier.grad_mode = "bpda" if attack == "bpda" else saved
+    try:
+        pgd_attack = PGD(model, setting, norm, eps, alpha, steps=pgd["steps"], eot=pgd["eot"],
+                         random_start=pgd["random_start"], restarts=pgd["restarts"],
+                         eot_chunk=pgd.get("eot_chunk", 4096), track=track)
+        res = pgd_attack(x, y, ids)
+    finally:
+        purifier.grad_mode = saved
+    preds = evaluate_draws(model, res.x_adv, ids, eval_draws, setting)
+    cols = {"id": ids.numpy(), "label": y.cpu().numpy(), **{f"correct_{k}": v for k, v in
+                                                          summarise_evaluations(preds, y.cpu().numpy()).items()},
+            **{f"norm_{k}": v for k, v in perturbation_norms(res.x_adv, x).items()},
+            "loss_start": res.loss[:, 0], "loss_end": res.loss[:, -1]}
+    return cols, res

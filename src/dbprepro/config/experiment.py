@@ -1,0 +1,198 @@
+"""The typed experiment: which defenses a validated config evaluates, how each purifies, and the
+attack grid, built once from the config (and read by the Snakefile, the stages and the cost model).
+
+A :class:`Defense` names its purifier family (``sampler``), the network it purifies with
+(``weights``: a folder under ``results/models/diffusion/``) and, for a fine-tuned network, the
+ADDT variant that trained it; nothing parses defense names.  The attack grid reads the attack
+registry (:data:`dbprepro.attacks.ATTACKS`): each registered attack says in which settings it runs.
+Torch-free except for the registries' import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ..attacks.base import threat_model  # noqa: F401 - part of this module's API
+from ..errors import ConfigError
+
+UNDEFENDED = "undefended"
+
+
+class AttackRun(NamedTuple):
+    """One attack run of the grid: ``results/attacks/{defense}/{threat}/{setting}/{attack}/``."""
+
+    defense: str
+    threat: str
+    setting: str
+    attack: str
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One defended classifier of the experiment.
+
+    ``name`` keys its results; ``sampler`` is its purifier family; ``weights`` the folder under
+    ``results/models/diffusion/`` it purifies with; ``finetune`` the ADDT variant that made those
+    weights (None: the base network); ``family`` whether it is one of ``families.names``' defenses
+    (else the main sampler's); ``trains`` whether this defense's own weights are trained by the
+    DAG (an ADDT variant, or a family with its own ADDT loss)."""
+
+    name: str
+    sampler: str
+    weights: str
+    finetune: str | None = None
+    family: bool = False
+    trains: bool = False
+
+    @property
+    def weights_kind(self) -> str:
+        """``vanilla`` (the base network) or ``addt`` (ADDT-fine-tuned weights)."""
+        return "vanilla" if self.finetune is None else "addt"
+
+
+@dataclass
+class Experiment:
+    """The defenses and attack grid of a validated config (:meth:`from_config`)."""
+
+    cfg: dict[str, Any]
+    defenses: dict[str, Defense] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "Experiment":
+        """Build the experiment of ``cfg`` (validated: schema defaults filled in)."""
+        exp = cls(cfg)
+        main = cfg["purification"]["sampler"]
+        exp._add(Defense("vanilla", main, "vanilla"))
+        for v in exp.addt_variants:
+            exp._add(Defense(v, main, v, finetune=v, trains=True))
+        fam, own = cfg["families"], set(cfg["families"]["own_addt"])
+        for f in [f for f in fam["names"] if f != main]:  # the main sampler is vanilla / addt
+            exp._add(Defense(f, f, "vanilla", family=True))
+            if fam["addt"] and "addt" in exp.addt_variants:
+                name = f"{f}_addt"
+                mine = f in own
+                exp._add(Defense(name, f, name if mine else "addt", finetune="addt", family=True, trains=mine))
+        return exp
+
+    def _add(self, d: Defense) -> None:
+        self.defenses[d.name] = d
+
+    # -- defenses -------------------------------------------------------------------------------
+    @property
+    def addt_variants(self) -> list[str]:
+        a = self.cfg["addt"]
+        return list(a["variants"]) if a["enabled"] else []
+
+    def defense(self, name: str) -> Defense:
+        try:
+            return self.defenses[name]
+        except KeyError:
+            raise ConfigError(f"no defense {name!r} in this configuration (defenses: "
+                              f"{', '.join(self.defenses)})") from None
+
+    @property
+    def family_defenses(self) -> list[str]:
+        return [d.name for d in self.defenses.values() if d.family]
+
+    @property
+    def own_addt(self) -> list[str]:
+        """Family defenses fine-tuned with their family's own ADDT loss."""
+        return [d.name for d in self.defenses.values() if d.family and d.trains]
+
+    def purification(self, name: str) -> dict[str, Any]:
+        """The ``purification`` section the defense purifies with (``sampler`` = its family)."""
+        return {**self.cfg["purification"], "sampler": self.defense(name).sampler}
+
+    def attacks(self, name: str) -> dict[str, Any]:
+        """The ``attacks`` section of the defense's runs (``families.n_images`` for families)."""
+        n = self.cfg["families"]["n_images"]
+        if name != UNDEFENDED and self.defense(name).family and n is not None:
+            return {**self.cfg["attacks"], "n_images": n}
+        return self.cfg["attacks"]
+
+    def addt_settings(self, variant: str) -> list[str]:
+        """Settings the ADDT defense ``variant`` is attacked in: ``addt.attack_settings`` for
+        ``addt``, ``addt.ablation_settings`` (default: the same) for the ablation variants."""
+        a = self.cfg["addt"]
+        if variant != "addt" and a["ablation_settings"] is not None:
+            return list(a["ablation_settings"])
+        return list(a["attack_settings"])
+
+    # -- the attack grid ------------------------------------------------------------------------
+    def attack_runs(self, fixed_configs: bool = False) -> list[AttackRun]:
+        """Every configured attack run: the undefended reference, every registered attack's runs on
+        the vanilla purifier (paper 1's main table), the ADDT defenses in their settings and the
+        families.  With ``fixed_configs``, also paper 2's attacks on the further fixed randomness
+        configurations (``dwbox_c<k>``, :func:`fixed_setting_name`)."""
+        from ..attacks.registry import ATTACKS
+
+        cfg, att = self.cfg, self.cfg["attacks"]
+        names = [tm["name"] for tm in att["threat_models"]]
+        runs = [AttackRun(UNDEFENDED, tm, "none", "pgd") for tm in names]
+        for tm in names:
+            for attack, cls in ATTACKS.items():
+                runs += [AttackRun("vanilla", tm, s, attack) for s in cls.settings(att, tm)]
+        for v in self.addt_variants:
+            for tm in cfg["addt"]["attack_threat_models"]:
+                runs += [AttackRun(v, tm, s, "pgd") for s in self.addt_settings(v)]
+        fam = cfg["families"]
+        for d in self.family_defenses:
+            for tm in fam["threat_models"]:
+                runs += [AttackRun(d, tm, s, "pgd") for s in fam["settings"]]
+        if fixed_configs and cfg["analysis"]["enabled"]:
+            for k in range(cfg["analysis"]["fixed_configs"]):
+                run = AttackRun("vanilla", analysis_threat(cfg), fixed_setting_name(k, att["fixed_draw"]), "pgd")
+                if run not in runs:
+                    runs.append(run)
+        return runs
+
+
+def analysis_threat(cfg: dict[str, Any]) -> str:
+    """Name of the threat model paper 2's analyses use (``analysis.threat_model``, else the first)."""
+    name = cfg["analysis"]["threat_model"]
+    return name if name is not None else cfg["attacks"]["threat_models"][0]["name"]
+
+
+def fixed_setting_name(k: int, default_draw: int = 0) -> str:
+    """The attack setting that attacks fixed randomness configuration ``k``: ``dwbox`` when ``k``
+    is ``attacks.fixed_draw`` (that run exists already), else ``dwbox_c{k}``."""
+    if int(k) < 0:
+        raise ValueError(f"a fixed configuration is a non-negative integer, got {k}")
+    return "dwbox" if int(k) == int(default_draw) else f"dwbox_c{int(k)}"
+
+
+# -- the function API of 0.1 (each builds the Experiment) ---------------------------------------
+def addt_settings(cfg: dict[str, Any], variant: str) -> list[str]:
+    return Experiment.from_config(cfg).addt_settings(variant)
+
+
+def family_defenses(cfg: dict[str, Any]) -> list[str]:
+    return Experiment.from_config(cfg).family_defenses
+
+
+def own_addt_defenses(cfg: dict[str, Any]) -> list[str]:
+    return Experiment.from_config(cfg).own_addt
+
+
+def defense_family(cfg: dict[str, Any], defense: str) -> str:
+    exp = Experiment.from_config(cfg)
+    return exp.defenses[defense].sampler if defense in exp.defenses else cfg["purification"]["sampler"]
+
+
+def defense_weights(cfg: dict[str, Any], defense: str) -> str:
+    exp = Experiment.from_config(cfg)
+    return exp.defenses[defense].weights if defense in exp.defenses else defense
+
+
+def defense_purification(cfg: dict[str, Any], defense: str) -> dict[str, Any]:
+    return {**cfg["purification"], "sampler": defense_family(cfg, defense)}
+
+
+def defense_attacks(cfg: dict[str, Any], defense: str) -> dict[str, Any]:
+    exp = Experiment.from_config(cfg)
+    return exp.attacks(defense) if defense in exp.defenses else cfg["attacks"]
+
+
+def attack_runs(cfg: dict[str, Any], fixed_configs: bool = False) -> list[AttackRun]:
+    return Experiment.from_config(cfg).attack_runs(fixed_configs)
