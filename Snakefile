@@ -18,7 +18,7 @@ wildcard_constraints:
     defense=r"[a-z0-9_]+",
     threat=r"[a-z0-9_]+",
     setting=r"whitebox|whitebox_eot|dwbox|dwbox_c(0|[1-9][0-9]*)|none",
-    attack=r"pgd|bpda|aa_standard|aa_rand",
+    attack="|".join(ATTACK_NAMES),  # the registered attacks (dbprepro.attacks.ATTACKS)
     shard=r"\d+",
 
 

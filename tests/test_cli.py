@@ -31,10 +31,11 @@ def test_purify_writes_a_replayable_image(tmp_path, model_dir, capsys):
     assert "11 reverse steps" in capsys.readouterr().out
 
 
-def test_purify_refuses_an_image_of_the_wrong_size(tmp_path, model_dir):
+def test_purify_refuses_an_image_of_the_wrong_size(tmp_path, model_dir, capsys):
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "big.png")
-    with pytest.raises(SystemExit, match="8x8"):
-        main(["purify", str(tmp_path / "big.png"), str(tmp_path / "o.png"), "--model", str(model_dir)])
+    assert main(["purify", str(tmp_path / "big.png"), str(tmp_path / "o.png"), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "8x8" in err and "16x16" in err and err.count("\n") == 1
 
 
 def test_validate_config(tmp_path, capsys):

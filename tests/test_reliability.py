@@ -84,7 +84,7 @@ _WRITERS = {"to_parquet", "to_csv", "savez", "savez_compressed", "save_pretraine
 _ALLOWED = {
     ("checkpoints.py", "download_url"),  # streams to a .tmp, verifies the sha256, then os.replace
     ("checkpoints.py", "download_url_unverified"),
-    ("cost.py", "run_estimate"),  # the CLI's optional --csv copy of a printed table, not a DAG output
+    ("report.py", "run_estimate"),  # the CLI's optional --csv copy of a printed table, not a DAG output
     ("runtime.py", "setup_logging"),  # appends to the job's log file (logs are not results)
 }
 

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .attacks import NORMS, attack_batch, base_setting, settings_randomness
+from .attacks import NORMS, attack_class, base_setting, settings_randomness
 from .checkpoints import CheckpointError
 from .purifiers import DefendedClassifier, Purifier, ReverseChain, build_purifier, check_images
 from .randomness import Randomness
@@ -142,8 +142,8 @@ def defend(classifier: nn.Module, purifier: Purifier) -> DefendedClassifier:
     ``nn.Module`` taking [0, 1] images works; torchattacks can attack it directly)."""
     if not isinstance(classifier, nn.Module):
         raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
-    if not isinstance(purifier, Purifier):
-        raise TypeError(f"purifier must be a dbprepro Purifier, got {type(purifier).__name__}")
+    if not isinstance(purifier, ReverseChain):
+        raise TypeError(f"purifier must be a dbprepro purifier (any registered family), got {type(purifier).__name__}")
     return DefendedClassifier(classifier, purifier)
 
 
@@ -188,8 +188,9 @@ def _labels(labels, n: int) -> torch.Tensor:
 def attack(model: DefendedClassifier, images: torch.Tensor, labels, *, setting: str = "dwbox",
            norm: Literal["linf", "l2"] = "linf", eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20,
            eot: int = 10, eval_draws: int = 10, seed: int = 0, fixed_draw: int = 0, ids=None,
-           random_start: bool = False, restarts: int = 1, bpda: bool = False) -> AttackReport:
-    """PGD on a defended classifier in one of paper 1's settings, then the evaluation.
+           random_start: bool = False, restarts: int = 1, bpda: bool = False, attack: str | None = None,
+           options: dict | None = None) -> AttackReport:
+    """An attack (PGD by default) on a defended classifier in one of paper 1's settings, then the evaluation.
 
     Args:
         model: a :class:`DefendedClassifier` (see :func:`defend`).
@@ -202,7 +203,10 @@ def attack(model: DefendedClassifier, images: torch.Tensor, labels, *, setting: 
             is refused: did you mean eps/255?).
         eval_draws: fresh purifications per adversarial example in the stochastic settings; the
             records hold ``single``, ``mean``, ``worst`` and ``vote`` correctness over them.
-        bpda: identity backward pass through the purifier (the weak baseline).
+        bpda: identity backward pass through the purifier (the weak baseline; = ``attack="bpda"``).
+        attack: any registered attack (:data:`dbprepro.attacks.ATTACKS`: ``pgd``, ``bpda``,
+            ``aa_standard``, ``aa_rand``, ...); ``options``: further keys of the config's ``attacks``
+            section it reads (e.g. ``{"autoattack": {"n_eval": 5}}``), schema defaults for the rest.
     """
     if not isinstance(model, DefendedClassifier):
         raise TypeError(f"model must be a DefendedClassifier (api.defend), got {type(model).__name__}")
@@ -218,11 +222,26 @@ def attack(model: DefendedClassifier, images: torch.Tensor, labels, *, setting: 
     check_images(images, *_expected_shape(model.purifier))
     y = _labels(labels, images.shape[0]).to(images.device)
     ids = torch.arange(images.shape[0]) if ids is None else torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
-    cols, res = attack_batch(model.with_randomness(settings_randomness(setting, seed, fixed_draw)), images, y, ids,
-                             attack="bpda" if bpda else "pgd", setting=setting, norm=norm, eps=eps, alpha=alpha,
-                             pgd={"steps": steps, "eot": eot, "random_start": random_start, "restarts": restarts},
-                             eval_draws=eval_draws)
-    return AttackReport(res.x_adv, pd.DataFrame(cols), res.loss, setting)
+    name = attack or ("bpda" if bpda else "pgd")
+    tm = {"name": norm, "norm": norm, "eps": float(eps), "alpha": float(alpha)}
+    section = _attacks_section(options or {}, pgd={"steps": steps, "eot": eot, "random_start": random_start,
+                                                    "restarts": restarts},
+                               eval_draws=eval_draws, fixed_draw=fixed_draw, threat_models=[tm])
+    cols, res = attack_class(name).run_batch(model.with_randomness(settings_randomness(setting, seed, fixed_draw)),
+                                             images, y, ids, setting=setting, threat=tm, attacks=section, seed=seed)
+    loss = res.loss if res.loss is not None else np.full((images.shape[0], 1), np.nan)
+    return AttackReport(res.x_adv, pd.DataFrame(cols), loss, setting)
+
+
+run_attack = attack  # for evaluate(), whose parameter ``attack`` names the attack
+
+
+def _attacks_section(options: dict, **keys) -> dict:
+    """An ``attacks`` config section: the schema's defaults, overlaid with ``options``, then with
+    ``keys`` (the call's own arguments win; sections merge key by key)."""
+    from .config import deep_merge, validate_config
+
+    return deep_merge(deep_merge(validate_config({"name": "api"})["attacks"], options), keys)
 
 
 @torch.no_grad()
@@ -234,7 +253,8 @@ def _accuracy(model, images, labels, ids=None, draws=None) -> float:
 def evaluate(classifier: nn.Module, purifier: Purifier, images: torch.Tensor, labels, *, setting: str = "dwbox",
              norm: Literal["linf", "l2"] = "linf", eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20,
              eot: int = 10, eval_draws: int = 10, random_draws: int = 1, fixed_configs: int = 1, seed: int = 0,
-             fixed_draw: int = 0, bpda: bool = False) -> pd.DataFrame:
+             fixed_draw: int = 0, bpda: bool = False, attack: str | None = None,
+             options: dict | None = None) -> pd.DataFrame:
     """Clean accuracy (classifier alone; purified under random and fixed randomness) and the robust
     accuracy of one attack (:func:`attack`) on ``images``: one row per (what, setting, evaluation)."""
     check_images(images, *_expected_shape(purifier))
@@ -251,9 +271,10 @@ def evaluate(classifier: nn.Module, purifier: Purifier, images: torch.Tensor, la
                      torch.full_like(ids, k)) for k in range(fixed_configs)]
     rows.append({"what": "clean", "setting": "fixed", "evaluation": "mean", "accuracy": float(np.mean(acc)),
                  "draws": fixed_configs})
-    rep = attack(model, images, y, setting=setting, norm=norm, eps=eps, alpha=alpha, steps=steps, eot=eot,
-                 eval_draws=eval_draws, seed=seed, fixed_draw=fixed_draw, bpda=bpda)
-    name = f"{'bpda' if bpda else 'pgd'}-{steps} {norm} eps={eps:.4g}"
+    rep = run_attack(model, images, y, setting=setting, norm=norm, eps=eps, alpha=alpha, steps=steps, eot=eot,
+                 eval_draws=eval_draws, seed=seed, fixed_draw=fixed_draw, bpda=bpda, attack=attack, options=options)
+    attack = attack or ("bpda" if bpda else "pgd")
+    name = f"{attack}-{steps} {norm} eps={eps:.4g}" if attack in ("pgd", "bpda") else f"{attack} {norm} eps={eps:.4g}"
     for ev in ("single", "mean", "worst", "vote"):
         rows.append({"what": name, "setting": setting, "evaluation": ev, "accuracy": rep.robust_accuracy(ev),
                      "draws": 1 if setting.startswith("dwbox") else eval_draws})

@@ -9,45 +9,106 @@ import sys
 from pathlib import Path
 
 
-def _cmd_purify(args: argparse.Namespace) -> int:
+def _read_image(path: str, channels: int, size: int):
+    """An image file (PNG/JPEG/...) or a ``.npy`` array ([C, H, W] or [H, W], floats in [0, 1]) as
+    a [1, C, H, W] float tensor; the array path keeps every bit of a float image."""
     import numpy as np
     import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".npy"):
+        arr = np.load(path, allow_pickle=False).astype(np.float32)
+        x = torch.from_numpy(arr[None] if arr.ndim == 2 else arr)[None]
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            img = Image.open(path).convert("L" if channels == 1 else "RGB")
+        except UnidentifiedImageError:
+            raise ValueError(f"{path}: not an image file (PNG, JPEG, ... or a .npy array)") from None
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        x = x[None, None] if channels == 1 else x.permute(2, 0, 1)[None]
+    if tuple(x.shape[1:]) != (channels, size, size):
+        raise ValueError(f"the model expects {channels}x{size}x{size} images, {path} is "
+                         f"{'x'.join(map(str, x.shape[1:]))} (resize it first)")
+    return x
+
+
+def _write_image(y, path: str) -> None:
+    import numpy as np
     from PIL import Image
 
-    from .models.diffusion import load_diffusion
-    from .purifiers import Purifier
+    if path.endswith(".npy"):
+        np.save(path, y.numpy().astype(np.float32))
+        return
+    arr = (y.clamp(0, 1) * 255).round().byte()
+    arr = arr[0].numpy() if y.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)
+
+
+def purification_settings(args: argparse.Namespace) -> tuple[dict, str, int]:
+    """The ``purification`` section, variance type and seed ``dbprepro purify`` uses: the config's
+    (``--config``, as the DAG purifies) with every flag given on the command line overriding it."""
+    if args.config:
+        cfg = load_checked_configs(args.config)
+        pur, variance, seed = dict(cfg["purification"]), cfg["diffusion"]["schedule"]["variance_type"], cfg["seed"]
+    else:
+        pur, variance, seed = {"t_star": 0.1, "num_inference_steps": 100, "sampler": "ddpm"}, "fixed_large", 0
+    for key, value in (("t_star", args.t_star), ("num_inference_steps", args.steps), ("sampler", args.sampler)):
+        if value is not None:
+            pur[key] = value
+    return pur, args.variance_type or variance, seed if args.seed is None else args.seed
+
+
+def _cmd_purify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import load_purifier
     from .randomness import Randomness
     from .runtime import resolve_device
 
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"{args.input}: no such input image")
+    pur, variance_type, seed = purification_settings(args)
     device = resolve_device(args.device)
-    unet, scheduler = load_diffusion(args.model, scheduler_overrides={"variance_type": args.variance_type})
-    channels, size = int(unet.config.in_channels), int(unet.config.sample_size)
-    img = Image.open(args.input)
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (size, size):
-        raise SystemExit(f"dbprepro purify: the model expects {size}x{size} images, {args.input} is "
-                         f"{img.size[0]}x{img.size[1]} (resize it first)")
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-    x = x[None, None] if channels == 1 else x.permute(2, 0, 1)[None]
-    p = Purifier(unet.to(device), scheduler, t_star=args.t_star, num_inference_steps=args.steps,
-                 sampler=args.sampler, randomness=Randomness(args.seed, args.mode))
+    fixed_draw = args.draw if args.mode == "fixed" else 0
+    p = load_purifier(args.model, sampler=pur["sampler"], t_star=pur["t_star"],
+                      num_inference_steps=pur.get("num_inference_steps"), variance_type=variance_type, device=device,
+                      settings={k: v for k, v in pur.items() if k != "grad_mode"})
+    p = p.with_randomness(Randomness(seed, args.mode, fixed_draw=fixed_draw))
+    cfg = p.unet.config
+    x = _read_image(args.input, int(cfg.in_channels), int(cfg.sample_size))
     with torch.no_grad():
-        y = p(x.to(device), ids=torch.tensor([args.id])).cpu()[0]
-    arr = (y.clamp(0, 1) * 255).round().byte()
-    arr = arr[0].numpy() if channels == 1 else arr.permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(args.output)
-    print(f"purified {args.input} -> {args.output} (t*={args.t_star}, {p.num_steps} reverse steps, "
-          f"{args.sampler}, seed {args.seed}, mode {args.mode})")
+        y = p(x.to(device), ids=torch.tensor([args.id]), draws=torch.tensor([args.draw])).cpu()[0]
+    _write_image(y, args.output)
+    print(f"purified {args.input} -> {args.output} (t*={pur['t_star']}, {p.num_steps} reverse steps, "
+          f"{pur['sampler']}, seed {seed}, mode {args.mode}, draw {args.draw}, id {args.id})")
     return 0
 
 
-def _configs(paths) -> dict | None:
-    """The validated overlay of config files (later ones win, as Snakemake's --configfile), or
-    None after printing why it is invalid."""
+def load_checked_configs(paths) -> dict:
+    """The validated overlay of config files (later ones win, as Snakemake's --configfile); a
+    missing or unreadable file or an invalid config raises :class:`ConfigError`."""
+    import yaml
+
     from .config import ConfigError, load_configs
 
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: no such config file")
     try:
         return load_configs(paths)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read the config: {e}") from None
+
+
+def _configs(paths) -> dict | None:
+    """:func:`load_checked_configs`, or None after printing why the config is unusable."""
+    from .config import ConfigError
+
+    try:
+        return load_checked_configs(paths)
     except ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         return None
@@ -185,16 +246,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{data / 'test.npz'}: no test split (snakemake results/data/test.npz makes it)")
         if not 1 <= args.n_images <= len(labels):
             raise ValueError(f"--n-images must lie in [1, {len(labels)}], got {args.n_images}")
+        sampler = args.sampler or pur["sampler"]
         purifier = api.load_purifier(args.diffusion, t_star=pur["t_star"], num_inference_steps=pur["num_inference_steps"],
-                                     sampler=pur["sampler"], eta=pur["eta"], clip_output=pur["clip_output"],
-                                     variance_type=cfg["diffusion"]["schedule"]["variance_type"],
-                                     grad_mode=pur.get("grad_mode", "exact"), seed=cfg["seed"], device=device)
+                                     sampler=sampler, variance_type=cfg["diffusion"]["schedule"]["variance_type"],
+                                     grad_mode=pur["grad_mode"] if sampler == pur["sampler"] else "exact",
+                                     seed=cfg["seed"], device=device, settings={**pur, "sampler": sampler})
         table = api.evaluate(api.load_classifier(args.classifier, device), purifier,
                              images[: args.n_images].to(device), labels[: args.n_images], setting=args.setting,
                              norm=tm["norm"], eps=tm["eps"], alpha=tm["alpha"], steps=att["pgd"]["steps"],
                              eot=att["pgd"]["eot"], eval_draws=att["eval_draws"], random_draws=ev["random_draws"],
                              fixed_configs=ev["fixed_configs"], seed=cfg["seed"], fixed_draw=att["fixed_draw"],
-                             bpda=args.attack == "bpda")
+                             attack=args.attack, options=att)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"dbprepro evaluate: {e}", file=sys.stderr)
         return 2
@@ -206,6 +268,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate_command(sub) -> None:
+    from .attacks import attack_names
+    from .purifiers import samplers
+
     e = sub.add_parser("evaluate", help="one configuration outside Snakemake: clean accuracy and one attack on a "
                                         "few test images, printed as a table (nothing written unless --csv)")
     e.add_argument("--config", nargs="+", default=["config.yaml"],
@@ -218,7 +283,8 @@ def _add_evaluate_command(sub) -> None:
     e.add_argument("--n-images", type=int, default=8, help="first N test images [%(default)s]")
     e.add_argument("--threat", help="threat model name from attacks.threat_models [the first]")
     e.add_argument("--setting", default="dwbox", choices=["whitebox", "whitebox_eot", "dwbox"], help="[%(default)s]")
-    e.add_argument("--attack", default="pgd", choices=["pgd", "bpda"], help="[%(default)s]")
+    e.add_argument("--attack", default="pgd", choices=attack_names(), help="a registered attack [%(default)s]")
+    e.add_argument("--sampler", choices=samplers(), help="purifier family [the config's purification.sampler]")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], help="[the config's device]")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch's default]")
     e.add_argument("--csv", help="also write the table to this CSV")
@@ -229,19 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dbprepro", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("purify", help="purify one image with a diffusion model folder")
-    p.add_argument("input", help="input image (PNG/JPEG); must match the model's size and channels")
-    p.add_argument("output", help="where to write the purified image")
+    from .purifiers import samplers
+
+    p = sub.add_parser("purify", help="purify one image with a diffusion model folder, as the DAG does with --config")
+    p.add_argument("input", help="input image (PNG/JPEG, or a .npy float array in [0, 1]); must match the model's "
+                                 "size and channels")
+    p.add_argument("output", help="where to write the purified image (.npy: the float array, bit for bit)")
+    p.add_argument("--config", nargs="+", help="config file(s): t*, sampler, steps, family settings, variance type and "
+                                               "seed as the DAG purifies (the flags below override them)")
     p.add_argument("--model", default="results/models/diffusion/vanilla",
                    help="diffusers folder (unet/ + scheduler/, or a hub snapshot) [%(default)s]")
-    p.add_argument("--t-star", type=float, default=0.1, help="diffusion strength in (0, 1] [%(default)s]")
-    p.add_argument("--steps", type=int, default=100, help="num_inference_steps of the schedule [%(default)s]")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="[%(default)s]")
-    p.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_large",
-                   help="DDPM reverse variance [%(default)s]")
-    p.add_argument("--seed", type=int, default=0, help="randomness seed [%(default)s]")
+    p.add_argument("--t-star", type=float, help="diffusion strength in (0, 1] [the config's, else 0.1]")
+    p.add_argument("--steps", type=int, help="num_inference_steps of the DDPM/DDIM schedule [the config's, else 100]")
+    p.add_argument("--sampler", choices=samplers(), help="purifier family [the config's, else ddpm]")
+    p.add_argument("--variance-type", choices=["fixed_small", "fixed_large"],
+                   help="DDPM reverse variance [the config's, else fixed_large]")
+    p.add_argument("--seed", type=int, help="randomness seed [the config's, else 0]")
     p.add_argument("--mode", choices=["random", "fixed"], default="random", help="randomness mode [%(default)s]")
-    p.add_argument("--id", type=int, default=0, help="sample id keying the noise [%(default)s]")
+    p.add_argument("--draw", type=int, default=0,
+                   help="random mode: the draw index; fixed mode: the fixed configuration [%(default)s]")
+    p.add_argument("--id", type=int, default=0, help="sample id keying the noise (the DAG: the image's id) [%(default)s]")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[%(default)s]")
     p.set_defaults(func=_cmd_purify)
 
@@ -270,9 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: errors a user can cause (a missing file, a bad config or image, an unverifiable checkpoint): one line on
+#: stderr and exit code 2 instead of a traceback (DBPREPRO_DEBUG=1 shows the traceback)
+USER_ERRORS = (OSError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        import os
+
+        if os.environ.get("DBPREPRO_DEBUG"):
+            raise
+        print(f"dbprepro {args.command}: {e or type(e).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,3 +1,4 @@
+# Each rule below runs the function of its name in src/dbprepro/pipeline/attacks.py.
 # Stage 4: attacks (paper 1). One job per (defense, threat model, setting, attack, shard);
 # shards are unions of whole fixed batches, so results do not depend on the shard count.
 

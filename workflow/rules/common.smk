@@ -1,12 +1,11 @@
-# Helpers shared by every stage file - config validation, paths and target lists.
-# Only cheap imports here (no torch): this file runs on every DAG build and dry run.
+# Helpers shared by every stage file - config validation, the typed experiment, paths and target lists.
+# This file runs on every DAG build and dry run: the purifier and attack registries it reads import
+# torch (~3 s), nothing heavier (no diffusers, no models).
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from dbprepro.config import ConfigError, validate_config
-from dbprepro.config import attack_runs as config_attack_runs
-from dbprepro.config import (defense_attacks, defense_family, defense_purification, defense_weights,
-                             family_defenses, own_addt_defenses)
+from dbprepro.attacks import attack_names
+from dbprepro.config import ConfigError, Experiment, validate_config
 
 min_version("9.20")
 
@@ -16,13 +15,15 @@ except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
 
+ATTACK_NAMES = attack_names()
 RESULTS = "results"
 LOGS = "logs"
-ADDT_VARIANTS = config["addt"]["variants"] if config["addt"]["enabled"] else []
+EXPERIMENT = Experiment.from_config(config)  # the defenses (sampler, weights) and the attack grid
+ADDT_VARIANTS = EXPERIMENT.addt_variants
 DEFENSES = ["vanilla", *ADDT_VARIANTS]
-FAMILY_DEFENSES = family_defenses(config)  # paper 1's other purifier families (families.names)
+FAMILY_DEFENSES = EXPERIMENT.family_defenses  # paper 1's other purifier families (families.names)
 EVAL_DEFENSES = [*DEFENSES, *FAMILY_DEFENSES]  # every defense with a clean evaluation and table rows
-OWN_ADDT = own_addt_defenses(config)  # family defenses fine-tuned with their own ADDT loss
+OWN_ADDT = EXPERIMENT.own_addt  # family defenses fine-tuned with their own ADDT loss
 
 # keys of every stage's params: runtime settings that change numbers
 RUNTIME = dict(seed=config["seed"], device=config["device"], deterministic=config["deterministic"])
@@ -69,7 +70,7 @@ def figure_targets():
 
 def attack_runs():
     """(defense, threat, setting, attack) of every attack run of paper 1's tables."""
-    return config_attack_runs(config)
+    return EXPERIMENT.attack_runs()
 
 
 def attack_dir(defense, threat, setting, attack):
@@ -82,17 +83,19 @@ def merged_attack_records():
 
 def defense_diffusion_input(wildcards):
     """The network of a defense's purifier; the undefended classifier has none."""
-    return [] if wildcards.defense == "undefended" else diffusion_dir(defense_weights(config, wildcards.defense))
+    if wildcards.defense == "undefended":
+        return []
+    return diffusion_dir(EXPERIMENT.defense(wildcards.defense).weights)
 
 
 def defense_purification_param(wildcards):
     """The purification section of a defense (its family's sampler)."""
-    return defense_purification(config, wildcards.defense)
+    return EXPERIMENT.purification(wildcards.defense)
 
 
 def defense_attacks_param(wildcards):
     """The attacks section of a defense's runs (families.n_images for the family defenses)."""
-    return defense_attacks(config, wildcards.defense)
+    return EXPERIMENT.attacks(wildcards.defense)
 
 
 def gradient_mode_families():
@@ -115,8 +118,8 @@ def family_table_rows():
     if "addt" in ADDT_VARIANTS:
         rows.append(dict(family=main, weights="addt", defense="addt"))
     for d in FAMILY_DEFENSES:
-        rows.append(dict(family=defense_family(config, d), weights="addt" if d.endswith("_addt") else "vanilla",
-                         defense=d))
+        defense = EXPERIMENT.defense(d)
+        rows.append(dict(family=defense.sampler, weights=defense.weights_kind, defense=d))
     return rows
 
 

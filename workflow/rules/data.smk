@@ -1,3 +1,4 @@
+# Each rule below runs the function of its name in src/dbprepro/pipeline/data.py.
 # Stage 1: the data split (digits: built from scikit-learn; cifar10: downloaded parquet files).
 
 

@@ -1,3 +1,4 @@
+# Each rule below runs the function of its name in src/dbprepro/pipeline/evaluate.py.
 # Stage 3: purification of the clean test set under random and fixed randomness.
 
 

@@ -1,3 +1,4 @@
+# Each rule below runs the function of its name in src/dbprepro/pipeline/figures.py.
 # Stage 5: paper 1's figures, from the attack runs of the first configured threat model (PGD).
 # The trajectory and landscape figures use the tracked images' paths (attacks.track_images >= 1).
 

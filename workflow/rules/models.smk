@@ -1,3 +1,4 @@
+# Each rule below runs the function of its name in src/dbprepro/pipeline/models.py.
 # Stage 2: base models. source "train": trained by the DAG; source "download": fetched from
 # the hub / a URL and verified against the sha256 values in the config.
 
@@ -103,11 +104,11 @@ rule train_addt:
         history=f"{RESULTS}/models/diffusion/{{defense}}_history.csv",
         timing=f"{RESULTS}/benchmarks/addt/{{defense}}_timing.csv",
     wildcard_constraints:
-        defense="|".join(["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune", *OWN_ADDT]),
+        defense="|".join(EXPERIMENT.trained_defenses),
     params:
         addt=config["addt"],
-        variant=lambda wildcards: "addt" if wildcards.defense in OWN_ADDT else wildcards.defense,
-        family=lambda wildcards: defense_family(config, wildcards.defense) if wildcards.defense in OWN_ADDT else "ddpm",
+        variant=lambda wildcards: EXPERIMENT.defense(wildcards.defense).finetune,
+        family=lambda wildcards: EXPERIMENT.finetune_family(wildcards.defense),
         purification=defense_purification_param,
         checkpoint_dir=f"{RESULTS}/checkpoints/addt/{{defense}}",
         **RUNTIME,

@@ -1,9 +1,10 @@
+# Each rule below runs the function of its name in src/dbprepro/pipeline/paper2.py.
 # Stage 6: paper 2 (Liu & Wei, arXiv 2505.22839) - l_p distances, randomness dominance, robustness
 # under fixed randomness, compression rate.  All on the first analysis.n_images attacked images of
 # one threat model.  Robustness under fixed randomness reuses the attack rule: setting dwbox_c<k>
 # attacks fixed configuration k (configuration attacks.fixed_draw is the plain dwbox run).
 
-from dbprepro.config import addt_settings, analysis_threat, fixed_setting_name, threat_model
+from dbprepro.config import analysis_threat, fixed_setting_name, threat_model
 
 P2 = config["analysis"]
 P2_THREAT = analysis_threat(config)
@@ -14,8 +15,8 @@ P2_FIXED_SETTINGS = [fixed_setting_name(k, P2_FIXED_DRAW) for k in P2_CONFIGS]
 # defenses compared by compression rate: vanilla + the ADDT defenses with a dwbox run on P2_THREAT
 # (P2_EOT_DEFENSES: those of them with a whitebox_eot run too)
 _ADDT_ON_THREAT = ADDT_VARIANTS if P2_THREAT in config["addt"]["attack_threat_models"] else []
-P2_MODEL_DEFENSES = ["vanilla"] + [v for v in _ADDT_ON_THREAT if "dwbox" in addt_settings(config, v)]
-P2_EOT_DEFENSES = ["vanilla"] + [v for v in P2_MODEL_DEFENSES[1:] if "whitebox_eot" in addt_settings(config, v)]
+P2_MODEL_DEFENSES = ["vanilla"] + [v for v in _ADDT_ON_THREAT if "dwbox" in EXPERIMENT.addt_settings(v)]
+P2_EOT_DEFENSES = ["vanilla"] + [v for v in P2_MODEL_DEFENSES[1:] if "whitebox_eot" in EXPERIMENT.addt_settings(v)]
 P2_PURIFY = dict(
     purification=config["purification"],
     variance_type=config["diffusion"]["schedule"]["variance_type"],

@@ -1,3 +1,4 @@
+# Each rule below runs the function of its name in src/dbprepro/pipeline/report.py.
 # Stage 7: the papers' numbers beside the reproduced ones (src/dbprepro/reference/paper_numbers.csv).
 # The values come from tables other rules wrote; on the digits default they are digits values
 # (column `dataset`), not CIFAR-10.  Runs in the Snakemake process (a join of small CSVs).
@@ -26,6 +27,4 @@ rule paper_vs_reproduced:
         f"{LOGS}/paper_vs_reproduced.log",
     localrule: True
     run:
-        from dbprepro.reference import write_paper_vs_reproduced
-
-        write_paper_vs_reproduced(f"{RESULTS}/tables", output.csv, output.md, params.dataset, params.name)
+        run_light_stage(rule, input, output, params, wildcards, log)

@@ -1,3 +1,4 @@
+# Each rule below runs the function of its name in src/dbprepro/pipeline/tables.py.
 # Stage 4: metric tables (pandas), from the per-sample records of the evaluation stages.
 
 
@@ -104,7 +105,7 @@ rule table_p1_ablation:
         md=f"{RESULTS}/tables/p1_table_ablation.md",
     params:
         defenses=EVAL_DEFENSES,
-        families={d: defense_family(config, d) for d in EVAL_DEFENSES},
+        families={d: EXPERIMENT.defense(d).sampler for d in EVAL_DEFENSES},
         threat=config["addt"]["attack_threat_models"][0],
         **RUNTIME,
     log:

@@ -100,8 +100,22 @@ class Experiment:
         """Family defenses fine-tuned with their family's own ADDT loss."""
         return [d.name for d in self.defenses.values() if d.family and d.trains]
 
+    @property
+    def trained_defenses(self) -> list[str]:
+        """Defenses whose weights the DAG fine-tunes (rule train_addt)."""
+        return [d.name for d in self.defenses.values() if d.trains]
+
+    def finetune_family(self, name: str) -> str:
+        """The purifier family whose ADDT loss trains the defense's weights: the family's own for a
+        family with its own ADDT, else ``ddpm`` (paper 1's ADDT variants fine-tune the DDPM loss)."""
+        d = self.defense(name)
+        return d.sampler if d.family and d.trains else "ddpm"
+
     def purification(self, name: str) -> dict[str, Any]:
-        """The ``purification`` section the defense purifies with (``sampler`` = its family)."""
+        """The ``purification`` section the defense purifies with (``sampler`` = its family; the
+        undefended classifier's attack runs carry the main section, unused)."""
+        if name == UNDEFENDED:
+            return dict(self.cfg["purification"])
         return {**self.cfg["purification"], "sampler": self.defense(name).sampler}
 
     def attacks(self, name: str) -> dict[str, Any]:

@@ -12,18 +12,18 @@ from .count import image_shape
 
 def _build_networks(cfg: dict):
     """Randomly initialised UNet and classifier of the configured architectures (no download)."""
-    from .models.classifiers import build_classifier
+    from ..models.classifiers import build_classifier
 
     c, h, _ = image_shape(cfg)
     if cfg["diffusion"]["source"] == "download" and cfg["diffusion"]["download"]["repo_id"] == "google/ddpm-cifar10-32":
-        from .models.hub_configs import build_ddpm_cifar10_32_unet
+        from ..models.hub_configs import build_ddpm_cifar10_32_unet
 
         unet, unet_name = build_ddpm_cifar10_32_unet(), "google/ddpm-cifar10-32 UNet2DModel (35.7M)"
     elif cfg["diffusion"]["source"] == "download":
         raise ValueError(f"no known architecture for {cfg['diffusion']['download']['repo_id']}; "
                          "add it to dbprepro.models.hub_configs")
     else:
-        from .models.diffusion import build_unet
+        from ..models.diffusion import build_unet
 
         u = cfg["diffusion"]["unet"]
         unet = build_unet(h, c, u["block_out_channels"], layers_per_block=u["layers_per_block"],
@@ -68,7 +68,7 @@ def measure_unit_costs(cfg: dict, device=None, batch_size: int | None = None, re
     ``threads: 1``; None keeps torch's setting), so the estimate is in core-hours there."""
     import torch
 
-    from .runtime import resolve_device
+    from ..runtime import resolve_device
 
     device = resolve_device(cfg.get("device", "auto")) if device is None else torch.device(device)
     unet, clf, unet_name, clf_name = _build_networks(cfg)

@@ -1,0 +1,125 @@
+"""Stages: base models and ADDT fine-tuning (rules of workflow/rules/models.smk).
+
+Each function is the rule of the same name; it reads only the rule's ``input``, ``output``,
+``params`` and ``wildcards``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .run import stage_device, stage
+
+
+@stage
+def train_classifier(input, output, params, wildcards) -> None:
+    import torch
+
+    from ..data import load_split
+    from ..metrics import write_table
+    from ..models.classifiers import build_classifier, save_classifier
+    from ..training import train_classifier as fit
+
+    train = load_split(input.train, input.manifest)
+    test = load_split(input.test, input.manifest)
+    clf, tr = params.classifier, params.classifier["train"]
+    kwargs = dict(clf["kwargs"])
+    if clf["arch"] == "small_cnn":
+        kwargs.setdefault("in_channels", int(train.images.shape[1]))
+        kwargs.setdefault("image_size", int(train.images.shape[-1]))
+    torch.manual_seed(params.seed)
+    model = build_classifier(clf["arch"], **kwargs)
+    history = fit(model, train.images, train.labels, epochs=tr["epochs"], batch_size=tr["batch_size"],
+                  lr=tr["lr"], weight_decay=tr["weight_decay"], seed=params.seed,
+                  val=(test.images, test.labels))
+    save_classifier(model, clf["arch"], kwargs, output.model)
+    write_table(history, output.history)
+
+
+@stage
+def train_diffusion(input, output, params, wildcards) -> None:
+    import torch
+
+    from ..data import load_split
+    from ..metrics import write_table
+    from ..models.diffusion import build_scheduler, build_unet, save_diffusion
+    from ..training import train_ddpm
+
+    train = load_split(input.train, input.manifest)
+    dif = params.diffusion
+    u, tr = dif["unet"], dif["train"]
+    torch.manual_seed(params.seed)
+    unet = build_unet(int(train.images.shape[-1]), int(train.images.shape[1]), u["block_out_channels"],
+                      layers_per_block=u["layers_per_block"], attention=u["attention"],
+                      norm_num_groups=u["norm_num_groups"], dropout=u["dropout"])
+    scheduler = build_scheduler(**dif["schedule"])
+    ema_unet, history = train_ddpm(unet, scheduler, train.images, steps=tr["steps"],
+                                   batch_size=tr["batch_size"], lr=tr["lr"], ema_decay=tr["ema_decay"],
+                                   warmup_steps=tr["warmup_steps"], grad_clip=tr["grad_clip"],
+                                   seed=params.seed)
+    save_diffusion(ema_unet, scheduler, output.model)
+    write_table(history, output.history)
+
+
+@stage
+def download_classifier(input, output, params, wildcards) -> None:
+    from ..checkpoints import download_url, load_state_dict, load_weights_into
+    from ..models.classifiers import build_classifier, save_classifier
+
+    clf = params.classifier
+    dl = clf["download"]
+    raw = download_url(dl["url"], dl["sha256"], Path(output.raw), allow_unpinned=dl.get("allow_unpinned", False))
+    model = build_classifier(clf["arch"], **clf["kwargs"])
+    load_weights_into(model, load_state_dict(raw))
+    save_classifier(model, clf["arch"], clf["kwargs"], output.model)
+
+
+@stage
+def download_diffusion(input, output, params, wildcards) -> None:
+    from ..checkpoints import download_hf
+    from ..models.hub_configs import check_known_configs
+
+    dl = params.download
+    download_hf(dl["repo_id"], dl["revision"], dl["files"], output.model,
+                allow_unpinned=dl.get("allow_unpinned", False))
+    check_known_configs(dl["repo_id"], output.model)  # content check of its small, unhashed JSON files
+
+
+@stage
+def train_addt(input, output, params, wildcards) -> None:
+    import time as _time
+
+    import pandas as pd
+
+    from ..addt import make_loss_fn, network_passes_per_step
+    from ..data import load_split
+    from ..metrics import write_table
+    from ..models.classifiers import load_classifier
+    from ..models.diffusion import load_diffusion, save_diffusion
+    from ..purifiers import purifier_class
+    from ..training import train_ddpm
+
+    # the defense (e.g. "edm_addt") names the outputs; params.variant / params.family say what it trains;
+    # params.addt and params.purification are sections of the validated config (schema defaults filled)
+    a, defense = params.addt, wildcards.defense
+    variant, family = params.variant, params.family
+    family_kw = purifier_class(family).addt_loss_kwargs(params.purification, a)  # the family's noise levels
+    device = stage_device(params)
+    train = load_split(input.train, input.manifest)
+    unet, scheduler = load_diffusion(input.base)
+    classifier = load_classifier(input.classifier).to(device)
+    loss_fn = make_loss_fn(classifier, variant, family=family, iterations=a["cgpo_iterations"],
+                           lambda_scale=a["lambda_scale"], lambda_max=a["lambda_max"], pgd_eps=a["pgd_eps"],
+                           pgd_alpha=a["pgd_alpha"], t_max=a["t_max"], **family_kw)
+    t0 = _time.perf_counter()
+    ema_unet, history = train_ddpm(unet.to(device), scheduler, train.images, labels=train.labels, steps=a["steps"],
+                                   batch_size=a["batch_size"], lr=a["lr"], ema_decay=a["ema_decay"], warmup_steps=0,
+                                   grad_clip=a["grad_clip"], weight_decay=a["weight_decay"], betas=a["betas"],
+                                   seed=params.seed, loss_fn=loss_fn, checkpoint_dir=params.checkpoint_dir,
+                                   checkpoint_every=a["checkpoint_every"], desc=defense)
+    seconds = _time.perf_counter() - t0
+    save_diffusion(ema_unet, scheduler, output.model)
+    history.insert(0, "defense", defense)
+    history["unet_passes_per_step"] = network_passes_per_step(variant, a["cgpo_iterations"])
+    write_table(history, output.history)
+    write_table(pd.DataFrame([{"defense": defense, "steps": a["steps"], "seconds": seconds,
+                               "seconds_per_step": seconds / a["steps"]}]), output.timing)

@@ -1,0 +1,111 @@
+"""How a stage runs: logging, torch set-up, stale temporaries, fault injection and provenance
+around the stage function, in a job's own process (:func:`run_stage`) or inside Snakemake's
+(:func:`run_stage_inline`, the light stages).
+
+``workflow/scripts/stage.py`` calls :func:`run_stage` with Snakemake's ``snakemake`` object; the
+rule's name selects the stage.  Stages read settings only from ``params`` (never from the whole
+config), so Snakemake's params trigger reruns exactly the jobs a changed setting affects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dbprepro.pipeline")
+
+STAGES: dict[str, Callable[..., None]] = {}
+
+
+def stage(fn: Callable[..., None]) -> Callable[..., None]:
+    STAGES[fn.__name__] = fn
+    return fn
+
+
+def run_stage(smk: Any) -> None:
+    """Entry point of ``workflow/scripts/stage.py``: logging, torch set-up, then the stage.
+
+    Around every stage (also the in-process ones, :func:`run_stage_inline`): temporaries that a
+    killed earlier attempt left beside the outputs are removed, a failure is logged with its
+    traceback before it propagates (Snakemake shows the log), and on success a provenance record
+    is written to ``results/provenance/<rule>/<wildcards>.json`` (see
+    :func:`dbprepro.runtime.write_job_provenance`)."""
+    from ..runtime import configure_torch, provenance, setup_logging
+
+    setup_logging(smk.log[0] if smk.log else None)
+    name = smk.rule
+    if name not in STAGES:
+        raise KeyError(f"no dbprepro stage for rule {name!r}; known: {', '.join(sorted(STAGES))}")
+    configure_torch(threads=smk.threads, deterministic=smk.params.get("deterministic", True))
+    log.info("stage %s: wildcards %s", name, dict(smk.wildcards))
+    log.info("provenance %s", json.dumps(provenance(), sort_keys=True))
+    _run_job(name, smk.input, smk.output, smk.params, smk.wildcards, in_process=False)
+
+
+def _run_job(name: str, input, output, params, wildcards, in_process: bool) -> None:
+    from .. import faults
+    from ..io import remove_stale_temporaries
+    from ..runtime import provenance_path, write_job_provenance
+
+    record = provenance_path(name, wildcards, output)
+    record.unlink(missing_ok=True)  # a record present always describes the outputs present
+    for stale in remove_stale_temporaries(list(output)):
+        log.info("removed %s, left by an interrupted earlier attempt", stale)
+    started, t0 = time.time(), time.perf_counter()
+    try:
+        faults.arm(name, dict(wildcards))  # test-only fault injection (DBPREPRO_FAULT), else nothing
+        STAGES[name](input, output, params, wildcards)
+    except BaseException as e:
+        log.exception("stage %s FAILED after %.1f s (wildcards %s): %s: %s", name, time.perf_counter() - t0,
+                      dict(wildcards), type(e).__name__, e)
+        raise
+    seconds = time.perf_counter() - t0
+    write_job_provenance(record, rule=name, wildcards=wildcards, params=params, inputs=input, outputs=output,
+                         started=started, seconds=seconds, in_process=in_process)
+    log.info("stage %s finished in %.1f s; provenance in %s", name, seconds, record)
+
+
+def stage_device(params) -> "torch.device":  # noqa: F821
+    from ..runtime import resolve_device
+
+    return resolve_device(params.get("device", "auto"))
+
+
+# Light stages (merges, tables, figures) run in the Snakemake process itself when Snakemake runs
+# `run:` jobs in threads (profiles/default sets force-use-threads; without it Snakemake spawns a
+# fresh `python -m snakemake` per `run:` job, ~10 s of start-up and imports for ~1 s of work).
+# One lock serialises them: pyplot's figure registry and the shared "dbprepro" log handler are
+# process-wide, and every light stage takes a second or two.
+_INLINE_LOCK = threading.Lock()
+
+
+def run_stage_inline(name: str, input, output, params, wildcards, logfiles) -> None:
+    """Run a light stage in the calling (Snakemake) process, logging to the rule's log file
+    without touching the process-wide logging or torch settings; one at a time (see
+    ``_INLINE_LOCK``)."""
+    if name not in STAGES:
+        raise KeyError(f"no dbprepro stage for rule {name!r}")
+    with _INLINE_LOCK:
+        _run_inline(name, input, output, params, wildcards, logfiles)
+
+
+def _run_inline(name: str, input, output, params, wildcards, logfiles) -> None:
+    logfile = logfiles[0] if logfiles else None
+    handler = logging.FileHandler(logfile, mode="a") if logfile else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("dbprepro")
+    root.addHandler(handler)
+    old = root.level
+    root.setLevel(logging.INFO)
+    try:
+        log.info("stage %s (in-process): wildcards %s", name, dict(wildcards))
+        _run_job(name, input, output, params, wildcards, in_process=True)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+        handler.close()
