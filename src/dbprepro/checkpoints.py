@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import sha256_file
+from .io import sha256_file
 
 try:  # imported at module level so tests can monkeypatch ``checkpoints.hf_hub_download``
     from huggingface_hub import hf_hub_download

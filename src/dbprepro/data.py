@@ -8,7 +8,6 @@ reads the split through :func:`load_split`, which checks the hash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import savez, write_text
+from .io import savez, sha256_file, write_text  # sha256_file: re-exported, was defined here
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +41,6 @@ class Split:
         if n > len(self):
             raise ValueError(f"asked for {n} samples, the split has {len(self)}")
         return Split(self.images[:n], self.labels[:n], self.ids[:n])
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
