@@ -138,7 +138,7 @@ def test_dry_run_has_the_same_figure_and_table_targets_as_the_default():
 
 from dbprepro import checkpoints  # noqa: E402
 from dbprepro.checkpoints import UNPINNED_RECORD, CheckpointError, download_hf, download_url  # noqa: E402
-from dbprepro.data import sha256_file  # noqa: E402
+from dbprepro.io import sha256_file  # noqa: E402
 from dbprepro.models.hub_configs import (DDPM_CIFAR10_32_SCHEDULER, DDPM_CIFAR10_32_UNET,  # noqa: E402
                                          check_known_configs)
 

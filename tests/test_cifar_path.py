@@ -19,8 +19,9 @@ from PIL import Image
 
 from dbprepro import checkpoints
 from dbprepro.checkpoints import CheckpointError, download_hf, load_state_dict, load_weights_into
-from dbprepro.data import load_split, prepare_split, sha256_file
-from dbprepro.datasets_cifar import download_cifar10, load_cifar10_parts
+from dbprepro.data import load_split, prepare_split
+from dbprepro.data.cifar10 import download_cifar10, load_cifar10_parts
+from dbprepro.io import sha256_file
 from dbprepro.models.classifiers import build_classifier
 from dbprepro.models.diffusion import build_scheduler, build_unet, load_diffusion
 from dbprepro.models.wideresnet import WideResNet

@@ -16,7 +16,9 @@ import sys
 import warnings
 
 #: old module path -> new module path
-MOVED: dict[str, str] = {}
+MOVED: dict[str, str] = {
+    "dbprepro.datasets_cifar": "dbprepro.data.cifar10",
+}
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

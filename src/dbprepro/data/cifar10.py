@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import download_hf
+from ..checkpoints import download_hf
 
 log = logging.getLogger(__name__)
 
