@@ -17,7 +17,9 @@ import warnings
 
 #: old module path -> new module path
 MOVED: dict[str, str] = {
+    "dbprepro.checkpoints": "dbprepro.models.checkpoints",
     "dbprepro.datasets_cifar": "dbprepro.data.cifar10",
+    "dbprepro.training": "dbprepro.models.training",
 }
 
 
