@@ -8,12 +8,12 @@ import torch
 
 from dbprepro.attacks import (PGD, base_setting, evaluate_draws, is_fixed, setting_fixed_draw,
                               settings_randomness)
-from dbprepro.compression import (association, compression_models_table, compression_rate, compression_table,
-                                  jacobian, rank_auc, sample_perturbations, singular_values)
 from dbprepro.config import ConfigError, fixed_setting_name, validate_config
-from dbprepro.distances import chain_distances, image_distances, pair_distances, summarise_distances
-from dbprepro.dominance import correlation_matrix, mean_off_diagonal, purified_vectors
 from dbprepro.models.classifiers import SmallCNN
+from dbprepro.paper2.compression import (association, compression_models_table, compression_rate, compression_table,
+                                         jacobian, rank_auc, sample_perturbations, singular_values)
+from dbprepro.paper2.distances import chain_distances, image_distances, pair_distances, summarise_distances
+from dbprepro.paper2.dominance import correlation_matrix, mean_off_diagonal, purified_vectors
 from dbprepro.purification import DefendedClassifier, Purifier
 from dbprepro.randomness import Randomness
 from dbprepro.robustness import p2_fixed_randomness_table

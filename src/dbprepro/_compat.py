@@ -18,7 +18,10 @@ import warnings
 #: old module path -> new module path
 MOVED: dict[str, str] = {
     "dbprepro.checkpoints": "dbprepro.models.checkpoints",
+    "dbprepro.compression": "dbprepro.paper2.compression",
     "dbprepro.datasets_cifar": "dbprepro.data.cifar10",
+    "dbprepro.distances": "dbprepro.paper2.distances",
+    "dbprepro.dominance": "dbprepro.paper2.dominance",
     "dbprepro.training": "dbprepro.models.training",
 }
 
