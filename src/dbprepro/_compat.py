@@ -22,6 +22,8 @@ MOVED: dict[str, str] = {
     "dbprepro.datasets_cifar": "dbprepro.data.cifar10",
     "dbprepro.distances": "dbprepro.paper2.distances",
     "dbprepro.dominance": "dbprepro.paper2.dominance",
+    "dbprepro.figures": "dbprepro.figures_compat",
+    "dbprepro.landscape": "dbprepro.paper1.landscape",
     "dbprepro.training": "dbprepro.models.training",
 }
 

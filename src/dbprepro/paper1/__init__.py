@@ -1,0 +1,12 @@
+"""Paper 1 (arXiv 2404.14309): attacks on the stochastic purifier under fixed randomness.
+
+* :mod:`.landscape`: loss landscapes of the defended classifier around an image under a fixed
+  randomness configuration, with both attack paths (Fig. 2).
+* :mod:`.figures`: paper 1's figures (attack trajectories, loss landscape, robustness bars, RBGM);
+  import it as ``dbprepro.paper1.figures`` (it is not loaded with this package, so the analysis
+  stages do not load matplotlib).
+"""
+
+from .landscape import compute_landscapes, grid_axis, landscape_for_image, loss_landscape, plane_directions
+
+__all__ = ["compute_landscapes", "grid_axis", "landscape_for_image", "loss_landscape", "plane_directions"]
