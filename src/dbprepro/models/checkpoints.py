@@ -21,9 +21,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-# the verification and loading half of this module, re-exported: its old names stay importable here
-from .verification import (CheckpointError, _expected_sha256, check_plausible, load_state_dict,  # noqa: F401
-                           load_weights_into, verify_file)
+from .verification import CheckpointError, _expected_sha256, check_plausible, verify_file
+from .verification import load_state_dict, load_weights_into  # noqa: F401 - re-exported, their old home
 
 try:  # imported at module level so tests can monkeypatch ``checkpoints.hf_hub_download``
     from huggingface_hub import hf_hub_download
