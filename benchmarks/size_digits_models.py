@@ -26,9 +26,9 @@ import torch
 from dbprepro.data import make_digits_split
 from dbprepro.models.classifiers import SmallCNN, save_classifier
 from dbprepro.models.diffusion import build_scheduler, build_unet, save_diffusion
+from dbprepro.models.training import accuracy, train_classifier, train_ddpm
 from dbprepro.purifiers import Purifier
 from dbprepro.randomness import Randomness
-from dbprepro.training import accuracy, train_classifier, train_ddpm
 
 CLASSIFIER = dict(epochs=20, batch_size=64, lr=2e-3, weight_decay=1e-4)
 

@@ -1,4 +1,4 @@
-"""dbprepro.checkpoints: verification, pinned downloads (local HTTP server), safe loading."""
+"""dbprepro.models.checkpoints and .verification: verification, pinned downloads (local HTTP server), safe loading."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dbprepro import checkpoints
-from dbprepro.checkpoints import (CheckpointError, download_hf, download_url, load_state_dict,
-                                  load_weights_into, verify_file)
+from dbprepro.models import checkpoints
+from dbprepro.models.checkpoints import download_hf, download_url
+from dbprepro.models.verification import CheckpointError, load_state_dict, load_weights_into, verify_file
 
 torch.set_num_threads(1)
 

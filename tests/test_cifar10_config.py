@@ -136,11 +136,12 @@ def test_dry_run_has_the_same_figure_and_table_targets_as_the_default():
 
 # ------------------------------------------------------------------ trust on first use (loader)
 
-from dbprepro import checkpoints  # noqa: E402
-from dbprepro.checkpoints import UNPINNED_RECORD, CheckpointError, download_hf, download_url  # noqa: E402
-from dbprepro.data import sha256_file  # noqa: E402
+from dbprepro.io import sha256_file  # noqa: E402
+from dbprepro.models import checkpoints  # noqa: E402
+from dbprepro.models.checkpoints import UNPINNED_RECORD, download_hf, download_url  # noqa: E402
 from dbprepro.models.hub_configs import (DDPM_CIFAR10_32_SCHEDULER, DDPM_CIFAR10_32_UNET,  # noqa: E402
                                          check_known_configs)
+from dbprepro.models.verification import CheckpointError  # noqa: E402
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -176,7 +177,7 @@ def test_trust_on_first_use_records_then_verifies(tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(checkpoints, "hf_hub_download", fake_hub(src, calls))
     monkeypatch.setattr(checkpoints, "_resolve_revision", lambda repo, kind: REV)
     dest = tmp_path / "dest"
-    with caplog.at_level("WARNING", logger="dbprepro.checkpoints"):
+    with caplog.at_level("WARNING", logger="dbprepro.models.checkpoints"):
         download_hf("org/repo", None, {"config.json": None, "w.safetensors": pinned}, dest, allow_unpinned=True)
     record = json.loads((dest / UNPINNED_RECORD).read_text())
     assert record["revision"] == REV and record["revision_pinned"] is False

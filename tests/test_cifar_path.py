@@ -17,12 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dbprepro import checkpoints
-from dbprepro.checkpoints import CheckpointError, download_hf, load_state_dict, load_weights_into
-from dbprepro.data import load_split, prepare_split, sha256_file
-from dbprepro.datasets_cifar import download_cifar10, load_cifar10_parts
+from dbprepro.data import load_split, prepare_split
+from dbprepro.data.cifar10 import download_cifar10, load_cifar10_parts
+from dbprepro.io import sha256_file
+from dbprepro.models import checkpoints
+from dbprepro.models.checkpoints import download_hf
 from dbprepro.models.classifiers import build_classifier
 from dbprepro.models.diffusion import build_scheduler, build_unet, load_diffusion
+from dbprepro.models.verification import CheckpointError, load_state_dict, load_weights_into
 from dbprepro.models.wideresnet import WideResNet
 
 torch.set_num_threads(1)

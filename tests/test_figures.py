@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from dbprepro.attacks import settings_randomness
-from dbprepro.figures import fig_attack_trajectories, fig_loss_landscape, fig_robustness_bars, trajectory_plane
-from dbprepro.landscape import compute_landscapes, grid_axis, loss_landscape, plane_directions
 from dbprepro.models.classifiers import SmallCNN, save_classifier
 from dbprepro.models.diffusion import save_diffusion
+from dbprepro.paper1.figures import fig_attack_trajectories, fig_loss_landscape, fig_robustness_bars, trajectory_plane
+from dbprepro.paper1.landscape import compute_landscapes, grid_axis, loss_landscape, plane_directions
 from dbprepro.purifiers import DefendedClassifier, Purifier
 
 PURIFICATION = dict(t_star=0.1, num_inference_steps=100, sampler="ddpm", eta=0.0, clip_output=True)
@@ -161,7 +161,7 @@ def test_robustness_bars(tmp_path):
 
 
 def test_robustness_bars_title_names_every_image_count(tmp_path, monkeypatch):
-    from dbprepro import figures
+    from dbprepro.paper1 import figures
 
     titles = []
 
@@ -169,7 +169,7 @@ def test_robustness_bars_title_names_every_image_count(tmp_path, monkeypatch):
         titles.append(fig.axes[0].get_title())
         figures.plt.close(fig)
 
-    monkeypatch.setattr(figures, "_save", keep_title)
+    monkeypatch.setattr(figures, "save", keep_title)
     rows = [dict(defense=d, threat="linf", norm="linf", eps=0.2, setting=s, attack="pgd", evaluation="single",
                  n_images=n, clean_accuracy=0.9, robust_accuracy=0.3, ci_low=0.2, ci_high=0.4, mean_linf=0.2,
                  mean_l2=1.0)

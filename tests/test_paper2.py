@@ -8,15 +8,15 @@ import torch
 
 from dbprepro.attacks import (PGD, base_setting, evaluate_draws, is_fixed, setting_fixed_draw,
                               settings_randomness)
-from dbprepro.compression import (association, compression_models_table, compression_rate, compression_table,
-                                  jacobian, rank_auc, sample_perturbations, singular_values)
 from dbprepro.config import ConfigError, fixed_setting_name, validate_config
-from dbprepro.distances import chain_distances, image_distances, pair_distances, summarise_distances
-from dbprepro.dominance import correlation_matrix, mean_off_diagonal, purified_vectors
 from dbprepro.models.classifiers import SmallCNN
+from dbprepro.paper2.compression import (association, compression_models_table, compression_rate, compression_table,
+                                         jacobian, rank_auc, sample_perturbations, singular_values)
+from dbprepro.paper2.distances import chain_distances, image_distances, pair_distances, summarise_distances
+from dbprepro.paper2.dominance import correlation_matrix, mean_off_diagonal, purified_vectors
 from dbprepro.purifiers import DefendedClassifier, Purifier
 from dbprepro.randomness import Randomness
-from dbprepro.robustness import p2_fixed_randomness_table
+from dbprepro.paper2.fixed_randomness import p2_fixed_randomness_table
 
 
 def purifier(tiny_diffusion, mode="fixed", fixed_draw=0):
@@ -305,7 +305,7 @@ def test_attack_stage_runs_dwbox_config_and_records_its_own_evaluation(tmp_path,
     from dbprepro.data import load_split, prepare_split
     from dbprepro.models.classifiers import save_classifier
     from dbprepro.models.diffusion import save_diffusion
-    from dbprepro.robustness import run_attack_shard
+    from dbprepro.attacks.runner import run_attack_shard
 
     prepare_split("digits", {"train": tmp_path / "tr.npz", "test": tmp_path / "te.npz"}, tmp_path / "s.json",
                   test_fraction=0.2, seed=0)

@@ -193,7 +193,7 @@ def test_stage_run_writes_a_provenance_record_beside_the_results(tmp_path, monke
     assert rt["cudnn_benchmark"] is False and rt["torch"] == torch.__version__
     assert rt["versions"]["numpy"] == np.__version__ and "snakemake" in rt["versions"]
     assert "OMP_NUM_THREADS" in rt["env"]
-    from dbprepro.data import sha256_file
+    from dbprepro.io import sha256_file
 
     for p in out.values():  # the record names the exact bytes of every output
         assert rec["outputs"][p] == sha256_file(tmp_path / p)
@@ -319,7 +319,7 @@ def test_sigkill_mid_attack_then_rerun_finishes_identically_without_redoing_shar
                       "defense=vanilla,threat=linf,setting=dwbox,attack=pgd,shard=1.json").read_text())
     assert rec["runtime"]["threads"] == 1 and rec["runtime"]["deterministic_algorithms"] is True
     assert rec["seed"] == 0 and rec["wildcards"]["shard"] == "1"
-    from dbprepro.data import sha256_file
+    from dbprepro.io import sha256_file
 
     assert rec["outputs"][f"{RUN}/shard1.adv.npz"] == sha256_file(shard / "shard1.adv.npz")
 

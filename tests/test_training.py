@@ -1,4 +1,4 @@
-"""Tests of dbprepro.training: determinism, learning, EMA, train/eval modes (fast, tiny models)."""
+"""Tests of dbprepro.models.training: determinism, learning, EMA, train/eval modes (fast, tiny models)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from dbprepro.data import make_digits_split
 from dbprepro.models.classifiers import SmallCNN
 from dbprepro.models.diffusion import build_scheduler, build_unet
-from dbprepro.training import accuracy, train_classifier, train_ddpm
+from dbprepro.models.training import accuracy, train_classifier, train_ddpm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -181,7 +181,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tiny_diffusi
     step 5 and ends with exactly the weights of an uninterrupted run."""
     import copy as _copy
 
-    from dbprepro.training import ddpm_loss, train_ddpm
+    from dbprepro.models.training import ddpm_loss, train_ddpm
 
     unet0, sch = tiny_diffusion
     imgs = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))

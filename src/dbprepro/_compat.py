@@ -24,6 +24,14 @@ MOVED: dict[str, str | tuple[str, ...]] = {
     "dbprepro.autoattack": "dbprepro.attacks.autoattack",
     # split in three: the names of all of them
     "dbprepro.robustness": ("dbprepro.attacks.runner", "dbprepro.paper1.tables", "dbprepro.paper2.fixed_randomness"),
+    "dbprepro.checkpoints": "dbprepro.models.checkpoints",
+    "dbprepro.compression": "dbprepro.paper2.compression",
+    "dbprepro.datasets_cifar": "dbprepro.data.cifar10",
+    "dbprepro.distances": "dbprepro.paper2.distances",
+    "dbprepro.dominance": "dbprepro.paper2.dominance",
+    "dbprepro.figures": "dbprepro.figures_compat",
+    "dbprepro.landscape": "dbprepro.paper1.landscape",
+    "dbprepro.training": "dbprepro.models.training",
 }
 
 

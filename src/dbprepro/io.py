@@ -1,5 +1,7 @@
-"""Atomic writes: results appear under their final name only when complete, so an interrupted
-job never leaves a file that looks finished.
+"""File helpers: atomic writes and file hashes.
+
+Results appear under their final name only when complete, so an interrupted job never leaves a
+file that looks finished.
 
 Every writer of the package goes through :func:`atomic_path` (files) or :func:`atomic_dir`
 (folders such as a diffusers ``save_pretrained`` output): the content is written to a hidden
@@ -12,6 +14,7 @@ temporary is removed; after a SIGKILL it stays behind, hidden, and is removed by
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -78,6 +81,15 @@ def atomic_dir(path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _committed(path)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_parquet(df: pd.DataFrame, path) -> None:

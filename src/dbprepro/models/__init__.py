@@ -1,1 +1,16 @@
-"""Base models: classifiers and diffusion networks (built, trained, downloaded, loaded)."""
+"""Base models: classifiers and diffusion networks (built, trained, downloaded, loaded).
+
+* :mod:`.classifiers`, :mod:`.wideresnet`: the classifiers (images in [0, 1]).
+* :mod:`.diffusion`: diffusers ``UNet2DModel`` + ``DDPMScheduler``, built, saved and loaded;
+  :mod:`.hub_configs`: the known configurations of the hub models.
+* :mod:`.training`: seeded, replayable training of the embedded classifier and DDPM.
+* :mod:`.checkpoints`: pinned downloads of third-party weights and data (Hugging Face, URLs);
+  :mod:`.verification`: sha256 checks and safe loading of state dicts.
+"""
+
+from .checkpoints import download_hf, download_url
+from .training import accuracy, train_classifier, train_ddpm
+from .verification import CheckpointError, load_state_dict, load_weights_into, verify_file
+
+__all__ = ["CheckpointError", "accuracy", "download_hf", "download_url", "load_state_dict", "load_weights_into",
+           "train_classifier", "train_ddpm", "verify_file"]

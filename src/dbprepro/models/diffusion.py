@@ -56,7 +56,7 @@ def _diffusion_layout(path: Path) -> tuple[Path, Path]:
     of ``google/ddpm-cifar10-32`` (``config.json``, ``diffusion_pytorch_model.safetensors``
     and ``scheduler_config.json`` at the root, beside ``model_index.json``).
     """
-    from ..checkpoints import CheckpointError
+    from .verification import CheckpointError
 
     if (path / "unet").is_dir():
         unet_dir, sched_dir = path / "unet", path / "scheduler"

@@ -2,7 +2,7 @@
 
 ``google/ddpm-cifar10-32`` (Ho et al. 2020's CIFAR-10 DDPM, converted to diffusers) ships two
 small JSON files next to its weights.  Their sha256 is not known offline, so besides the
-trust-on-first-use record (:mod:`dbprepro.checkpoints`) their *content* is checked here against
+trust-on-first-use record (:mod:`dbprepro.models.checkpoints`) their *content* is checked here against
 the architecture the package expects: a file that differs in any architecture-defining key is
 refused.  The weights themselves are pinned by sha256 in ``config/cifar10.yaml``, and strict
 loading checks every parameter name and shape.  :mod:`dbprepro.cost` builds a randomly
@@ -66,9 +66,9 @@ def _same(a, b) -> bool:
 
 def check_known_configs(repo_id: str, folder: str | Path) -> list[str]:
     """Compare the JSON config files of a downloaded ``repo_id`` in ``folder`` with the known
-    ones; raise :class:`~dbprepro.checkpoints.CheckpointError` naming every differing key.
+    ones; raise :class:`~dbprepro.models.verification.CheckpointError` naming every differing key.
     Returns the file names checked (none for a repository without known configs)."""
-    from ..checkpoints import CheckpointError
+    from .verification import CheckpointError
 
     checked = []
     for name, expected in KNOWN.get(repo_id, {}).items():

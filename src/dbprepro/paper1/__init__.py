@@ -1,1 +1,13 @@
-"""Paper 1 (Liu et al., ICLR 2025, arXiv 2404.14309): its tables, loss landscapes and figures."""
+"""Paper 1 (Liu et al., ICLR 2025, arXiv 2404.14309): attacks on the stochastic purifier, ADDT's tables.
+
+* :mod:`.tables`: paper 1's tables from the attack records (main, ADDT training, ablation, families).
+* :mod:`.landscape`: loss landscapes of the defended classifier around an image under a fixed
+  randomness configuration, with both attack paths (Fig. 2).
+* :mod:`.figures`: paper 1's figures (attack trajectories, loss landscape, robustness bars, RBGM);
+  import it as ``dbprepro.paper1.figures`` (it is not loaded with this package, so the analysis
+  stages do not load matplotlib).
+"""
+
+from .landscape import compute_landscapes, grid_axis, landscape_for_image, loss_landscape, plane_directions
+
+__all__ = ["compute_landscapes", "grid_axis", "landscape_for_image", "loss_landscape", "plane_directions"]

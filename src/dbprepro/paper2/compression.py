@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from .randomness import Randomness, Stream
+from ..randomness import Randomness, Stream
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,9 @@ def run_compression(classifier_dir, diffusion_dir, test_path, manifest, *, recor
     """CR of the first ``n_images`` test images under each fixed configuration of ``configs``
     (rows id, label, config, cr, cr_std, clean_correct = the classifier is right on P_xi(x)),
     and the Jacobian singular values of the first ``jacobian_images`` under ``configs[0]``."""
-    from .data import batches, load_split
-    from .evaluation import build_defense
-    from .io import savez, write_parquet
+    from ..data import batches, load_split
+    from ..evaluation import build_defense
+    from ..io import savez, write_parquet
 
     split = load_split(test_path, manifest).head(n_images)
     model = build_defense(classifier_dir, diffusion_dir, purification, variance_type,

@@ -3,7 +3,7 @@
 For one clean image x (paper 2's Fig. 2a/b, 100 x 100 matrices; here M = ``analysis.randomness.samples``):
 
 (a) *same randomness*: M inputs x + delta_m inside the eps-ball (random perturbations of
-    :func:`~dbprepro.compression.sample_perturbations`), all purified with the same fixed
+    :func:`~dbprepro.paper2.compression.sample_perturbations`), all purified with the same fixed
     randomness configuration xi;
 (b) *different randomness*: x itself purified with M different configurations xi_1..xi_M.
 
@@ -70,11 +70,11 @@ def run_randomness(diffusion_dir, test_path, manifest, *, per_image_csv, summary
                    purification: dict[str, Any], variance_type: str, seed: int, device: torch.device) -> pd.DataFrame:
     """The stage: per image, the mean off-diagonal correlation in settings (a) and (b), the mean
     norm of the purified vectors; the two matrices of the first image go to ``example_out``."""
-    from .data import load_split
-    from .evaluation import build_purifier
-    from .io import savez
-    from .metrics import write_table
-    from .randomness import Randomness
+    from ..data import load_split
+    from ..evaluation import build_purifier
+    from ..io import savez
+    from ..metrics import write_table
+    from ..randomness import Randomness
 
     split = load_split(test_path, manifest).head(n_images)
     purifier = build_purifier(diffusion_dir, purification, variance_type, Randomness(seed, "fixed"), device)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import download_hf
+from ..models.checkpoints import download_hf
 
 log = logging.getLogger(__name__)
 
@@ -98,5 +98,5 @@ def download_cifar10(dest_dir: str | Path, revision: str | None, files: dict[str
     """Fetch the parquet ``files`` (repo path -> sha256) of ``uoft-cs/cifar10`` at commit
     ``revision`` into ``dest_dir`` (verified; present files are only re-verified), ready
     for :func:`load_cifar10_parts`.  ``None`` pins need ``allow_unpinned`` (trust on first use,
-    see :func:`dbprepro.checkpoints.download_hf`)."""
+    see :func:`dbprepro.models.checkpoints.download_hf`)."""
     return download_hf(HF_REPO, revision, files, dest_dir, repo_type="dataset", allow_unpinned=allow_unpinned)

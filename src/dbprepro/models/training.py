@@ -261,7 +261,7 @@ def _save_state(path, *, batches, **state) -> None:
     """Atomically save a resumable training state.  The batch stream cannot be pickled, so the
     caller restarts it from ``gen_batch`` right after saving: its pending partial permutation is
     dropped, identically in an interrupted and an uninterrupted run."""
-    from .io import atomic_path
+    from ..io import atomic_path
 
     del batches
     payload = {k: v for k, v in state.items() if k not in ("unet", "ema", "opt", "sched", "gen_batch", "gen_loss")}

@@ -1,4 +1,4 @@
-"""Paper 1's and paper 2's figures from the DAG's result files (every number drawn comes from the inputs).
+"""Paper 1's figures from the DAG's result files (every number drawn comes from the inputs).
 
 * :func:`fig_attack_trajectories` (Fig. 1): the defended loss along the PGD attack in the three
   settings, on the same images - the deterministic (dwbox) attack climbs steadily, the attacks
@@ -8,11 +8,7 @@
 * :func:`fig_robustness_bars` (Fig. 3): robust accuracy with confidence intervals per defense and
   setting, from ``p1_table_main.csv``.
 
-Paper 2's: :func:`fig_p2_lp_distance` (Fig. 1, l_p distances and the distance along the chain),
-:func:`fig_p2_randomness` (Fig. 2, correlation matrices), :func:`fig_p2_compression_spectrum`
-(Fig. 5, Jacobian singular values) and :func:`fig_p2_compression_vs_robustness` (Fig. 6).
-
-Each function writes a PNG and a PDF (PDF without a creation date, so reruns are byte-stable).
+Each function writes a PNG and a PDF through :func:`dbprepro.plotting.save`.
 """
 
 from __future__ import annotations
@@ -20,14 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
 import matplotlib.ticker
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from ..plotting import load_npz, plt, save, theme  # pyplot from plotting: loaded after the Agg backend is set
 
 SETTING_ORDER = ("dwbox", "whitebox_eot", "whitebox")
 SETTING_LABEL = {
@@ -39,27 +32,8 @@ SETTING_LABEL = {
 SETTING_COLOR = {"dwbox": "tab:red", "whitebox_eot": "tab:blue", "whitebox": "tab:green", "none": "tab:gray"}
 
 
-def _theme() -> None:
-    sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
-
-
-def _save(fig, png, pdf) -> None:
-    from .io import atomic_path
-
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    with atomic_path(pdf) as tmp:
-        fig.savefig(tmp, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
-
-
 def _ordered(settings) -> list[str]:
     return [s for s in SETTING_ORDER if s in settings] + sorted(s for s in settings if s not in SETTING_ORDER)
-
-
-def _load_npz(path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
 
 
 # -- Fig. 1: attack trajectories -----------------------------------------------------------------
@@ -95,9 +69,9 @@ def fig_attack_trajectories(paths: Mapping[str, str | Path], traces: Mapping[str
     z axis, and the loss vs iteration over all attacked images (median and inter-quartile band)."""
     if "dwbox" not in paths:
         raise ValueError("the trajectory figure needs the dwbox paths (they define the view's first axis)")
-    _theme()
+    theme()
     settings = _ordered(paths)
-    P = {s: _load_npz(paths[s]) for s in settings}
+    P = {s: load_npz(paths[s]) for s in settings}
     T = {s: pd.read_parquet(traces[s]) for s in _ordered(traces)}
     ids = [int(i) for i in P["dwbox"]["ids"][:max_images]]
     for s in settings:
@@ -150,7 +124,7 @@ def fig_attack_trajectories(paths: Mapping[str, str | Path], traces: Mapping[str
     fig.suptitle("Attack trajectories on the stochastic purifier (paper 1, Fig. 1): "
                  "perturbation projected on (DW-box direction, top residual direction), loss on z", fontsize=11)
     fig.subplots_adjust(wspace=0.45)
-    _save(fig, png, pdf)
+    save(fig, png, pdf)
 
 
 # -- Fig. 2: loss landscape --------------------------------------------------------------------
@@ -159,8 +133,8 @@ def fig_loss_landscape(npz_by_defense: Mapping[str, str | Path], png, pdf, max_i
     per defense and one row per image, with the dwbox (red) and whitebox_eot (blue) paths."""
     if not npz_by_defense:
         raise ValueError("no landscape files")
-    _theme()
-    L = {d: _load_npz(p) for d, p in npz_by_defense.items()}
+    theme()
+    L = {d: load_npz(p) for d, p in npz_by_defense.items()}
     defenses = list(L)
     rows = min(max_images, min(L[d]["ids"].size for d in defenses))
     if rows == 0:
@@ -196,7 +170,7 @@ def fig_loss_landscape(npz_by_defense: Mapping[str, str | Path], png, pdf, max_i
     fig.suptitle("Loss landscape of the defended classifier under fixed randomness (paper 1, Fig. 2)",
                  fontsize=12)
     fig.tight_layout()
-    _save(fig, png, pdf)
+    save(fig, png, pdf)
 
 
 # -- Fig. 3: robustness bars -------------------------------------------------------------------
@@ -204,7 +178,7 @@ def fig_robustness_bars(table_csv, png, pdf, threat: str = "linf", attack: str =
                         evaluation: str = "single", confidence: float | None = None) -> None:
     """Robust accuracy (Wilson CI error bars) per defense, one bar per setting; the clean accuracy
     of each row (under the setting's randomness) is drawn as a black tick above its bar."""
-    _theme()
+    theme()
     t = pd.read_csv(table_csv)
     sub = t[(t["threat"] == threat) & (t["attack"] == attack) & (t["evaluation"] == evaluation)]
     if sub.empty:
@@ -241,7 +215,7 @@ def fig_robustness_bars(table_csv, png, pdf, threat: str = "linf", attack: str =
                  f"bars: robust accuracy, {ci} Wilson CI; ticks: clean accuracy", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    _save(fig, png, pdf)
+    save(fig, png, pdf)
 
 
 def fig_rbgm(npz, png, pdf) -> None:
@@ -249,8 +223,8 @@ def fig_rbgm(npz, png, pdf) -> None:
     standardised) and after it, against the standard normal (histogram and Q-Q plot)."""
     from scipy import stats
 
-    _theme()
-    z = _load_npz(npz)
+    theme()
+    z = load_npz(npz)
     grad, delta = np.asarray(z["gradient"]), np.asarray(z["delta"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     lim = float(np.quantile(np.abs(grad), 0.995))
@@ -270,150 +244,4 @@ def fig_rbgm(npz, png, pdf) -> None:
     ax2.legend(fontsize=8)
     fig.suptitle(f"RBGM (paper 1, Fig. 5): {int(z['n_images'])} images, t = {int(z['t'])}, "
                  f"lambda_t = {float(z['lambda']):.3f}", fontsize=11)
-    _save(fig, png, pdf)
-
-
-# -- paper 2 ---------------------------------------------------------------------------------------
-P2_PAIR_LABEL = {
-    "adv": "||x_adv - x|| (attack)",
-    "purified_adv": "||P(x_adv) - x||",
-    "purified_clean": "||P(x) - x||",
-    "purified_adv_vs_clean": "||P(x_adv) - P(x)|| (same draw)",
-}
-P2_PAIR_COLOR = {"adv": "tab:gray", "purified_adv": "tab:red", "purified_clean": "tab:blue",
-                 "purified_adv_vs_clean": "tab:purple"}
-
-
-def fig_p2_lp_distance(per_image_csv, chain_parquet, png, pdf) -> None:
-    """Paper 2, Fig. 1: distributions of the four distances (l2, l-inf) over images x draws, and the
-    distance to the clean image along the chain (median and IQR over images), from x and x_adv."""
-    _theme()
-    d = pd.read_csv(per_image_csv)
-    ch = pd.read_parquet(chain_parquet)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
-    for c, norm in enumerate(("l2", "linf")):
-        ax = axes[0, c]
-        vals = [d[f"{p}_{norm}"].to_numpy() for p in P2_PAIR_LABEL]
-        hi = max(float(np.max(v)) for v in vals)
-        bins = np.linspace(0, hi * 1.02 + 1e-9, 40)
-        for p, v in zip(P2_PAIR_LABEL, vals):
-            ax.hist(v, bins=bins, alpha=0.55, color=P2_PAIR_COLOR[p], label=f"{P2_PAIR_LABEL[p]}: mean {v.mean():.3f}")
-        ax.set(xlabel=f"{norm} distance ([0, 1] pixel units)", ylabel="images x draws",
-               title=f"{norm}: distances to the clean image x (n={len(d)})")
-        ax.legend(fontsize=7.5)
-        ax = axes[1, c]
-        for start, color, name in (("clean", "tab:blue", "purifying x"), ("adv", "tab:red", "purifying x_adv")):
-            sub = ch[ch["start"] == start]
-            g = sub.groupby("step")[norm]
-            med, lo, hi_ = g.median(), g.quantile(0.25), g.quantile(0.75)
-            ax.plot(med.index, med.to_numpy(), color=color, marker="o", ms=3, label=f"{name} (median, IQR)")
-            ax.fill_between(med.index, lo.to_numpy(), hi_.to_numpy(), color=color, alpha=0.2, lw=0)
-        steps = ch.drop_duplicates("step").sort_values("step")
-        t_star_step = int(steps.loc[steps["phase"] == "forward", "step"].max())
-        ax.axvline(t_star_step, color="black", ls="--", lw=1)
-        ax.annotate(f"t* = {int(steps.loc[steps['step'] == t_star_step, 't'].iloc[0])}", (t_star_step, 0),
-                    xycoords=("data", "axes fraction"), xytext=(3, 4), textcoords="offset points", fontsize=8)
-        ax.axhline(float(d[f"adv_{norm}"].mean()), color="tab:gray", ls=":", lw=1.2, label="mean ||x_adv - x||")
-        ax.set_xticks(steps["step"].to_numpy()[::2], [f"{t}" for t in steps["t"].to_numpy()[::2]])
-        ax.set(xlabel="chain state: forward diffusion to t*, then reverse steps (label = timestep)",
-               ylabel=f"{norm} distance to clean x", title=f"{norm} distance along the purification chain")
-        ax.legend(fontsize=8)
-    fig.suptitle("Purification moves images further from the clean image (paper 2, Fig. 1)", fontsize=12)
-    fig.tight_layout()
-    _save(fig, png, pdf)
-
-
-def fig_p2_randomness(per_image_csv, example_npz, png, pdf) -> None:
-    """Paper 2, Fig. 2: the correlation matrices of the purified-minus-clean vectors of one image,
-    (a) M inputs in the eps-ball under one configuration, (b) one input under M configurations,
-    and the distribution over images of the mean off-diagonal correlation of each."""
-    _theme()
-    d = pd.read_csv(per_image_csv)
-    z = _load_npz(example_npz)
-    fig, axes = plt.subplots(1, 3, figsize=(15.5, 4.6), gridspec_kw={"width_ratios": [1, 1, 1.15]})
-    for ax, key, title in ((axes[0], "corr_same", "(a) inputs in the eps-ball, same randomness"),
-                           (axes[1], "corr_different", "(b) same input, different randomness")):
-        c = z[key]
-        im = ax.imshow(c, vmin=-1, vmax=1, cmap="RdBu_r")
-        off = c[~np.eye(c.shape[0], dtype=bool)].mean()
-        ax.set(title=f"{title}\nmean off-diagonal {off:.3f}", xlabel="sample m", ylabel="sample m'")
-        ax.grid(False)
-        fig.colorbar(im, ax=ax, shrink=0.8, label="Pearson correlation")
-    ax = axes[2]
-    bins = np.linspace(min(-0.2, float(d[["corr_same_randomness", "corr_different_randomness"]].min().min())), 1, 41)
-    for col, color, name in (("corr_same_randomness", "tab:red", "(a) same randomness"),
-                             ("corr_different_randomness", "tab:blue", "(b) different randomness")):
-        ax.hist(d[col], bins=bins, alpha=0.6, color=color, label=f"{name}: mean {d[col].mean():.3f}")
-    ax.set(xlabel="mean off-diagonal correlation (per image)", ylabel="images",
-           title=f"{len(d)} images, M = {int(d['samples'].iloc[0])} samples each")
-    ax.legend(fontsize=8)
-    fig.suptitle(f"Randomness dominates the purified image (paper 2, Fig. 2); example image {int(z['id'])} "
-                 f"(label {int(z['label'])})", fontsize=12)
-    fig.tight_layout()
-    _save(fig, png, pdf)
-
-
-def fig_p2_compression_spectrum(npz_by_defense: Mapping[str, str | Path], png, pdf) -> None:
-    """Paper 2, Fig. 5c: singular values of the Jacobian of P_xi at x (fixed randomness), per image
-    for the first defense and the mean spectrum of every defense; 1 = no compression."""
-    _theme()
-    J = {d: _load_npz(p) for d, p in npz_by_defense.items()}
-    first = next(iter(J))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
-    sv = J[first]["singular_values"]
-    for j in range(sv.shape[0]):
-        ax1.plot(np.arange(1, sv.shape[1] + 1), sv[j], lw=1.2,
-                 label=f"image {int(J[first]['ids'][j])} (label {int(J[first]['labels'][j])})")
-    ax1.axhline(1.0, color="black", ls="--", lw=1, label="identity map")
-    ax1.set_yscale("log")
-    ax1.set(xlabel="index (descending)", ylabel="singular value of dP/dx",
-            title=f"{first}: Jacobian spectra, configuration {int(J[first]['config'])}")
-    ax1.legend(fontsize=7)
-    palette = sns.color_palette("tab10", len(J))
-    for c, (d, z) in zip(palette, J.items()):
-        s = z["singular_values"]
-        if s.size == 0:
-            continue
-        ax2.plot(np.arange(1, s.shape[1] + 1), s.mean(0), color=c, lw=1.6,
-                 label=f"{d} (n={s.shape[0]}; share < 1: {(s < 1).mean():.2f})")
-    ax2.axhline(1.0, color="black", ls="--", lw=1)
-    ax2.set_yscale("log")
-    ax2.set(xlabel="index (descending)", ylabel="mean singular value", title="mean spectrum per defense")
-    ax2.legend(fontsize=8)
-    fig.suptitle("Compression within a randomness configuration: Jacobian of the purifier (paper 2, Fig. 5)",
-                 fontsize=12)
-    fig.tight_layout()
-    _save(fig, png, pdf)
-
-
-def fig_p2_compression_vs_robustness(per_image_csv, summary_csv, models_csv, png, pdf) -> None:
-    """Paper 2, Fig. 6: per-image compression rate by robust / non-robust outcome of the dwbox
-    attack on the same configuration (with the AUC and Spearman rho), and mean CR against dwbox
-    robust accuracy across defenses."""
-    _theme()
-    d = pd.read_csv(per_image_csv)
-    s = pd.read_csv(summary_csv).set_index("scope")
-    m = pd.read_csv(models_csv)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
-    d = d.assign(outcome=np.where(d["robust"] > 0.5, "robust", "not robust"))
-    order = [o for o in ("robust", "not robust") if o in set(d["outcome"])]
-    sns.boxplot(data=d, x="outcome", y="cr", order=order, ax=ax1, color="white", width=0.5, fliersize=0)
-    sns.stripplot(data=d, x="outcome", y="cr", order=order, ax=ax1, hue="config", palette="viridis", size=3.5,
-                  alpha=0.75, jitter=0.25)
-    a = s.loc["all"]
-    ax1.set(xlabel="outcome of the dwbox attack on the same configuration", ylabel="compression rate CR (lower = more)",
-            title=f"per image x configuration (n={int(a['n'])}): AUC(low CR -> robust) = {a['auc_low_cr_robust']:.2f}, "
-                  f"Spearman = {a['spearman_rho']:.2f}")
-    ax1.title.set_fontsize(9)
-    ax1.legend(title="configuration", fontsize=7, title_fontsize=8)
-    ax2.scatter(m["mean_cr"], m["robust_accuracy_dwbox"], s=60, color="tab:red", zorder=3)
-    for _, r in m.iterrows():
-        ax2.annotate(r["defense"], (r["mean_cr"], r["robust_accuracy_dwbox"]), xytext=(5, 3),
-                     textcoords="offset points", fontsize=8)
-    rho = m["spearman_across_defenses"].iloc[0]
-    ax2.set(xlabel="mean compression rate", ylabel="robust accuracy under fixed randomness (dwbox)",
-            title=f"across defenses (n={len(m)}): Spearman = {rho:.2f}" if np.isfinite(rho) else
-            f"across defenses (n={len(m)})")
-    fig.suptitle("Compression rate vs robustness under fixed randomness (paper 2, Fig. 6)", fontsize=12)
-    fig.tight_layout()
-    _save(fig, png, pdf)
+    save(fig, png, pdf)

@@ -1,4 +1,4 @@
-"""Data sets and fixed, hashed splits.
+"""Fixed, hashed splits: writing, loading (hash-checked) and cutting into batches and shards.
 
 A split is stored as one ``.npz`` per part (``images`` float32 [N, C, H, W] in [0, 1],
 ``labels`` int64 [N], ``ids`` int64 [N]: the sample ids that key the replayable randomness)
@@ -8,7 +8,6 @@ reads the split through :func:`load_split`, which checks the hash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import savez, write_text
+from ..io import savez, sha256_file, write_text
+from .digits import make_digits_split
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +42,6 @@ class Split:
         if n > len(self):
             raise ValueError(f"asked for {n} samples, the split has {len(self)}")
         return Split(self.images[:n], self.labels[:n], self.ids[:n])
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's handwritten digits (1797 8x8 images, shipped with the package) in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
-    return images, d.target.astype(np.int64)
-
-
-def make_digits_split(test_fraction: float, seed: int) -> dict[str, tuple[np.ndarray, ...]]:
-    """A seeded, stratified train/test split of the digits; ids are indices into the data set."""
-    from sklearn.model_selection import train_test_split
-
-    images, labels = load_digits_arrays()
-    idx = np.arange(len(labels))
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels)
-    tr, te = np.sort(tr), np.sort(te)
-    return {
-        "train": (images[tr], labels[tr], tr.astype(np.int64)),
-        "test": (images[te], labels[te], te.astype(np.int64)),
-    }
 
 
 def write_split(parts: dict[str, tuple[np.ndarray, ...]], out: dict[str, str | Path],
@@ -101,7 +69,7 @@ def prepare_split(dataset: str, out: dict[str, str | Path], manifest: str | Path
         meta = {"dataset": "digits", "source": "sklearn.datasets.load_digits",
                 "test_fraction": test_fraction, "seed": seed}
     elif dataset == "cifar10":
-        from .datasets_cifar import load_cifar10_parts
+        from .cifar10 import load_cifar10_parts
 
         parts = load_cifar10_parts(source_dir)
         meta = {"dataset": "cifar10", "source": str(source_dir)}

@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .attacks import EVAL_DRAW_OFFSET
-from .data import batches, load_split
-from .metrics import write_table
-from .purification import Purifier
+from ..attacks import EVAL_DRAW_OFFSET
+from ..data import batches, load_split
+from ..metrics import write_table
+from ..purification import Purifier
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ def run_lp_distances(diffusion_dir, test_path, manifest, adv_path, *, per_image_
     """The stage: distances of the first ``n_images`` attacked images under ``draws`` fresh
     evaluation draws (random mode, keyed from :data:`EVAL_DRAW_OFFSET`: never seen by the
     attacker), and the along-the-chain distances under the first ``chain_draws`` of them."""
-    from .evaluation import build_purifier
-    from .io import write_parquet
-    from .randomness import Randomness
+    from ..evaluation import build_purifier
+    from ..io import write_parquet
+    from ..randomness import Randomness
 
     split = load_split(test_path, manifest).head(n_images)
     with np.load(adv_path) as z:

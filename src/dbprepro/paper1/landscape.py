@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .purification import DefendedClassifier
+from ..purification import DefendedClassifier
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,9 @@ def compute_landscapes(classifier_dir, diffusion_dir, dwbox_paths, eot_paths, ou
     {dwbox,eot}_path [m, S, 2]; {dwbox,eot}_path_loss, {dwbox,eot}_offplane [m, S]; clean_loss [m];
     seed, fixed_draw, extent_factor`` (scalars).
     """
-    from .attacks import settings_randomness
-    from .evaluation import build_defense
-    from .io import savez
+    from ..attacks import settings_randomness
+    from ..evaluation import build_defense
+    from ..io import savez
 
     dw, eot = _load_paths(dwbox_paths), _load_paths(eot_paths)
     if dw["ids"].size == 0 or eot["ids"].size == 0:
