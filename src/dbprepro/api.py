@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .attacks import NORMS, attack_class, base_setting, settings_randomness
-from .checkpoints import CheckpointError
+from .models.checkpoints import CheckpointError
 from .purifiers import DefendedClassifier, Purifier, ReverseChain, build_purifier, check_images
 from .randomness import Randomness
 
@@ -81,7 +81,7 @@ def load_purifier(source: str | Path, *, revision: str | None = None, files: dic
         grad_mode: ``"exact"`` (flat memory), ``"autograd"``, ``"checkpoint"`` or ``"bpda"``.
         device: where the UNet runs.
     """
-    from .checkpoints import download_hf
+    from .models.checkpoints import download_hf
     from .models.diffusion import load_diffusion
     from .models.hub_configs import check_known_configs
 

@@ -181,7 +181,7 @@ def _cmd_estimate_cost(args: argparse.Namespace) -> int:
 
 
 def _cmd_sha256(args: argparse.Namespace) -> int:
-    from .data import sha256_file
+    from .io import sha256_file
 
     status = 0
     for name in args.paths:
@@ -223,7 +223,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     from . import api
-    from .checkpoints import CheckpointError
+    from .models.checkpoints import CheckpointError
     from .data import load_split, make_digits_split
     from .metrics import write_table
     from .runtime import configure_torch, resolve_device

@@ -110,7 +110,7 @@ def _git_state() -> dict[str, Any] | None:
 
 
 def _digest(path: Path) -> str | dict[str, str] | None:
-    from .data import sha256_file
+    from .io import sha256_file
 
     if path.is_file():
         return sha256_file(path)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..purification import DefendedClassifier
+from ..purifiers import DefendedClassifier
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def compute_landscapes(classifier_dir, diffusion_dir, dwbox_paths, eot_paths, ou
     seed, fixed_draw, extent_factor`` (scalars).
     """
     from ..attacks import settings_randomness
-    from ..evaluation import build_defense
+    from ..purifiers import load_defense as build_defense
     from ..io import savez
 
     dw, eot = _load_paths(dwbox_paths), _load_paths(eot_paths)

@@ -176,7 +176,7 @@ def run_compression(classifier_dir, diffusion_dir, test_path, manifest, *, recor
     (rows id, label, config, cr, cr_std, clean_correct = the classifier is right on P_xi(x)),
     and the Jacobian singular values of the first ``jacobian_images`` under ``configs[0]``."""
     from ..data import batches, load_split
-    from ..evaluation import build_defense
+    from ..purifiers import load_defense as build_defense
     from ..io import savez, write_parquet
 
     split = load_split(test_path, manifest).head(n_images)

@@ -30,7 +30,7 @@ import torch
 from ..attacks import EVAL_DRAW_OFFSET
 from ..data import batches, load_split
 from ..metrics import write_table
-from ..purification import Purifier
+from ..purifiers import Purifier
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def run_lp_distances(diffusion_dir, test_path, manifest, adv_path, *, per_image_
     """The stage: distances of the first ``n_images`` attacked images under ``draws`` fresh
     evaluation draws (random mode, keyed from :data:`EVAL_DRAW_OFFSET`: never seen by the
     attacker), and the along-the-chain distances under the first ``chain_draws`` of them."""
-    from ..evaluation import build_purifier
+    from ..purifiers import load_purifier as build_purifier
     from ..io import write_parquet
     from ..randomness import Randomness
 

@@ -71,7 +71,7 @@ def run_randomness(diffusion_dir, test_path, manifest, *, per_image_csv, summary
     """The stage: per image, the mean off-diagonal correlation in settings (a) and (b), the mean
     norm of the purified vectors; the two matrices of the first image go to ``example_out``."""
     from ..data import load_split
-    from ..evaluation import build_purifier
+    from ..purifiers import load_purifier as build_purifier
     from ..io import savez
     from ..metrics import write_table
     from ..randomness import Randomness

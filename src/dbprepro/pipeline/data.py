@@ -20,7 +20,7 @@ def prepare_data(input, output, params, wildcards) -> None:
 
 @stage
 def download_data(input, output, params, wildcards) -> None:
-    from ..datasets_cifar import download_cifar10
+    from ..data.cifar10 import download_cifar10
 
     dl = params.download
     download_cifar10(output[0], dl["revision"], dl["files"], allow_unpinned=dl.get("allow_unpinned", False))

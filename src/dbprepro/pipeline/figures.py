@@ -10,7 +10,7 @@ from .run import stage_device, stage
 
 @stage
 def loss_landscape(input, output, params, wildcards) -> None:
-    from ..landscape import compute_landscapes
+    from ..paper1.landscape import compute_landscapes
 
     ls = params.landscape
     compute_landscapes(input.classifier, input.diffusion, input.dwbox, input.eot, output.npz,
@@ -21,7 +21,7 @@ def loss_landscape(input, output, params, wildcards) -> None:
 
 @stage
 def figure_p1_fig1_attack_trajectories(input, output, params, wildcards) -> None:
-    from ..figures import fig_attack_trajectories
+    from ..paper1.figures import fig_attack_trajectories
 
     settings = list(params.settings)
     fig_attack_trajectories(dict(zip(settings, input.paths)), dict(zip(settings, input.traces)),
@@ -30,14 +30,14 @@ def figure_p1_fig1_attack_trajectories(input, output, params, wildcards) -> None
 
 @stage
 def figure_p1_fig2_loss_landscape(input, output, params, wildcards) -> None:
-    from ..figures import fig_loss_landscape
+    from ..paper1.figures import fig_loss_landscape
 
     fig_loss_landscape(dict(zip(params.defenses, input.npz)), output.png, output.pdf)
 
 
 @stage
 def figure_p1_fig3_robustness_bars(input, output, params, wildcards) -> None:
-    from ..figures import fig_robustness_bars
+    from ..paper1.figures import fig_robustness_bars
 
     fig_robustness_bars(input.table, output.png, output.pdf, threat=params.threat, attack=params.attack,
                         evaluation=params.evaluation, confidence=params.confidence)
@@ -62,6 +62,6 @@ def rbgm_samples(input, output, params, wildcards) -> None:
 
 @stage
 def figure_p1_fig5_rbgm(input, output, params, wildcards) -> None:
-    from ..figures import fig_rbgm
+    from ..paper1.figures import fig_rbgm
 
     fig_rbgm(input.npz, output.png, output.pdf)

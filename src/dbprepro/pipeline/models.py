@@ -17,7 +17,7 @@ def train_classifier(input, output, params, wildcards) -> None:
     from ..data import load_split
     from ..metrics import write_table
     from ..models.classifiers import build_classifier, save_classifier
-    from ..training import train_classifier as fit
+    from ..models.training import train_classifier as fit
 
     train = load_split(input.train, input.manifest)
     test = load_split(input.test, input.manifest)
@@ -42,7 +42,7 @@ def train_diffusion(input, output, params, wildcards) -> None:
     from ..data import load_split
     from ..metrics import write_table
     from ..models.diffusion import build_scheduler, build_unet, save_diffusion
-    from ..training import train_ddpm
+    from ..models.training import train_ddpm
 
     train = load_split(input.train, input.manifest)
     dif = params.diffusion
@@ -62,7 +62,7 @@ def train_diffusion(input, output, params, wildcards) -> None:
 
 @stage
 def download_classifier(input, output, params, wildcards) -> None:
-    from ..checkpoints import download_url, load_state_dict, load_weights_into
+    from ..models.checkpoints import download_url, load_state_dict, load_weights_into
     from ..models.classifiers import build_classifier, save_classifier
 
     clf = params.classifier
@@ -75,7 +75,7 @@ def download_classifier(input, output, params, wildcards) -> None:
 
 @stage
 def download_diffusion(input, output, params, wildcards) -> None:
-    from ..checkpoints import download_hf
+    from ..models.checkpoints import download_hf
     from ..models.hub_configs import check_known_configs
 
     dl = params.download
@@ -96,7 +96,7 @@ def train_addt(input, output, params, wildcards) -> None:
     from ..models.classifiers import load_classifier
     from ..models.diffusion import load_diffusion, save_diffusion
     from ..purifiers import purifier_class
-    from ..training import train_ddpm
+    from ..models.training import train_ddpm
 
     # the defense (e.g. "edm_addt") names the outputs; params.variant / params.family say what it trains;
     # params.addt and params.purification are sections of the validated config (schema defaults filled)

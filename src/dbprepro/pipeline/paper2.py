@@ -10,7 +10,7 @@ from .run import log, stage_device, stage
 
 @stage
 def p2_lp_distances(input, output, params, wildcards) -> None:
-    from ..distances import run_lp_distances
+    from ..paper2.distances import run_lp_distances
 
     an = params.analysis
     run_lp_distances(input.diffusion, input.test, input.manifest, input.adv, per_image_csv=output.csv,
@@ -22,14 +22,14 @@ def p2_lp_distances(input, output, params, wildcards) -> None:
 
 @stage
 def figure_p2_fig1_lp_distance(input, output, params, wildcards) -> None:
-    from ..figures import fig_p2_lp_distance
+    from ..paper2.figures import fig_p2_lp_distance
 
     fig_p2_lp_distance(input.csv, input.chain, output.png, output.pdf)
 
 
 @stage
 def p2_randomness(input, output, params, wildcards) -> None:
-    from ..dominance import run_randomness
+    from ..paper2.dominance import run_randomness
 
     an = params.analysis
     run_randomness(input.diffusion, input.test, input.manifest, per_image_csv=output.csv, summary_csv=output.summary,
@@ -41,7 +41,7 @@ def p2_randomness(input, output, params, wildcards) -> None:
 
 @stage
 def figure_p2_fig2_randomness_correlation(input, output, params, wildcards) -> None:
-    from ..figures import fig_p2_randomness
+    from ..paper2.figures import fig_p2_randomness
 
     fig_p2_randomness(input.csv, input.example, output.png, output.pdf)
 
@@ -57,7 +57,7 @@ def table_p2_fixed_randomness(input, output, params, wildcards) -> None:
 
 @stage
 def p2_compression(input, output, params, wildcards) -> None:
-    from ..compression import run_compression
+    from ..paper2.compression import run_compression
 
     an, comp = params.analysis, params.analysis["compression"]
     run_compression(input.classifier, input.diffusion, input.test, input.manifest, records_out=output.records,
@@ -72,7 +72,7 @@ def p2_compression(input, output, params, wildcards) -> None:
 def table_p2_compression(input, output, params, wildcards) -> None:
     import pandas as pd
 
-    from ..compression import compression_table
+    from ..paper2.compression import compression_table
     from ..metrics import write_table
 
     dwbox = {int(k): pd.read_parquet(p) for k, p in zip(params.configs, input.dwbox)}
@@ -89,7 +89,7 @@ def table_p2_compression(input, output, params, wildcards) -> None:
 def table_p2_compression_models(input, output, params, wildcards) -> None:
     import pandas as pd
 
-    from ..compression import compression_models_table
+    from ..paper2.compression import compression_models_table
     from ..metrics import write_table
 
     defenses = list(params.defenses)
@@ -105,13 +105,13 @@ def table_p2_compression_models(input, output, params, wildcards) -> None:
 
 @stage
 def figure_p2_fig5_compression_spectrum(input, output, params, wildcards) -> None:
-    from ..figures import fig_p2_compression_spectrum
+    from ..paper2.figures import fig_p2_compression_spectrum
 
     fig_p2_compression_spectrum(dict(zip(params.defenses, input.jacobian)), output.png, output.pdf)
 
 
 @stage
 def figure_p2_fig6_compression_vs_robustness(input, output, params, wildcards) -> None:
-    from ..figures import fig_p2_compression_vs_robustness
+    from ..paper2.figures import fig_p2_compression_vs_robustness
 
     fig_p2_compression_vs_robustness(input.csv, input.summary, input.models, output.png, output.pdf)

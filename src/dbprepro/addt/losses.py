@@ -1,34 +1,9 @@
-"""Adversarial Denoising Diffusion Training (ADDT, paper 1 Sec. 5) = CGPO + RBGM.
-
-Paper 1 fine-tunes the diffusion model so that it removes adversarial perturbations itself
-instead of relying on randomness.  Each training step:
-
-1. **CGPO** (classifier-guided perturbation optimisation): starting from a Gaussian delta, K
-   iterations (default 5) each draw fresh noise eps, form the noisy input with the mixed noise
-   ``x_t = sqrt(abar) x0 + sqrt(1 - abar) (sqrt(1 - lambda^2) eps + lambda delta)``, take the
-   one-step clean estimate ``x0_hat = (x_t - sqrt(1 - abar) eps_theta(x_t, t)) / sqrt(abar)``,
-   add the gradient of the frozen classifier's cross-entropy at x0_hat w.r.t. delta to an
-   accumulator G (never reset), and set ``delta = RBGM(G)``.
-2. **RBGM** (rank-based Gaussian mapping): per image and channel, a fresh Gaussian sample
-   re-ordered by the ranks of G, so delta is exactly Gaussian-distributed with an adversarial
-   ordering (every pixel of the mixed noise keeps unit variance).
-3. **Training**: ``loss = || eps_theta(x_t, t) - eps_mixed ||^2`` with a fresh eps and the CGPO
-   delta, ``lambda_t = clip(0.03 sqrt(abar_t) / sqrt(1 - abar_t), 0, 0.3)``.
-
-Variants (the ablations of paper 1, selected by ``variant``):
-``addt``            CGPO + RBGM (the full method);
-``addt_no_rbgm``    the L-inf PGD perturbation instead of RBGM (delta from 0, sign steps of
-                    ``pgd_alpha`` within ``pgd_eps`` in pixel units; target ``eps + r_t delta``
-                    with ``r_t = clip(sqrt(abar) / sqrt(1 - abar), 0, 10)``);
-``cgpo_mse``        CGPO's objective replaced by the plain denoising error (no classifier);
-``clean_finetune``  the standard DDPM loss with the same schedule (the control).
-
-Everything the papers leave open is a config key (``addt.*`` in the schema).
-"""
+"""The ADDT training losses: the DDPM family's (paper 1's ablation variants) and the VP-SDE and EDM
+families', and :func:`make_loss_fn`, which picks a purifier family's loss through the purifier
+registry (each registered family names its ``loss_family``)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Literal
 
@@ -36,96 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+from ..purifiers.registry import PURIFIERS
+from .cgpo import _alpha_terms, cgpo, cgpo_delta, mixing_weight, pgd_perturbation
 
 Variant = Literal["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune"]
 VARIANTS: tuple[str, ...] = ("addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune")
-
-
-def mixing_weight(alphas_cumprod_t: torch.Tensor, scale: float = 0.03, max_weight: float = 0.3) -> torch.Tensor:
-    """lambda_t = clip(scale * sqrt(abar_t) / sqrt(1 - abar_t), 0, max_weight) (paper 1's 0.03 and 0.3)."""
-    a = alphas_cumprod_t.to(torch.float64)
-    return (scale * a.sqrt() / (1 - a).sqrt()).clamp(0, max_weight).to(alphas_cumprod_t.dtype)
-
-
-def rbgm(grad: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Rank-based Gaussian mapping, per (image, channel) over the H*W pixels.
-
-    Output[j] = z_(rank of grad[j]), with z a fresh standard-normal sample sorted ascending:
-    the output's values are exactly the Gaussian draw, its ordering that of ``grad``.
-    """
-    B, C = grad.shape[:2]
-    flat = grad.reshape(B, C, -1)
-    z = torch.randn(flat.shape, generator=generator, dtype=flat.dtype).to(flat.device)
-    z_sorted, _ = z.sort(dim=-1)
-    ranks = flat.argsort(dim=-1).argsort(dim=-1)  # rank of every pixel's gradient (0 = smallest)
-    return z_sorted.gather(-1, ranks).reshape(grad.shape)
-
-
-def _alpha_terms(scheduler, t: torch.Tensor, like: torch.Tensor):
-    abar = scheduler.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
-    return abar, abar.sqrt(), (1 - abar).sqrt()
-
-
-def cgpo_delta(eps_theta, classifier: nn.Module | None, x0: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
-               b: torch.Tensor, lam: torch.Tensor, *, iterations: int = 5, objective: Literal["ce", "mse"] = "ce",
-               generator: torch.Generator | None = None, return_grad: bool = False):
-    """CGPO in the VP coordinates of any family: the RBGM-mapped adversarial noise delta for a batch.
-
-    The noisy input is ``x = a x0 + b (sqrt(1 - lam^2) eps + lam delta)`` and the one-step clean
-    estimate ``x0_hat = (x - b eps_theta(x)) / a``, with ``a``, ``b`` (signal and noise scales,
-    broadcastable to ``x0``), ``lam`` (one per image) and ``eps_theta(x)`` the noise prediction at
-    the batch's noise levels.  ``x0`` in [-1, 1]; the classifier sees ``x0_hat / 2 + 0.5``.
-    ``objective="mse"`` is the ``cgpo_mse`` ablation: maximise ||eps_theta - eps||^2 instead.
-    Model weights are untouched; ``return_grad`` also returns the accumulated gradient G.
-    """
-    lam = lam.view(-1, *([1] * (x0.ndim - 1)))
-    delta = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    G = torch.zeros_like(x0)
-    for _ in range(iterations):
-        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        d = delta.detach().requires_grad_(True)
-        x = a * x0 + b * ((1 - lam**2).sqrt() * eps + lam * d)
-        eps_hat = eps_theta(x)
-        if objective == "ce":
-            x0_hat = (x - b * eps_hat) / a
-            loss = F.cross_entropy(classifier((x0_hat / 2 + 0.5).clamp(0, 1)), y, reduction="sum")
-        else:
-            loss = (eps_hat - eps).square().sum()
-        (g,) = torch.autograd.grad(loss, d)
-        G = G + g
-        delta = rbgm(G, generator)
-    return (delta.detach(), G.detach()) if return_grad else delta.detach()
-
-
-def cgpo(unet: nn.Module, scheduler, classifier: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-         lam: torch.Tensor, *, iterations: int = 5, objective: Literal["ce", "mse"] = "ce",
-         generator: torch.Generator | None = None, return_grad: bool = False):
-    """CGPO of the DDPM family at integer timesteps ``t``: :func:`cgpo_delta` with
-    ``a = sqrt(abar_t)``, ``b = sqrt(1 - abar_t)`` and ``eps_theta(x) = unet(x, t)``."""
-    _, sa, s1a = _alpha_terms(scheduler, t, x0)
-    return cgpo_delta(lambda x: unet(x, t).sample, classifier, x0, y, sa, s1a, lam, iterations=iterations,
-                      objective=objective, generator=generator, return_grad=return_grad)
-
-
-def pgd_perturbation(unet: nn.Module, scheduler, classifier: nn.Module, x0: torch.Tensor, y: torch.Tensor,
-                     t: torch.Tensor, *, iterations: int = 5, eps: float = 8 / 255, alpha: float = 4 / 255,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """The ``addt_no_rbgm`` perturbation: L-inf PGD on the one-step clean estimate, in [-1, 1] units
-    of x0 (``eps``, ``alpha`` in [0, 1] pixel units are doubled)."""
-    _, sa, s1a = _alpha_terms(scheduler, t, x0)
-    delta = torch.zeros_like(x0)
-    e, a = 2 * eps, 2 * alpha
-    for _ in range(iterations):
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        d = delta.detach().requires_grad_(True)
-        x_t = sa * (x0 + d) + s1a * noise
-        x0_hat = (x_t - s1a * unet(x_t, t).sample) / sa
-        loss = F.cross_entropy(classifier((x0_hat / 2 + 0.5).clamp(0, 1)), y, reduction="sum")
-        (g,) = torch.autograd.grad(loss, d)
-        delta = (delta + a * g.sign()).clamp(-e, e)
-        delta = (x0 + delta).clamp(-1, 1) - x0
-    return delta.detach()
 
 
 def addt_loss(unet: nn.Module, scheduler, classifier: nn.Module | None, x0: torch.Tensor, y: torch.Tensor, *,
@@ -161,9 +51,6 @@ def addt_loss(unet: nn.Module, scheduler, classifier: nn.Module | None, x0: torc
     return F.mse_loss(unet(x_t, t).sample, target)
 
 
-#: purifier sampler names (``purification.sampler``) -> the family of the ADDT loss
-LOSS_FAMILIES: dict[str, str] = {"ddpm": "ddpm", "ddim": "ddpm", "vpsde": "vp", "edm": "edm"}
-
 
 def make_loss_fn(classifier: nn.Module | None, variant: Variant, *, family: str = "ddpm", iterations: int = 5,
                  lambda_scale: float = 0.03, lambda_max: float = 0.3, pgd_eps: float = 8 / 255,
@@ -180,11 +67,11 @@ def make_loss_fn(classifier: nn.Module | None, variant: Variant, *, family: str 
     family at the DDPM's timestep ``t_max`` (None: the paper's full range); ``pgd_eps``,
     ``pgd_alpha`` only concern ``addt_no_rbgm`` (DDPM family only).
     """
-    if family not in LOSS_FAMILIES:
-        raise ValueError(f"unknown ADDT family {family!r}; known: {', '.join(LOSS_FAMILIES)}")
+    if family not in PURIFIERS:
+        raise ValueError(f"unknown ADDT family {family!r}; known (the registered samplers): {', '.join(PURIFIERS)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown ADDT variant {variant!r}; known: {', '.join(VARIANTS)}")
-    loss_family = LOSS_FAMILIES[family]
+    loss_family = PURIFIERS[family].loss_family
     if loss_family != "ddpm" and variant not in FAMILY_VARIANTS:
         raise ValueError(f"ADDT variant {variant!r} is not implemented for the {family} family; "
                          f"its variants: {', '.join(FAMILY_VARIANTS)}")
@@ -216,23 +103,6 @@ def network_passes_per_step(variant: Variant, iterations: int) -> int:
     return 1 if variant == "clean_finetune" else iterations + 1
 
 
-def rbgm_samples(unet: nn.Module, scheduler, classifier: nn.Module, images01: torch.Tensor, labels: torch.Tensor, *,
-                 t: int, iterations: int = 5, lambda_scale: float = 0.03, lambda_max: float = 0.3,
-                 seed: int = 0) -> dict:
-    """A CGPO perturbation before RBGM (the accumulated gradient G, standardised per image and
-    channel for comparison) and after it (delta), on ``images01`` at timestep ``t``."""
-    classifier.eval().requires_grad_(False)
-    x0 = images01 * 2 - 1
-    tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
-    lam = mixing_weight(scheduler.alphas_cumprod[tt], lambda_scale, lambda_max)
-    delta, G = cgpo(unet, scheduler, classifier, x0, labels, tt, lam, iterations=iterations,
-                    generator=torch.Generator().manual_seed(seed), return_grad=True)
-    flat = G.flatten(2)
-    g_std = (flat - flat.mean(-1, keepdim=True)) / flat.std(-1, keepdim=True).clamp_min(1e-12)
-    return {"gradient": g_std.flatten().numpy(), "delta": delta.flatten().numpy(), "t": int(t),
-            "lambda": float(lam[0]), "n_images": int(x0.shape[0])}
-
-
 # -- ADDT for the continuous families (paper 1's VP and EDM fine-tuning) -------------------------------
 #
 # Both write the noisy input in VP coordinates as x = a x0 + b eps_mixed, eps_mixed = sqrt(1 - lambda^2) eps
@@ -243,7 +113,7 @@ def rbgm_samples(unet: nn.Module, scheduler, classifier: nn.Module, images01: to
 #        lambda = clip(0.03 / sigma, 0, 0.3), loss w(sigma) ||D(x_edm; sigma) - x0||^2 with
 #        w = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2; since D - x0 = sigma (eps_mixed - eps_theta)
 #        for the VP-preconditioned eps network, this is w sigma^2 ||eps_theta - eps_mixed||^2.
-# The network is called at the discrete timestep of the same noise level (dbprepro.continuous.NoiseLevelMap).
+# The network is called at the discrete timestep of the same noise level (dbprepro.purifiers.NoiseLevelMap).
 # CGPO itself is one function for every family (cgpo_delta).  With ``t_max`` (as in the DDPM loss) both
 # distributions are cut at the DDPM's noise level of timestep t_max: vp t ~ U(t_eps, t_max / T), edm the
 # log-normal truncated to sigma <= sigma(t_max) (exactly, by its inverse CDF; see family_noise_cap).
@@ -308,7 +178,7 @@ def addt_loss_family(unet: nn.Module, scheduler, classifier: nn.Module | None, x
     timestep ``t_max`` (:func:`family_noise_cap`; None: the paper's full distribution).
     ``return_parts`` also returns the tensors the loss was computed from (for tests).
     """
-    from .purifiers import NoiseLevelMap
+    from ..purifiers import NoiseLevelMap
 
     if variant not in FAMILY_VARIANTS:
         raise ValueError(f"ADDT variant {variant!r} is not implemented for the {family} family; "

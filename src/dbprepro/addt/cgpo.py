@@ -1,0 +1,115 @@
+"""CGPO (classifier-guided perturbation optimisation) and RBGM (rank-based Gaussian mapping), the
+two parts of paper 1's ADDT, and the ``addt_no_rbgm`` ablation's PGD perturbation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mixing_weight(alphas_cumprod_t: torch.Tensor, scale: float = 0.03, max_weight: float = 0.3) -> torch.Tensor:
+    """lambda_t = clip(scale * sqrt(abar_t) / sqrt(1 - abar_t), 0, max_weight) (paper 1's 0.03 and 0.3)."""
+    a = alphas_cumprod_t.to(torch.float64)
+    return (scale * a.sqrt() / (1 - a).sqrt()).clamp(0, max_weight).to(alphas_cumprod_t.dtype)
+
+
+def rbgm(grad: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rank-based Gaussian mapping, per (image, channel) over the H*W pixels.
+
+    Output[j] = z_(rank of grad[j]), with z a fresh standard-normal sample sorted ascending:
+    the output's values are exactly the Gaussian draw, its ordering that of ``grad``.
+    """
+    B, C = grad.shape[:2]
+    flat = grad.reshape(B, C, -1)
+    z = torch.randn(flat.shape, generator=generator, dtype=flat.dtype).to(flat.device)
+    z_sorted, _ = z.sort(dim=-1)
+    ranks = flat.argsort(dim=-1).argsort(dim=-1)  # rank of every pixel's gradient (0 = smallest)
+    return z_sorted.gather(-1, ranks).reshape(grad.shape)
+
+
+def _alpha_terms(scheduler, t: torch.Tensor, like: torch.Tensor):
+    abar = scheduler.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return abar, abar.sqrt(), (1 - abar).sqrt()
+
+
+def cgpo_delta(eps_theta, classifier: nn.Module | None, x0: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
+               b: torch.Tensor, lam: torch.Tensor, *, iterations: int = 5, objective: Literal["ce", "mse"] = "ce",
+               generator: torch.Generator | None = None, return_grad: bool = False):
+    """CGPO in the VP coordinates of any family: the RBGM-mapped adversarial noise delta for a batch.
+
+    The noisy input is ``x = a x0 + b (sqrt(1 - lam^2) eps + lam delta)`` and the one-step clean
+    estimate ``x0_hat = (x - b eps_theta(x)) / a``, with ``a``, ``b`` (signal and noise scales,
+    broadcastable to ``x0``), ``lam`` (one per image) and ``eps_theta(x)`` the noise prediction at
+    the batch's noise levels.  ``x0`` in [-1, 1]; the classifier sees ``x0_hat / 2 + 0.5``.
+    ``objective="mse"`` is the ``cgpo_mse`` ablation: maximise ||eps_theta - eps||^2 instead.
+    Model weights are untouched; ``return_grad`` also returns the accumulated gradient G.
+    """
+    lam = lam.view(-1, *([1] * (x0.ndim - 1)))
+    delta = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    G = torch.zeros_like(x0)
+    for _ in range(iterations):
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        d = delta.detach().requires_grad_(True)
+        x = a * x0 + b * ((1 - lam**2).sqrt() * eps + lam * d)
+        eps_hat = eps_theta(x)
+        if objective == "ce":
+            x0_hat = (x - b * eps_hat) / a
+            loss = F.cross_entropy(classifier((x0_hat / 2 + 0.5).clamp(0, 1)), y, reduction="sum")
+        else:
+            loss = (eps_hat - eps).square().sum()
+        (g,) = torch.autograd.grad(loss, d)
+        G = G + g
+        delta = rbgm(G, generator)
+    return (delta.detach(), G.detach()) if return_grad else delta.detach()
+
+
+def cgpo(unet: nn.Module, scheduler, classifier: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+         lam: torch.Tensor, *, iterations: int = 5, objective: Literal["ce", "mse"] = "ce",
+         generator: torch.Generator | None = None, return_grad: bool = False):
+    """CGPO of the DDPM family at integer timesteps ``t``: :func:`cgpo_delta` with
+    ``a = sqrt(abar_t)``, ``b = sqrt(1 - abar_t)`` and ``eps_theta(x) = unet(x, t)``."""
+    _, sa, s1a = _alpha_terms(scheduler, t, x0)
+    return cgpo_delta(lambda x: unet(x, t).sample, classifier, x0, y, sa, s1a, lam, iterations=iterations,
+                      objective=objective, generator=generator, return_grad=return_grad)
+
+
+def pgd_perturbation(unet: nn.Module, scheduler, classifier: nn.Module, x0: torch.Tensor, y: torch.Tensor,
+                     t: torch.Tensor, *, iterations: int = 5, eps: float = 8 / 255, alpha: float = 4 / 255,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The ``addt_no_rbgm`` perturbation: L-inf PGD on the one-step clean estimate, in [-1, 1] units
+    of x0 (``eps``, ``alpha`` in [0, 1] pixel units are doubled)."""
+    _, sa, s1a = _alpha_terms(scheduler, t, x0)
+    delta = torch.zeros_like(x0)
+    e, a = 2 * eps, 2 * alpha
+    for _ in range(iterations):
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        d = delta.detach().requires_grad_(True)
+        x_t = sa * (x0 + d) + s1a * noise
+        x0_hat = (x_t - s1a * unet(x_t, t).sample) / sa
+        loss = F.cross_entropy(classifier((x0_hat / 2 + 0.5).clamp(0, 1)), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, d)
+        delta = (delta + a * g.sign()).clamp(-e, e)
+        delta = (x0 + delta).clamp(-1, 1) - x0
+    return delta.detach()
+
+
+
+def rbgm_samples(unet: nn.Module, scheduler, classifier: nn.Module, images01: torch.Tensor, labels: torch.Tensor, *,
+                 t: int, iterations: int = 5, lambda_scale: float = 0.03, lambda_max: float = 0.3,
+                 seed: int = 0) -> dict:
+    """A CGPO perturbation before RBGM (the accumulated gradient G, standardised per image and
+    channel for comparison) and after it (delta), on ``images01`` at timestep ``t``."""
+    classifier.eval().requires_grad_(False)
+    x0 = images01 * 2 - 1
+    tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+    lam = mixing_weight(scheduler.alphas_cumprod[tt], lambda_scale, lambda_max)
+    delta, G = cgpo(unet, scheduler, classifier, x0, labels, tt, lam, iterations=iterations,
+                    generator=torch.Generator().manual_seed(seed), return_grad=True)
+    flat = G.flatten(2)
+    g_std = (flat - flat.mean(-1, keepdim=True)) / flat.std(-1, keepdim=True).clamp_min(1e-12)
+    return {"gradient": g_std.flatten().numpy(), "delta": delta.flatten().numpy(), "t": int(t),
+            "lambda": float(lam[0]), "n_images": int(x0.shape[0])}
+
