@@ -95,14 +95,18 @@ def test_load_purifier_refuses_unpinned_hub_ids_and_broken_folders(tmp_path, tin
         api.load_classifier(tmp_path / "clf")
 
 
-def test_the_readme_library_block_runs_as_written(tmp_path, monkeypatch):
-    """README's "Use it as a library" code block, executed verbatim against stand-in models saved
-    where the pipeline saves its own (results/models/...)."""
+def _python_block(doc: str, heading: str) -> str:
+    """The first ```python block after ``heading`` in ``doc`` (a path relative to the repository root)."""
     import re
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Use it as a library"):]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    text = (ROOT / doc).read_text()
+    section = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.fixture
+def pipeline_models(tmp_path, monkeypatch):
+    """Stand-in models saved where the pipeline saves its own (results/models/...), cwd = their root."""
     sys.path.insert(0, str(ROOT / "docs"))
     try:
         from api_example import tiny_models
@@ -113,8 +117,26 @@ def test_the_readme_library_block_runs_as_written(tmp_path, monkeypatch):
     diffusion.rename(tmp_path / "results" / "models" / "diffusion" / "vanilla")
     classifier.rename(tmp_path / "results" / "models" / "classifier")
     monkeypatch.chdir(tmp_path)
+
+
+def test_the_readme_library_block_runs_as_written(pipeline_models):
+    """README's "Use it as a library" code block, executed verbatim against stand-in models saved
+    where the pipeline saves its own (results/models/...)."""
+    block = _python_block("README.md", "## Use it as a library")
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["x_pur"].shape == scope["images"].shape
     assert torch.equal(scope["x_pur"], api.purify(scope["purifier"], scope["images"], seed=0, mode="fixed"))
     assert 0.0 <= scope["report"].robust_accuracy("single") <= 1.0
+
+
+def test_the_design_doc_purifier_block_runs_as_written(pipeline_models):
+    """docs/design.md's lower-level example (Purifier, DefendedClassifier, Randomness), executed verbatim:
+    under fixed randomness the logits are the same on every call, as its comment says."""
+    block = _python_block("docs/design.md", "## Purification and exact gradients")
+    scope: dict = {}
+    exec(compile(block, "docs/design.md", "exec"), scope)
+    model, x = scope["model"], scope["x"]
+    assert scope["logits"].shape == (4, 10)
+    with model.bind(ids=torch.arange(4)):
+        assert torch.equal(model(x), scope["logits"])

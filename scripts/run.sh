@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The full pipeline in one command: set up .venv if needed, then run Snakemake.
+#
+#   bash scripts/run.sh                                               # everything: snakemake --cores all
+#   bash scripts/run.sh results/figures/p1_fig3_robustness_bars.png   # one target and only the jobs it needs
+#   bash scripts/run.sh -n                                            # any other snakemake arguments pass through
+#
+# Environment knobs: VENV=.venv (the environment to use or create), and those of scripts/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+# Set up only when the environment is missing or broken (a second run starts Snakemake at once).
+if [ ! -x "$VENV/bin/snakemake" ] || ! "$VENV/bin/python" -c "import dbprepro" 2>/dev/null; then
+    start=$(date +%s)
+    VENV="$VENV" bash scripts/setup.sh
+    echo "set-up took $(( $(date +%s) - start )) s"
+fi
+
+# The default run; extra arguments (targets, -n, --configfile ...) go to Snakemake unchanged.
+exec "$VENV/bin/snakemake" --cores all "$@"
