@@ -8,14 +8,7 @@
 # Environment knobs: VENV=.venv (the environment to use or create), and those of scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-
-# Set up only when the environment is missing or broken (a second run starts Snakemake at once).
-if [ ! -x "$VENV/bin/snakemake" ] || ! "$VENV/bin/python" -c "import dbprepro" 2>/dev/null; then
-    start=$(date +%s)
-    VENV="$VENV" bash scripts/setup.sh
-    echo "set-up took $(( $(date +%s) - start )) s"
-fi
+source scripts/ensure_venv.sh  # set up .venv only if it is missing or broken
 
 # The default run; extra arguments (targets, -n, --configfile ...) go to Snakemake unchanged.
 exec "$VENV/bin/snakemake" --cores all "$@"

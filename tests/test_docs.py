@@ -53,7 +53,8 @@ def test_quick_start_is_exactly_the_two_scripts_ci_and_the_scripts_provide():
                          ("test.sh", '"$VENV/bin/python" -m pytest "$@"')):
         text = (ROOT / "scripts" / script).read_text()
         assert "set -euo pipefail" in text and 'cd "$(dirname "$0")/.."' in text
-        assert f"exec {runs}" in text and "bash scripts/setup.sh" in text
+        assert f"exec {runs}" in text and "source scripts/ensure_venv.sh" in text
+    assert "bash scripts/setup.sh" in (ROOT / "scripts" / "ensure_venv.sh").read_text()
 
 
 def _stub_venv(folder: Path, log: Path, importable: bool = True) -> Path:

@@ -180,3 +180,24 @@ def test_old_module_paths_still_import_as_the_new_module(old):
             assert all(getattr(module, k) is getattr(importlib.import_module(target), k) for k in public)
     assert any(issubclass(w.category, DeprecationWarning) and targets[0] in str(w.message) for w in caught), \
         f"importing {old} did not warn that it moved to {new}"
+
+
+def test_every_rule_runs_the_stage_of_its_name_in_the_module_of_its_rule_file():
+    """A reader of ``workflow/rules/<file>.smk`` finds what rule R runs without a registry: the
+    function R of ``dbprepro/pipeline/<file>.py`` (and that is what the stage runner calls)."""
+    import re
+
+    from dbprepro import pipeline
+
+    rules_dir = SRC.parents[1] / "workflow" / "rules"
+    seen = 0
+    for smk in sorted(rules_dir.glob("*.smk")):
+        text = smk.read_text()
+        for rule in re.findall(r"^\s*rule (\w+):", text, flags=re.M):
+            seen += 1
+            module = importlib.import_module(f"dbprepro.pipeline.{smk.stem}")
+            assert callable(getattr(module, rule, None)), f"{smk.name}: rule {rule} has no {module.__name__}.{rule}"
+            assert pipeline.STAGES[rule] is getattr(module, rule)
+        if re.search(r"^\s*rule \w+:", text, flags=re.M):
+            assert f"src/dbprepro/pipeline/{smk.stem}.py" in text.splitlines()[0], f"{smk.name}: first line names its module"
+    assert seen == len(pipeline.STAGES) >= 30

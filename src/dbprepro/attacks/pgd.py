@@ -154,16 +154,12 @@ def attack_batch(model, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *,
     """Run one attack on one batch and evaluate the result; returns per-sample columns."""
     if attack not in ("pgd", "bpda"):
         raise ValueError(f"unknown attack {attack!r}")
-    purifier = model.purifier
-    saved = purifier.grad_mode
-    purifier.grad_mode = "bpda" if attack == "bpda" else saved
-    try:
-        pgd_attack = PGD(model, setting, norm, eps, alpha, steps=pgd["steps"], eot=pgd["eot"],
-                         random_start=pgd["random_start"], restarts=pgd["restarts"],
-                         eot_chunk=pgd.get("eot_chunk", 4096), track=track)
-        res = pgd_attack(x, y, ids)
-    finally:
-        purifier.grad_mode = saved
+    # BPDA attacks a copy of the defense whose purifier has the identity backward; nothing is swapped in place
+    attacked = model.with_purifier(model.purifier.with_grad_mode("bpda")) if attack == "bpda" else model
+    pgd_attack = PGD(attacked, setting, norm, eps, alpha, steps=pgd["steps"], eot=pgd["eot"],
+                     random_start=pgd["random_start"], restarts=pgd["restarts"], eot_chunk=pgd.get("eot_chunk", 4096),
+                     track=track)
+    res = pgd_attack(x, y, ids)
     preds = evaluate_draws(model, res.x_adv, ids, eval_draws, setting)
     cols = {"id": ids.numpy(), "label": y.cpu().numpy(), **{f"correct_{k}": v for k, v in
                                                           summarise_evaluations(preds, y.cpu().numpy()).items()},

@@ -111,6 +111,12 @@ class ReverseChain(nn.Module):
         new.__dict__["randomness"] = randomness
         return new
 
+    def with_grad_mode(self, grad_mode: str) -> "ReverseChain":
+        """The same purifier with another gradient mode (a shallow copy, as :meth:`with_randomness`)."""
+        new = copy.copy(self)
+        new.grad_mode = grad_mode  # validated by the family's setter where it has one
+        return new
+
     def ids_and_draws(self, x: torch.Tensor, ids, draws) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the images and normalise sample ids and draws (the one place that does it):
         ids default to ``0..B-1``, draws to ``self.randomness.next_draws(ids)`` (fresh in random

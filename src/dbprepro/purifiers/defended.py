@@ -31,7 +31,13 @@ class DefendedClassifier(nn.Module):
     def with_randomness(self, randomness) -> "DefendedClassifier":
         """The same classifier and network with the purifier's randomness replaced (a new module
         sharing the weights; nothing is swapped in place)."""
-        return DefendedClassifier(self.classifier, self.purifier.with_randomness(randomness))
+        return self.with_purifier(self.purifier.with_randomness(randomness))
+
+    def with_purifier(self, purifier: ReverseChain) -> "DefendedClassifier":
+        """The same classifier after another purifier (bound ids and draws are kept)."""
+        new = DefendedClassifier(self.classifier, purifier)
+        new._ids, new._draws = self._ids, self._draws
+        return new
 
     def forward(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
         ids = self._ids if ids is None else ids

@@ -11,37 +11,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..registry import Registry
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..randomness import Randomness
     from .base import ReverseChain
 
 #: sampler name -> purifier family class, in registration order
-PURIFIERS: dict[str, type["ReverseChain"]] = {}
-
-
-def register_purifier(cls):
-    """Class decorator: register a purifier family under its ``sampler`` name."""
-    name = cls.__dict__.get("sampler")
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} needs a class attribute sampler = '<name>' to be registered")
-    if name in PURIFIERS and PURIFIERS[name] is not cls:
-        raise ValueError(f"purifier family {name!r} is registered twice ({PURIFIERS[name].__name__}, {cls.__name__})")
-    PURIFIERS[name] = cls
-    return cls
+PURIFIERS: Registry = Registry("purifier family (sampler)", key="sampler")
+#: class decorator: register a purifier family under its ``sampler`` name
+register_purifier = PURIFIERS.register
+#: the registered family ``sampler``, or a ValueError listing the known ones
+purifier_class = PURIFIERS.get_class
 
 
 def samplers() -> tuple[str, ...]:
     """Names of every registered purifier family."""
     return tuple(PURIFIERS)
-
-
-def purifier_class(sampler: str) -> type["ReverseChain"]:
-    """The registered family ``sampler``, or a ValueError listing the known ones."""
-    try:
-        return PURIFIERS[sampler]
-    except KeyError:
-        raise ValueError(f"unknown purifier family (sampler) {sampler!r}; registered: "
-                         f"{', '.join(PURIFIERS)}") from None
 
 
 def build_purifier(unet, scheduler, purification: dict[str, Any], randomness: "Randomness | None" = None,
