@@ -151,3 +151,23 @@ def test_ablation_variants_take_their_own_settings():
     assert addt_settings(cfg, "addt") == ["whitebox_eot", "dwbox"] and addt_settings(cfg, "cgpo_mse") == ["dwbox"]
     runs = {(d, s) for d, _, s, _ in attack_runs(cfg)}
     assert ("addt", "whitebox_eot") in runs and ("cgpo_mse", "whitebox_eot") not in runs and ("cgpo_mse", "dwbox") in runs
+
+
+def test_the_typed_experiment_says_what_each_defense_is():
+    """Defenses are typed objects (sampler, weights, fine-tune), not names to parse."""
+    from dbprepro.config import AttackRun, Defense, Experiment
+
+    cfg = validate_config(default(families={"names": ["ddim", "vpsde", "edm"], "own_addt": ["edm"]}))
+    exp = Experiment.from_config(cfg)
+    assert exp.defense("ddim") == Defense("ddim", "ddim", "vanilla", family=True)
+    assert exp.defense("ddim_addt") == Defense("ddim_addt", "ddim", "addt", finetune="addt", family=True)
+    assert exp.defense("edm_addt") == Defense("edm_addt", "edm", "edm_addt", finetune="addt", family=True, trains=True)
+    assert exp.defense("cgpo_mse") == Defense("cgpo_mse", "ddpm", "cgpo_mse", finetune="cgpo_mse", trains=True)
+    assert exp.trained_defenses == ["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune", "edm_addt"]
+    assert [exp.finetune_family(d) for d in ("addt", "edm_addt")] == ["ddpm", "edm"]
+    assert exp.defense("vanilla").weights_kind == "vanilla" and exp.defense("vpsde_addt").weights_kind == "addt"
+    runs = exp.attack_runs()
+    assert runs[0] == AttackRun("undefended", "linf", "none", "pgd") and runs[0].attack == "pgd"
+    assert AttackRun("ddim", "linf", "dwbox", "pgd") in runs
+    with pytest.raises(ConfigError, match="no defense 'heun'"):
+        exp.defense("heun")

@@ -1,4 +1,4 @@
-"""VP-SDE (DiffPure) and EDM purifiers (dbprepro.continuous): replay, fixed mode, exact gradients,
+"""VP-SDE (DiffPure) and EDM purifiers (dbprepro.purifiers): replay, fixed mode, exact gradients,
 schedules, the closed-form Gaussian toy and the adjoint's agreement with the exact gradient."""
 
 import math

@@ -1,4 +1,4 @@
-"""Gradient modes compared on one draw (dbprepro.gradients) and the gradient_modes stage."""
+"""Gradient modes compared on one draw (dbprepro.purifiers.gradients) and the gradient_modes stage."""
 
 import pandas as pd
 import pytest

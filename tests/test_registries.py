@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from dbprepro import api
-from dbprepro.attacks import ATTACKS, PGD, settings_randomness
+from dbprepro.attacks import ATTACKS, settings_randomness
 from dbprepro.cli import main
 from dbprepro.config import SCHEMA_PATH, Experiment, load_configs, validate_config
 from dbprepro.purifiers import PURIFIERS, DefendedClassifier, load_purifier, samplers
@@ -62,7 +62,9 @@ def test_with_randomness_leaves_the_original_alone(tiny_diffusion):
     assert p.randomness.mode == "random" and q.randomness.mode == "fixed" and q.unet is p.unet
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
-        assert torch.equal(q(x), q(x)) and torch.equal(q(x), p(x, draws=torch.tensor([3, 3])) * 0 + q(x))
+        assert torch.equal(q(x), q(x))  # the copy is the deterministic purifier of configuration 3
+        assert not torch.equal(p(x), p(x))  # the original still draws fresh noise on every call
+    assert p.randomness is not q.randomness and p.randomness.mode == "random"
 
 
 # -- every registered sampler through the API and the CLI -------------------------------------------
@@ -109,8 +111,17 @@ def test_cli_purify_with_the_config_is_the_dags_purification(defense, mode, draw
         ref = dag(x, ids=torch.tensor([image_id]), draws=torch.tensor([draw]))[0]
     got = torch.from_numpy(np.load(tmp_path / "out.npy"))
     assert got.dtype == ref.dtype and torch.equal(got, ref)
+    # the DAG purifies in batches (evaluation.batch_size): the image's row of a batch has the same noise
+    # (keyed by id and draw), so it differs only by the batched kernels' float summation order
+    batch = torch.from_numpy(split["images"][:16].astype(np.float32))
+    with torch.no_grad():
+        rows = dag(batch, ids=torch.from_numpy(split["ids"][:16]).long(), draws=torch.full((16,), draw))
+    assert torch.allclose(rows[5], got, rtol=0, atol=1e-5)
+    assert not torch.allclose(rows[4], got, rtol=0, atol=1e-2)  # (another image's row is far away)
     # and the config's settings really matter: another t* gives another image
-    assert main(args + ["--t-star", "0.2", "--steps", "50"] * (defense == "vanilla")) == 0 or defense != "vanilla"
+    other = str(tmp_path / "other.npy")
+    assert main([*args[:2], other, *args[3:], "--t-star", "0.2", "--steps", "50"]) == 0
+    assert not torch.equal(torch.from_numpy(np.load(other)), got)
 
 
 @pytest.mark.parametrize("sampler", sorted(PURIFIERS))
@@ -126,16 +137,30 @@ def test_cli_evaluate_accepts_every_sampler(sampler, stage_inputs, tmp_path, cap
     assert "pgd-2" in capsys.readouterr().out
 
 
-def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, stage_inputs):
     assert main(["purify", "/missing.png", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "/missing.png" in err and "Traceback" not in err
+    assert main(["purify", "/missing.png", str(tmp_path / "o.png"), "--model", str(tmp_path / "nomodel")]) == 2
+    assert "/missing.png" in capsys.readouterr().err  # the input is checked before the model is loaded
     bad = tmp_path / "not_an_image.png"
     bad.write_text("hello")
     assert main(["purify", str(bad), str(tmp_path / "o.png"), "--model", str(tmp_path / "nomodel")]) == 2
     assert "nomodel" in capsys.readouterr().err
+    model = ["--model", stage_inputs["diffusion"]]
+    assert main(["purify", str(bad), str(tmp_path / "o.png"), *model]) == 2
+    assert "not an image file" in capsys.readouterr().err
+    (tmp_path / "empty.npy").write_bytes(b"")
+    assert main(["purify", str(tmp_path / "empty.npy"), str(tmp_path / "o.npy"), *model]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable .npy" in err and err.count("\n") == 1
     assert main(["validate-config", "/missing.yaml"]) == 2
     assert "/missing.yaml" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    assert main(["validate-config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.yaml" in err and err.count("\n") == 1
     r = subprocess.run([str(VENV_BIN / "dbprepro"), "purify", "/missing.png", "out.png"], capture_output=True,
                        text=True, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
@@ -218,7 +243,7 @@ def test_a_new_attack_is_one_file_grid_cost_cli_and_dag(fgsm_tree):
     r = subprocess.run([str(VENV_BIN / "snakemake"), "-n", "--cores", "1",
                         "results/attacks/vanilla/linf/dwbox/fgsm/records.parquet"], cwd=ROOT,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True)
-    assert r.returncode != 0
+    assert r.returncode != 0 and "MissingRuleException" in r.stdout + r.stderr
 
 
 def test_the_throwaway_fgsm_reduces_to_one_pgd_step(fgsm_tree, stage_inputs):
@@ -241,9 +266,14 @@ def test_the_throwaway_fgsm_reduces_to_one_pgd_step(fgsm_tree, stage_inputs):
         attacks = validate_config({"name": "t"})["attacks"]
         tm = {"name": "linf", "norm": "linf", "eps": 0.2, "alpha": 0.05}
         cols, res = REG["fgsm"].run_batch(model, x, y, ids, setting="dwbox", threat=tm, attacks=attacks, seed=0)
-        ref = PGD(model, "dwbox", "linf", eps=0.2, alpha=0.2, steps=1, eot=1)(x, y, ids)
-        assert torch.equal(res.x_adv, ref.x_adv)
-        assert float((res.x_adv - x).abs().max()) <= 0.2 + 1e-6
+        # the outside reference: torchattacks' FGSM on the deterministic (dwbox) purifier, same ids and draws
+        import torchattacks
+
+        with model.bind(ids=ids, draws=torch.zeros_like(ids)):
+            ref = torchattacks.FGSM(model, eps=0.2)(x, y)
+        assert torch.allclose(res.x_adv, ref, atol=1e-6)
+        assert float((res.x_adv - x).abs().max()) <= 0.2 + 1e-6 and float((res.x_adv - x).abs().max()) > 0.1
+        assert set(cols) >= {"id", "correct_single", "correct_worst", "norm_linf"}
     finally:
         REG.pop("fgsm", None)
     assert "fgsm" not in ATTACKS

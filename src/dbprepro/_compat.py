@@ -36,6 +36,9 @@ MOVED: dict[str, str | tuple[str, ...]] = {
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self):
+        self._specs: dict = {}
+
     def find_spec(self, fullname, path=None, target=None):
         if fullname in MOVED:
             return importlib.util.spec_from_loader(fullname, self)
@@ -45,17 +48,21 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         new = MOVED[spec.name]
         where = new if isinstance(new, str) else " and ".join(new)
         warnings.warn(f"{spec.name} moved to {where}; the old path will be removed in a later release",
-                      DeprecationWarning, stacklevel=3)
+                      DeprecationWarning, stacklevel=2)
         if isinstance(new, str):
-            return importlib.import_module(new)
+            module = importlib.import_module(new)
+            self._specs[spec.name] = module.__spec__  # the import system overwrites it with the alias's
+            return module
         merged = types.ModuleType(spec.name, f"Deprecated: the names of {where}.")
         for name in new:
             module = importlib.import_module(name)
             merged.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
         return merged
 
-    def exec_module(self, module):  # the new module is already executed
-        pass
+    def exec_module(self, module):  # the new module is already executed; give it its own spec back
+        saved = self._specs.pop(module.__spec__.name, None)
+        if saved is not None:
+            module.__spec__ = saved
 
 
 def install() -> None:

@@ -64,7 +64,7 @@ def load_purifier(source: str | Path, *, revision: str | None = None, files: dic
         revision, files: required for a hub id: the full 40-hex commit and ``{file name: sha256}``
             of every file to fetch (e.g. ``config.json``, ``diffusion_pytorch_model.safetensors``,
             ``scheduler_config.json``).  Each file is verified before use
-            (:func:`dbprepro.checkpoints.download_hf`); an HTML page, a truncated file or a hash
+            (:func:`dbprepro.models.checkpoints.download_hf`); an HTML page, a truncated file or a hash
             mismatch raises :class:`CheckpointError`.  ``dbprepro sha256 <file>`` prints a hash.
         cache_dir: where hub files go [``~/.cache/dbprepro/hub/<owner>--<name>/<revision>``];
             verified files already there are not fetched again (offline reruns).

@@ -18,7 +18,10 @@ def _read_image(path: str, channels: int, size: int):
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".npy"):
-        arr = np.load(path, allow_pickle=False).astype(np.float32)
+        try:
+            arr = np.load(path, allow_pickle=False).astype(np.float32)
+        except (EOFError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
         x = torch.from_numpy(arr[None] if arr.ndim == 2 else arr)[None]
     else:
         from PIL import Image, UnidentifiedImageError
@@ -100,7 +103,8 @@ def load_checked_configs(paths) -> dict:
     try:
         return load_configs(paths)
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read the config: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot read the config ({' '.join(map(str, paths))}): {first}") from None
 
 
 def _configs(paths) -> dict | None:

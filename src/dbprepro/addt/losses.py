@@ -57,7 +57,7 @@ def make_loss_fn(classifier: nn.Module | None, variant: Variant, *, family: str 
                  pgd_alpha: float = 4 / 255, t_max: int | None = None, beta_min: float = 0.1, beta_max: float = 20.0,
                  p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
                  timestep_map: str = "interpolate"):
-    """The ``loss_fn(unet, scheduler, x0, y, generator)`` of :func:`dbprepro.training.train_ddpm`
+    """The ``loss_fn(unet, scheduler, x0, y, generator)`` of :func:`dbprepro.models.training.train_ddpm`
     for ``variant`` (the classifier is frozen: eval mode, no gradients into its weights).
 
     ``family`` is the purifier the model is fine-tuned for (a ``purification.sampler`` name):

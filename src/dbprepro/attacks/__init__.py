@@ -16,8 +16,7 @@ decorated by :func:`register_attack` (plus its config section in the schema, if 
 import importlib
 import pkgutil
 
-from .base import (NORMS, Attack, AttackResult, Norm, ascent_direction, evaluation_calls, perturbation_norms, project,
-                   threat_model)
+from .base import NORMS, Attack, AttackResult, Norm, ascent_direction, evaluation_calls, perturbation_norms, project
 from .protocols import (EVAL_DRAW_OFFSET, EVALUATIONS, SELECT_DRAW_OFFSET, SETTINGS, Setting, base_setting,
                         evaluate_draws, is_fixed, setting_fixed_draw, settings_randomness, summarise_evaluations)
 from .registry import ATTACKS, attack_class, attack_names, register_attack
@@ -32,4 +31,4 @@ __all__ = ["ATTACKS", "BPDA", "EVALUATIONS", "EVAL_DRAW_OFFSET", "NORMS", "PGD",
            "Attack", "AttackResult", "AutoAttackRand", "AutoAttackStandard", "Norm", "Setting", "ascent_direction",
            "attack_batch", "attack_class", "attack_names", "autoattack_batch", "base_setting", "evaluate_draws",
            "evaluation_calls", "is_fixed", "perturbation_norms", "project", "register_attack", "setting_fixed_draw",
-           "settings_randomness", "summarise_evaluations", "threat_model"]
+           "settings_randomness", "summarise_evaluations"]

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from ..calls import Calls, defended_forward
-from ..errors import ConfigError
 from .protocols import is_fixed
 
 Norm = Literal["linf", "l2"]
@@ -53,14 +52,6 @@ def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, np.nda
 
 
 
-def threat_model(attacks: dict[str, Any], name: str) -> dict[str, Any]:
-    """The threat model called ``name`` in the ``attacks`` config section."""
-    for tm in attacks["threat_models"]:
-        if tm["name"] == name:
-            return tm
-    raise ConfigError(f"no threat model named {name!r} in attacks.threat_models")
-
-
 def evaluation_calls(attacks: dict[str, Any], setting: str, S: int) -> Calls:
     """Network calls per image of the final evaluation: ``eval_draws`` defended forwards (one in
     the fixed settings, where every draw is the same configuration)."""
@@ -70,7 +61,7 @@ def evaluation_calls(attacks: dict[str, Any], setting: str, S: int) -> Calls:
 class Attack:
     """A registered attack (:func:`dbprepro.attacks.registry.register_attack`): one class that owns
     its name, its config section under ``attacks``, the runs it adds to the grid, its network
-    calls and how it attacks one batch.  The attack grid (:func:`dbprepro.config.attack_runs`),
+    calls and how it attacks one batch.  The attack grid (:meth:`dbprepro.config.Experiment.attack_runs`),
     the Snakefile's wildcard constraints, the attack stage, the cost model, the API and the CLI
     all read the registry."""
 

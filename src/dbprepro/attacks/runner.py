@@ -11,14 +11,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..config.experiment import threat_model
 from ..data import load_split, shard_slices
 from ..io import savez, write_parquet
 from ..purifiers import load_defense
-from .base import perturbation_norms, threat_model
+from .base import perturbation_norms
 from .protocols import settings_randomness
 from .registry import attack_class
 
-log = logging.getLogger("dbprepro.robustness")
+log = logging.getLogger("dbprepro.attacks.runner")
 
 def run_attack_shard(classifier_dir, diffusion_dir, test_path, manifest, *, records, trace, paths, adv=None,
                      defense: str, threat: str, setting: str, attack: str, shard: int,

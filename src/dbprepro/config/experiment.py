@@ -5,7 +5,7 @@ A :class:`Defense` names its purifier family (``sampler``), the network it purif
 (``weights``: a folder under ``results/models/diffusion/``) and, for a fine-tuned network, the
 ADDT variant that trained it; nothing parses defense names.  The attack grid reads the attack
 registry (:data:`dbprepro.attacks.ATTACKS`): each registered attack says in which settings it runs.
-Torch-free except for the registries' import.
+Torch-free: the attack registry is imported only when the grid is built.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..attacks.base import threat_model  # noqa: F401 - part of this module's API
 from ..errors import ConfigError
 
 UNDEFENDED = "undefended"
@@ -160,6 +159,14 @@ class Experiment:
                 if run not in runs:
                     runs.append(run)
         return runs
+
+
+def threat_model(attacks: dict[str, Any], name: str) -> dict[str, Any]:
+    """The threat model called ``name`` in the ``attacks`` config section."""
+    for tm in attacks["threat_models"]:
+        if tm["name"] == name:
+            return tm
+    raise ConfigError(f"no threat model named {name!r} in attacks.threat_models")
 
 
 def analysis_threat(cfg: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ pixel units over the whole image (C x H x W):
 * ``purified_adv_vs_clean``: ||P_xi(x_adv) - P_xi(x)||, what is left of the perturbation after
   purification under a shared randomness.
 
-Along the chain (paper 2's Fig. 1c), :meth:`~dbprepro.purification.Purifier.trajectory` gives
+Along the chain (paper 2's Fig. 1c), :meth:`~dbprepro.purifiers.Purifier.trajectory` gives
 every state of one purification: the input, the forward path x_t at the chain's timesteps up to
 t* (the path that ends at the purifier's own x_{t*}), then the state after each reverse step;
 each state's distance to the clean image is recorded (states in [0, 1] units, unclamped except

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..metrics import wilson_interval, write_table
 
-log = logging.getLogger("dbprepro.robustness")
+log = logging.getLogger("dbprepro.paper2.fixed_randomness")
 
 def p2_fixed_randomness_table(undefended: pd.DataFrame, random: pd.DataFrame, fixed: dict[int, pd.DataFrame],
                               n_images: int | None = None, evaluation: str = "single",

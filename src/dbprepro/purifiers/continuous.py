@@ -5,7 +5,7 @@ of Score SDE / DiffPure (:mod:`~dbprepro.purifiers.vpsde`) and EDM (:mod:`~dbpre
 The two continuous ones share the ``Purifier`` API
 (``purifier(x, ids, draws)`` on [0, 1] images, ``num_steps``, ``grad_mode``, ``randomness``,
 ``trajectory``, ``t_start``, ``unet``) and its replayable :class:`~dbprepro.randomness.Randomness`,
-so fixed/random modes, batch independence, :class:`~dbprepro.purification.DefendedClassifier`
+so fixed/random modes, batch independence, :class:`~dbprepro.purifiers.DefendedClassifier`
 and every attack setting apply unchanged.
 
 One network for every family

@@ -240,7 +240,7 @@ def adjoint_agreement(purifier: VPSDEPurifier, x: torch.Tensor, weights: torch.T
                       ids: torch.Tensor | None = None, draws: torch.Tensor | None = None) -> dict:
     """Gradient of ``sum(purifier(x) * weights)`` w.r.t. ``x`` by the adjoint and by the exact
     step-wise method, on the same draws: relative L2 error, cosine, and the forward mismatch
-    (:func:`dbprepro.gradients.mode_gradients`, as every gradient-mode comparison)."""
+    (:func:`dbprepro.purifiers.gradients.mode_gradients`, as every gradient-mode comparison)."""
     from .gradients import gradient_agreement, mode_gradients
 
     res = mode_gradients(purifier, x, lambda out: (out * weights).sum(), ("exact", "adjoint"), ids=ids, draws=draws)
