@@ -45,12 +45,12 @@ def test_the_jobs_of_the_smoke_dag(jobs):
     # 11 attack runs: undefended; vanilla x 3 settings; BPDA; AutoAttack x 2; addt x 2 settings and the
     # ablation variant clean_finetune in dwbox only (addt.ablation_settings); paper 2's fixed
     # configuration 1 (configuration 0 is the dwbox run)
-    # + paper 1's families (config.yaml: vpsde, edm): f and f_addt x whitebox_eot, dwbox
+    # + paper 1's families (config.yaml: ddim, vpsde, edm): f and f_addt x whitebox_eot, dwbox
     attacks = sorted(j for j in jobs if j.startswith("attack/"))
-    assert len(attacks) == 11 + 8 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    assert len(attacks) == 11 + 12 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
     assert "attack/clean_finetune/linf/whitebox_eot/pgd" not in attacks
     assert "attack/addt/linf/whitebox_eot/pgd" in attacks and "attack/clean_finetune/linf/dwbox/pgd" in attacks
-    assert {j.split("/")[1] for j in attacks} >= {"vpsde", "vpsde_addt", "edm", "edm_addt"}
+    assert {j.split("/")[1] for j in attacks} >= {"ddim", "ddim_addt", "vpsde", "vpsde_addt", "edm", "edm_addt"}
     assert "attack/vanilla/linf/dwbox_c0/pgd" not in attacks
     assert {j.split("/")[0] for j in jobs} == {"train_classifier", "train_diffusion", "train_addt", "evaluate_clean",
                                                "attack", "loss_landscape", "p2_lp_distances", "p2_randomness",
