@@ -271,6 +271,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_results_doc(args: argparse.Namespace) -> int:
+    from .results_doc import write_results_doc
+
+    if not Path(args.tables).is_dir():
+        raise FileNotFoundError(f"{args.tables}: no tables (run the DAG, or `dbprepro pull` the recorded run)")
+    write_results_doc(args.tables, args.lock, args.out)
+    print(f"{args.out} written from {args.tables} (the run recorded in {args.lock})")
+    return 0
+
+
 def _add_evaluate_command(sub) -> None:
     from .attacks import attack_names
     from .purifiers import samplers
@@ -332,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_doctor)
     _add_cost_commands(sub)
     _add_evaluate_command(sub)
+    r = sub.add_parser("results-doc", help="write docs/results.md from the tables of the run recorded in dvc.lock")
+    r.add_argument("--tables", default="results/tables", help="[%(default)s]")
+    r.add_argument("--lock", default="dvc.lock", help="[%(default)s]")
+    r.add_argument("--out", default="docs/results.md", help="[%(default)s]")
+    r.set_defaults(func=_cmd_results_doc)
 
     u = sub.add_parser("pull", help="dvc pull the recorded artifacts, check them against dvc.lock and let "
                                     "Snakemake adopt them (snakemake --touch: nothing is retrained)")

@@ -1,0 +1,89 @@
+"""``docs/results.md``, generated from the tables of a run (never typed by hand).
+
+:func:`render_results` turns ``results/tables/*.csv`` into Markdown, table by table, and stamps the
+document with the DVC hash of the ``results/tables`` it was made from (the hash ``dvc.lock``
+records), so a test can tell that the document belongs to the recorded run.  Regenerate it after
+``dvc commit`` of a new run with ``dbprepro results-doc`` (after ``dbprepro pull`` elsewhere).
+Verdicts on the papers' claims are not written here: this file shows the measured tables only.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from .io import atomic_path
+
+#: (heading, table file, columns shown (None: all), row filter on the ``evaluation`` column)
+SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | None], ...] = (
+    ("Paper 1: robust accuracy of every attack run (one-shot evaluation)", "p1_table_main.csv",
+     ("defense", "threat", "setting", "attack", "n_images", "clean_accuracy", "robust_accuracy", "ci_low", "ci_high"),
+     "single"),
+    ("Paper 1: the same runs, worst of `eval_draws` purifications", "p1_table_main.csv",
+     ("defense", "threat", "setting", "attack", "n_images", "robust_accuracy", "ci_low", "ci_high"), "worst"),
+    ("Paper 1: ADDT and its ablation", "p1_table_ablation.csv", None, None),
+    ("Paper 1: purifier families, vanilla vs ADDT weights", "p1_table_families.csv", None, None),
+    ("Clean accuracy (classifier alone; purified under random and fixed randomness)", "clean_accuracy.csv",
+     ("defense", "setting", "n_images", "draws_per_image", "accuracy", "ci_low", "ci_high"), None),
+    ("Paper 2, claim 1: distances to the clean image", "p2_lp_distances_summary.csv", None, None),
+    ("Paper 2, claim 2: randomness dominance", "p2_randomness_summary.csv", None, None),
+    ("Paper 2, claim 3: robustness under fixed randomness", "p2_table_fixed_randomness.csv",
+     ("row", "defense", "attack_setting", "n_images", "robust_accuracy", "ci_low", "ci_high", "gain_points",
+      "gain_share_of_random"), None),
+    ("Paper 2, claim 4: compression rate and robustness, per image", "p2_compression_summary.csv", None, None),
+    ("Paper 2, claim 4: compression rate and robustness, across defenses", "p2_compression_models.csv", None, None),
+    ("The papers' numbers beside the reproduced ones", "paper_vs_reproduced.csv", None, None),
+)
+
+STAMP = re.compile(r"results/tables` DVC hash `([0-9a-f]{32}\.dir)`")
+
+
+def recorded_tables_hash(lock_path: str | Path = "dvc.lock") -> str:
+    """The md5 that ``dvc.lock`` records for ``results/tables``."""
+    lock = yaml.safe_load(Path(lock_path).read_text())
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            if out["path"] == "results/tables":
+                return out["md5"]
+    raise ValueError(f"{lock_path}: no out results/tables recorded")
+
+
+def stamped_hash(markdown: str) -> str | None:
+    """The ``results/tables`` hash a generated document was made from (None: not generated)."""
+    m = STAMP.search(markdown)
+    return m.group(1) if m else None
+
+
+def render_results(tables_dir: str | Path, tables_hash: str) -> str:
+    """The Markdown of every table of :data:`SECTIONS` found in ``tables_dir`` (a missing table is
+    named as missing, never filled in), stamped with ``tables_hash``."""
+    tables_dir = Path(tables_dir)
+    lines = ["# Results on the embedded default", "",
+             "> **Generated - do not edit by hand.**  `dbprepro results-doc` wrote this file from the tables of the run",
+             f"> recorded in [`dvc.lock`](../dvc.lock) (`results/tables` DVC hash `{tables_hash}`; `dbprepro pull` fetches",
+             "> them).  Every number is a cell of those CSV files; verdicts on the papers' claims are not made here.",
+             ""]
+    for heading, name, columns, evaluation in SECTIONS:
+        lines += [f"## {heading}", "", f"`results/tables/{name}`", ""]
+        path = tables_dir / name
+        if not path.is_file():
+            lines += ["(not in this run)", ""]
+            continue
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)  # the cells exactly as the CSV has them
+        if evaluation is not None:
+            df = df[df["evaluation"] == evaluation]
+        if columns is not None:
+            df = df[[c for c in columns if c in df.columns]]
+        lines += [df.to_markdown(index=False, disable_numparse=True), ""]
+    return "\n".join(lines)
+
+
+def write_results_doc(tables_dir: str | Path, lock_path: str | Path, out: str | Path) -> str:
+    """Render the tables of ``tables_dir`` with the hash ``lock_path`` records and write ``out``."""
+    text = render_results(tables_dir, recorded_tables_hash(lock_path))
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    return text

@@ -1,0 +1,69 @@
+"""docs/results.md is generated from the recorded run's tables (dbprepro.results_doc), never typed."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dbprepro.cli import main
+from dbprepro.results_doc import SECTIONS, recorded_tables_hash, render_results, stamped_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "results.md"
+
+
+def test_docs_results_belongs_to_the_run_recorded_in_dvc_lock():
+    """A new dvc.lock without `dbprepro results-doc` fails here: the document names the tables it shows."""
+    assert stamped_hash(DOC.read_text()) == recorded_tables_hash(ROOT / "dvc.lock")
+
+
+def test_docs_results_has_no_hand_written_text(tmp_path):
+    """Outside its tables, docs/results.md is exactly the generator's template: no typed number or claim."""
+    text = DOC.read_text()
+    empty = render_results(tmp_path, stamped_hash(text))  # the template with every table missing
+    template = [line for line in empty.splitlines() if line != "(not in this run)"]
+    prose = [line for line in text.splitlines() if not line.startswith("|")]
+    assert prose == template
+    assert all(f"`results/tables/{name}`" in text for _, name, _, _ in SECTIONS)
+
+
+def _tables(folder: Path) -> None:
+    rows = [dict(defense=d, threat="linf", setting="dwbox", attack="pgd", evaluation=ev, n_images=64,
+                 clean_accuracy=0.9, robust_accuracy=acc, ci_low=0.1, ci_high=0.3, extra="hidden")
+            for d, acc in (("vanilla", 0.1562), ("addt", 0.2969)) for ev in ("single", "worst", "mean")]
+    main = pd.DataFrame(rows)
+    main.loc[main["evaluation"] == "worst", "robust_accuracy"] = 0.0123
+    main.to_csv(folder / "p1_table_main.csv", index=False)
+    pd.DataFrame([dict(family="ddim", weights="vanilla", defense="ddim", robust_dwbox="0.1250")]).to_csv(
+        folder / "p1_table_families.csv", index=False)
+
+
+def test_rendering_shows_the_cells_of_the_tables_and_names_missing_ones(tmp_path):
+    _tables(tmp_path)
+    text = render_results(tmp_path, "0" * 32 + ".dir")
+    single = text.split("## Paper 1: the same runs")[0]
+    assert "0.1562" in single and "0.2969" in single and "0.0123" not in single  # one-shot rows only
+    assert "0.0123" in text.split("## Paper 1: the same runs")[1].split("## Paper 1: ADDT")[0]
+    assert "hidden" not in text  # only the listed columns
+    assert "| ddim " in text and "0.1250" in text
+    assert text.count("(not in this run)") == len(SECTIONS) - 3
+    assert stamped_hash(text) == "0" * 32 + ".dir"
+
+
+def test_the_cli_writes_it_and_refuses_without_tables(tmp_path, capsys):
+    _tables(tmp_path)
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("schema: '2.0'\nstages:\n  paper:\n    outs:\n    - path: results/tables\n"
+                    "      md5: " + "a" * 32 + ".dir\n")
+    out = tmp_path / "results.md"
+    assert main(["results-doc", "--tables", str(tmp_path), "--lock", str(lock), "--out", str(out)]) == 0
+    assert stamped_hash(out.read_text()) == "a" * 32 + ".dir"
+    assert main(["results-doc", "--tables", str(tmp_path / "none"), "--lock", str(lock), "--out", str(out)]) == 2
+    assert "no tables" in capsys.readouterr().err
+
+
+def test_a_lock_without_tables_is_refused(tmp_path):
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("schema: '2.0'\nstages:\n  paper:\n    outs: []\n")
+    with pytest.raises(ValueError, match="results/tables"):
+        recorded_tables_hash(lock)
