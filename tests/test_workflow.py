@@ -68,14 +68,17 @@ def test_smoke_dag_runs_and_is_idempotent(smoke_run):
             assert (first / "results" / "figures" / f"{fig}.{ext}").stat().st_size > 1000
     # paper 1's other families: every family x weights row, attacked in both settings
     fam = pd.read_csv(first / "results" / "tables" / "p1_table_families.csv")
-    assert fam[["family", "weights"]].values.tolist() == [["ddpm", "vanilla"], ["ddpm", "addt"], ["vpsde", "vanilla"],
-                                                         ["vpsde", "addt"], ["edm", "vanilla"], ["edm", "addt"]]
+    # (ddim: a registered family, in config.yaml's families.names like the others)
+    assert fam[["family", "weights"]].values.tolist() == [["ddpm", "vanilla"], ["ddpm", "addt"], ["ddim", "vanilla"],
+                                                         ["ddim", "addt"], ["vpsde", "vanilla"], ["vpsde", "addt"],
+                                                         ["edm", "vanilla"], ["edm", "addt"]]
     assert fam[["robust_whitebox_eot", "robust_dwbox"]].notna().all().all()
     assert fam.loc[fam.family != "ddpm", "n_images_dwbox"].eq(16).all()
     assert (first / "results" / "models" / "diffusion" / "edm_addt").is_dir()  # EDM's own ADDT loss
     assert not (first / "results" / "models" / "diffusion" / "vpsde_addt").exists()  # uses addt's weights
+    assert not (first / "results" / "models" / "diffusion" / "ddim_addt").exists()
     modes = pd.read_csv(first / "results" / "tables" / "gradient_modes.csv")
-    assert set(modes["family"]) == {"ddpm", "vpsde", "edm"}
+    assert set(modes["family"]) == {"ddpm", "ddim", "vpsde", "edm"}
     exact_equal = modes[modes.grad_mode.isin(["autograd", "checkpoint"])]
     assert (exact_equal["rel_error_vs_exact"] < 1e-5).all()
     assert set(modes.loc[modes.grad_mode == "adjoint", "family"]) == {"vpsde"}
