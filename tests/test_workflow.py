@@ -82,6 +82,16 @@ def test_smoke_dag_runs_and_is_idempotent(smoke_run):
     exact_equal = modes[modes.grad_mode.isin(["autograd", "checkpoint"])]
     assert (exact_equal["rel_error_vs_exact"] < 1e-5).all()
     assert set(modes.loc[modes.grad_mode == "adjoint", "family"]) == {"vpsde"}
+    # every testable claim as a verdict (dbprepro.claims; its statistics: tests/test_claims_stats.py)
+    claims = pd.read_csv(first / "results" / "tables" / "claims.csv")
+    assert {"p1_dwbox_stronger_vanilla_linf", "p1_addt_gain_addt_dwbox_linf", "p1_addt_gain_addt_whitebox_eot_linf",
+            "p1_ablation_clean_finetune_linf", "p1_exact_vs_bpda_linf", "p2_claim1_purified_adv_linf",
+            "p2_claim1_purified_adv_l2", "p2_claim2_randomness", "p2_claim3_fixed_randomness",
+            "p2_claim4_within", "p2_claim4_across"} <= set(claims["claim_id"])
+    assert set(claims["verdict"]) <= {"holds", "not significant", "contradicted"}
+    assert claims["p_value"].dropna().between(0, 1).all() and (claims["p_holm"].dropna() >= claims["p_value"].dropna()).all()
+    assert claims.loc[claims.verdict != "not significant", "mde"].isna().all()
+    assert (first / "results" / "tables" / "claims.md").stat().st_size > 0
     # a second run right after the first has nothing to do
     r = snakemake(first, "-n")
     assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout + r.stderr

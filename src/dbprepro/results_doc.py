@@ -4,7 +4,8 @@
 document with the DVC hash of the ``results/tables`` it was made from (the hash ``dvc.lock``
 records), so a test can tell that the document belongs to the recorded run.  Regenerate it after
 ``dvc commit`` of a new run with ``dbprepro results-doc`` (after ``dbprepro pull`` elsewhere).
-Verdicts on the papers' claims are not written here: this file shows the measured tables only.
+Verdicts on the papers' claims are the rows of ``claims.csv`` (:mod:`dbprepro.claims`), shown as
+they are: no verdict is typed here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from .io import atomic_path
 
 #: (heading, table file, columns shown (None: all), row filter on the ``evaluation`` column)
 SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | None], ...] = (
+    ("Every testable claim of both papers, as a verdict", "claims.csv",
+     ("claim_id", "claim", "threat", "value_a", "value_b", "estimate", "ci_low", "ci_high", "test", "p_value", "p_holm",
+      "n", "mde", "verdict"), None),
     ("Paper 1: robust accuracy of every attack run (one-shot evaluation)", "p1_table_main.csv",
      ("defense", "threat", "setting", "attack", "n_images", "clean_accuracy", "robust_accuracy", "ci_low", "ci_high"),
      "single"),
@@ -64,7 +68,7 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
     lines = ["# Results on the embedded default", "",
              "> **Generated - do not edit by hand.**  `dbprepro results-doc` wrote this file from the tables of the run",
              f"> recorded in [`dvc.lock`](../dvc.lock) (`results/tables` DVC hash `{tables_hash}`; `dbprepro pull` fetches",
-             "> them).  Every number is a cell of those CSV files; verdicts on the papers' claims are not made here.",
+             "> them).  Every number and verdict is a cell of those CSV files (the verdicts: `dbprepro.claims`).",
              ""]
     for heading, name, columns, evaluation in SECTIONS:
         lines += [f"## {heading}", "", f"`results/tables/{name}`", ""]

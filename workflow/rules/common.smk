@@ -57,6 +57,7 @@ def all_targets():
         *family_targets(),
         f"{RESULTS}/tables/paper_vs_reproduced.csv",  # workflow/rules/report.smk
         f"{RESULTS}/tables/paper_vs_reproduced.md",
+        *([f"{RESULTS}/tables/claims.csv", f"{RESULTS}/tables/claims.md"] if config["claims"]["enabled"] else []),
     ]
 
 

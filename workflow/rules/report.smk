@@ -1,10 +1,27 @@
 # Each rule below runs the function of its name in src/dbprepro/pipeline/report.py.
-# Stage 7: the papers' numbers beside the reproduced ones (src/dbprepro/reference/paper_numbers.csv).
+# Stage 7: the overview - the papers' numbers beside the reproduced ones
+# (src/dbprepro/reference/paper_numbers.csv) and every testable claim as a verdict (claims.csv).
 # The values come from tables other rules wrote; on the digits default they are digits values
 # (column `dataset`), not CIFAR-10.  Runs in the Snakemake process (a join of small CSVs).
 
 
 from dbprepro.reference import PAPER_NUMBERS
+
+# P2_THREAT, P2_FIXED_SETTINGS: workflow/rules/paper2.smk (included before this file)
+P2_CLAIM_TABLES = ("p2_lp_distances", "p2_randomness", "p2_compression", "p2_compression_models")
+
+
+def claims_records():
+    """Every attack run's records, paper 2's fixed-configuration runs included."""
+    runs = EXPERIMENT.attack_runs(fixed_configs=True)
+    return [f"{attack_dir(*r)}/records.parquet" for r in runs]
+
+
+def claims_p2_tables():
+    """Paper 2's per-image tables the claims read (none when the analyses are off)."""
+    if not config["analysis"]["enabled"]:
+        return {}
+    return {name: f"{RESULTS}/tables/{name}.csv" for name in P2_CLAIM_TABLES}
 
 
 rule paper_vs_reproduced:
@@ -25,6 +42,40 @@ rule paper_vs_reproduced:
         name=config["name"],
     log:
         f"{LOGS}/paper_vs_reproduced.log",
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)
+
+
+rule table_claims:
+    input:
+        records=claims_records(),
+        clean=expand(f"{RESULTS}/evaluation/{{defense}}/clean_records.parquet", defense=EVAL_DEFENSES),
+        **claims_p2_tables(),
+    output:
+        csv=report(
+            f"{RESULTS}/tables/claims.csv",
+            caption="../report/claims.rst",
+            category="Overview",
+            subcategory="Claims",
+            labels={"result": "Every testable claim of both papers as a verdict"},
+        ),
+        md=f"{RESULTS}/tables/claims.md",
+    params:
+        defenses={d: dict(sampler=s.sampler, finetune=s.finetune) for d, s in EXPERIMENT.defenses.items()},
+        threat=P2_THREAT,
+        fixed_settings=P2_FIXED_SETTINGS if config["analysis"]["enabled"] else [],
+        n_images=P2["n_images"],
+        evaluation=P2["evaluation"],
+        confidence=config["evaluation"]["confidence"],
+        claims=config["claims"],
+        **RUNTIME,
+    log:
+        f"{LOGS}/table_claims.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
     localrule: True
     run:
         run_light_stage(rule, input, output, params, wildcards, log)

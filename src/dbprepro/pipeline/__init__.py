@@ -20,7 +20,7 @@ from .paper2 import (figure_p2_fig1_lp_distance, figure_p2_fig2_randomness_corre
                      figure_p2_fig5_compression_spectrum, figure_p2_fig6_compression_vs_robustness, p2_compression,
                      p2_lp_distances, p2_randomness, table_p2_compression, table_p2_compression_models,
                      table_p2_fixed_randomness)
-from .report import paper_vs_reproduced  # noqa: F401
+from .report import paper_vs_reproduced, table_claims  # noqa: F401
 from .run import STAGES, log, run_stage, run_stage_inline, stage, stage_device  # noqa: F401
 from .tables import (table_addt_training, table_clean_accuracy, table_p1_ablation, table_p1_families,  # noqa: F401
                      table_p1_main)

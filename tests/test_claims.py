@@ -1,0 +1,134 @@
+"""The claims table (dbprepro.claims) on synthetic run files: which claims a run can test, the
+verdicts of planted effects, stable per-claim seeds, and the stage's files."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dbprepro.claims import RunData, claims_table, write_claims_table
+from dbprepro.claims.paper1 import paper1_claims
+from dbprepro.claims.paper2 import paper2_claims
+
+DEFENSES = {"vanilla": dict(sampler="ddpm", finetune=None), "addt": dict(sampler="ddpm", finetune="addt"),
+            "clean_finetune": dict(sampler="ddpm", finetune="clean_finetune")}
+
+
+def _run(defense, setting, correct, attack="pgd", threat="linf", start=0):
+    n = len(correct)
+    return pd.DataFrame(dict(defense=defense, threat=threat, setting=setting, attack=attack,
+                             id=np.arange(start, start + n), correct_single=np.asarray(correct, float)))
+
+
+def _records(rng, n=128):
+    """vanilla: 15 % under DW-box, 45 % under EOT; addt: 45 % under DW-box (a planted gain), 45 % EOT;
+    clean_finetune = vanilla under DW-box (a planted null)."""
+    dw = (rng.random(n) < 0.15).astype(float)
+    return pd.concat([
+        _run("vanilla", "dwbox", dw), _run("vanilla", "whitebox_eot", (rng.random(n) < 0.45)),
+        _run("addt", "dwbox", np.maximum(dw, rng.random(n) < 0.35)), _run("addt", "whitebox_eot", rng.random(n) < 0.45),
+        _run("clean_finetune", "dwbox", dw.copy()),
+    ], ignore_index=True)
+
+
+def test_planted_effects_get_their_verdicts():
+    data = RunData(_records(np.random.default_rng(0)), pd.DataFrame(columns=["defense", "setting", "id", "correct"]))
+    table = claims_table(paper1_claims(data, DEFENSES, resamples=300), data)
+    v = table.set_index("claim_id")["verdict"]
+    assert v["p1_dwbox_stronger_vanilla_linf"] == "holds"
+    assert v["p1_addt_gain_addt_dwbox_linf"] == "holds"
+    assert v["p1_ablation_clean_finetune_linf"] == "holds"  # addt > the planted copy of vanilla
+    # addt: 45 % under both settings, a planted null whose row states the detectable effect
+    row = table.set_index("claim_id").loc["p1_dwbox_stronger_addt_linf"]
+    assert row["n"] == 128 and set(table["verdict"]) <= {"holds", "not significant", "contradicted"}
+    assert (table.loc[table.verdict == "not significant", "mde"] > 0).all()
+    assert table.loc[table.verdict != "not significant", "mde"].isna().all()
+    assert (table["ci_low"] <= table["estimate"]).all() and (table["estimate"] <= table["ci_high"]).all()
+
+
+def test_a_claim_the_other_way_is_contradicted_and_absent_runs_give_no_row():
+    rng = np.random.default_rng(1)
+    n = 128
+    worse = (rng.random(n) < 0.6).astype(float)
+    rec = pd.concat([_run("vanilla", "dwbox", worse), _run("addt", "dwbox", worse * (rng.random(n) < 0.3))])
+    data = RunData(rec, pd.DataFrame(columns=["defense", "setting", "id", "correct"]))
+    table = claims_table(paper1_claims(data, DEFENSES, resamples=200), data)
+    assert table["claim_id"].tolist() == ["p1_addt_gain_addt_dwbox_linf"]  # no EOT runs, no clean_finetune run
+    assert table["verdict"].iloc[0] == "contradicted"
+
+
+def test_paired_runs_compare_only_the_common_images():
+    # a 256-image DW-box run against a 64-image EOT run: the first 64 images are compared
+    dw = np.zeros(256)
+    dw[64:] = 1.0  # images outside the EOT run must not enter
+    rec = pd.concat([_run("vanilla", "dwbox", dw), _run("vanilla", "whitebox_eot", np.ones(64))])
+    data = RunData(rec, pd.DataFrame(columns=["defense", "setting", "id", "correct"]))
+    row = claims_table(paper1_claims(data, DEFENSES, resamples=200), data).iloc[0]
+    assert row["n"] == 64 and row["value_a"] == 0.0 and row["estimate"] == -1.0
+
+
+def test_a_rows_numbers_do_not_depend_on_the_other_rows():
+    data = RunData(_records(np.random.default_rng(2)), pd.DataFrame(columns=["defense", "setting", "id", "correct"]))
+    claims = paper1_claims(data, DEFENSES, resamples=300)
+    full = claims_table(claims, data).set_index("claim_id")
+    alone = claims_table([c for c in claims if c.claim_id == "p1_addt_gain_addt_dwbox_linf"], data).set_index(
+        "claim_id")
+    cols = ["estimate", "ci_low", "ci_high", "p_value"]
+    assert full.loc["p1_addt_gain_addt_dwbox_linf", cols].tolist() == alone.loc["p1_addt_gain_addt_dwbox_linf",
+                                                                                 cols].tolist()
+
+
+def _p2_tables(rng, n=40):
+    ids = np.arange(n)
+    lp = pd.DataFrame(dict(id=np.repeat(ids, 2), adv_linf=0.2, adv_l2=1.0,
+                           purified_adv_linf=0.5 + 0.05 * rng.standard_normal(2 * n),
+                           purified_adv_l2=1.0 + 0.05 * rng.standard_normal(2 * n),
+                           purified_clean_linf=0.4, purified_clean_l2=0.6))
+    rnd = pd.DataFrame(dict(id=ids, corr_same_randomness=0.9, corr_different_randomness=0.2 + 0.01 * ids / n))
+    cr = rng.random((n, 3))
+    comp = pd.DataFrame(dict(defense="vanilla", id=np.repeat(ids, 3), config=np.tile([0, 1, 2], n),
+                             cr=cr.ravel(), robust=(cr.ravel() < 0.3).astype(float)))
+    models = pd.DataFrame(dict(defense=list("abcde"), config=0, mean_cr=[0.1, 0.2, 0.3, 0.4, 0.5],
+                               robust_accuracy_dwbox=[0.5, 0.4, 0.3, 0.2, 0.1]))
+    return {"p2_lp_distances": lp, "p2_randomness": rnd, "p2_compression": comp, "p2_compression_models": models}
+
+
+def test_paper2_claims_on_planted_data():
+    rng = np.random.default_rng(3)
+    n = 40
+    rec = pd.concat([_run("vanilla", "whitebox_eot", np.ones(n)), _run("vanilla", "dwbox", rng.random(n) < 0.2),
+                     _run("vanilla", "dwbox_c1", rng.random(n) < 0.2)])
+    data = RunData(rec, pd.DataFrame(), _p2_tables(rng, n))
+    table = claims_table(paper2_claims(data, threat="linf", fixed_settings=["dwbox", "dwbox_c1"], n_images=None,
+                                       resamples=300), data).set_index("claim_id")
+    v = table["verdict"]
+    assert v["p2_claim1_purified_adv_linf"] == "holds"
+    assert v["p2_claim1_purified_adv_l2"] == "not significant"  # centred on ||x_adv - x||: a planted null
+    assert v["p2_claim1_purified_clean_l2"] == "contradicted"   # 0.6 < 1.0
+    assert v["p2_claim2_randomness"] == "holds"
+    assert v["p2_claim3_fixed_randomness"] == "holds"
+    assert v["p2_claim4_within"] == "holds" and table.loc["p2_claim4_within", "n"] == n  # images, not rows
+    assert table.loc["p2_claim4_across", "p_value"] == pytest.approx(2 / 120)
+    assert table.loc["p2_claim3_fixed_randomness", "n"] == n
+
+
+def test_the_stage_writes_csv_and_markdown(tmp_path):
+    rng = np.random.default_rng(4)
+    paths = []
+    for (d, s), df in _records(rng).groupby(["defense", "setting"]):
+        p = tmp_path / f"{d}_{s}.parquet"
+        df.to_parquet(p)
+        paths.append(p)
+    clean = []
+    for d in ("addt", "vanilla"):
+        folder = tmp_path / "evaluation" / d
+        folder.mkdir(parents=True)
+        pd.DataFrame(dict(setting="random", draw=0, id=np.arange(10), label=0, pred=0, correct=1.0)).to_parquet(
+            folder / "clean_records.parquet")
+        clean.append(folder / "clean_records.parquet")
+    table = write_claims_table(paths, clean, {}, tmp_path / "claims.csv", tmp_path / "claims.md",
+                               defenses=DEFENSES, threat="linf", fixed_settings=[], n_images=None, resamples=200)
+    assert (tmp_path / "claims.md").read_text().count("| p1_") == len(table)
+    assert pd.read_csv(tmp_path / "claims.csv")["verdict"].tolist() == table["verdict"].tolist()
+    with pytest.raises(ValueError, match="no claim"):
+        write_claims_table([], [], {}, tmp_path / "x.csv", tmp_path / "x.md", defenses={}, threat="linf",
+                           fixed_settings=[], n_images=None)
