@@ -154,16 +154,28 @@ def rank_auc(scores, positive) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def association(cr, robust) -> dict[str, float]:
-    """Spearman rho (and p-value) of CR vs the robust outcome, and the AUC of low CR for robust."""
+def association(cr, robust, groups=None, seed: int = 0) -> dict[str, float]:
+    """Spearman rho (and p-value) of CR vs the robust outcome, and the AUC of low CR for robust.
+
+    With ``groups`` (the image of each row, when an image has a row per configuration) the rows
+    are not independent: the p-value is then the permutation test that moves whole images
+    (:func:`dbprepro.claims.stats.clustered_spearman`), NaN when images have unequal row counts;
+    ``n`` stays the row count and ``n_images`` counts the images."""
+    from ..claims.stats import clustered_spearman
+
     cr, robust = np.asarray(cr, np.float64), np.asarray(robust, np.float64)
     ok = np.isfinite(cr) & np.isfinite(robust)
     cr, robust = cr[ok], robust[ok]
-    out = {"n": int(cr.size), "n_robust": int((robust > 0.5).sum()), "spearman_rho": float("nan"),
-           "spearman_p": float("nan"), "auc_low_cr_robust": rank_auc(-cr, robust > 0.5)}
+    g = np.asarray(groups)[ok] if groups is not None else np.arange(cr.size)
+    out = {"n": int(cr.size), "n_images": int(np.unique(g).size), "n_robust": int((robust > 0.5).sum()),
+           "spearman_rho": float("nan"), "spearman_p": float("nan"), "auc_low_cr_robust": rank_auc(-cr, robust > 0.5)}
     if cr.size > 2 and np.ptp(cr) > 0 and np.ptp(robust) > 0:
         res = stats.spearmanr(cr, robust)
-        out["spearman_rho"], out["spearman_p"] = float(res.statistic), float(res.pvalue)
+        out["spearman_rho"] = float(res.statistic)
+        if groups is None:
+            out["spearman_p"] = float(res.pvalue)
+        elif np.unique(np.unique(g, return_counts=True)[1]).size == 1 and out["n_images"] >= 3:
+            out["spearman_p"] = clustered_spearman(cr, robust, g, resamples=100, seed=seed).p_value
     return out
 
 
@@ -243,7 +255,8 @@ def compression_table(cr: pd.DataFrame, dwbox: dict[int, pd.DataFrame]) -> tuple
     scopes = [("all", per_image), ("clean_correct", per_image[per_image["clean_correct"] == 1])]
     scopes += [(f"config_{k}", per_image[per_image["config"] == k]) for k in dwbox]
     for scope, sub in scopes:
-        summary.append({"scope": scope, **association(sub["cr"], sub["robust"]),
+        pooled = sub["config"].nunique() > 1  # an image has several rows: images are the units
+        summary.append({"scope": scope, **association(sub["cr"], sub["robust"], sub["id"] if pooled else None),
                         "mean_cr_robust": float(sub.loc[sub["robust"] > 0.5, "cr"].mean()),
                         "mean_cr_not_robust": float(sub.loc[sub["robust"] <= 0.5, "cr"].mean())})
     return per_image, pd.DataFrame(summary)
