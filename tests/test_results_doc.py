@@ -6,10 +6,27 @@ import pandas as pd
 import pytest
 
 from dbprepro.cli import main
-from dbprepro.results_doc import SECTIONS, recorded_tables_hash, render_results, stamped_hash
+from dbprepro.results_doc import (SECTIONS, recorded_tables_hash, render_results, stamped_hash, tables_hash,
+                                  write_results_doc)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
+SNAPSHOT = ROOT / "docs" / "results_tables"
+KNOWN_DVC_HASH = "40901a28ad303e6396563e3fcc50a39c.dir"  # `dvc add` of the folder of test_tables_hash_is_dvcs
+
+
+def test_the_tables_copy_is_the_recorded_runs_and_the_document_is_what_they_render_to():
+    """Every number of docs/results.md: a cell of the recorded run's tables (a typed or edited number fails)."""
+    assert tables_hash(SNAPSHOT) == recorded_tables_hash(ROOT / "dvc.lock")
+    assert DOC.read_text() == render_results(SNAPSHOT, recorded_tables_hash(ROOT / "dvc.lock"))
+
+
+def test_tables_hash_is_dvcs(tmp_path):
+    """The hash DVC 3 records for a folder (checked against a folder hashed by `dvc commit`, 2026-12-01)."""
+    (tmp_path / "a.csv").write_text("x\n1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("| x |\n")
+    assert tables_hash(tmp_path) == KNOWN_DVC_HASH
 
 
 def test_docs_results_belongs_to_the_run_recorded_in_dvc_lock():
@@ -56,7 +73,8 @@ def test_the_cli_writes_it_and_refuses_without_tables(tmp_path, capsys):
     lock.write_text("schema: '2.0'\nstages:\n  paper:\n    outs:\n    - path: results/tables\n"
                     "      md5: " + "a" * 32 + ".dir\n")
     out = tmp_path / "results.md"
-    assert main(["results-doc", "--tables", str(tmp_path), "--lock", str(lock), "--out", str(out)]) == 0
+    assert main(["results-doc", "--tables", str(tmp_path), "--lock", str(lock), "--out", str(out),
+                 "--snapshot", ""]) == 0
     assert stamped_hash(out.read_text()) == "a" * 32 + ".dir"
     assert main(["results-doc", "--tables", str(tmp_path / "none"), "--lock", str(lock), "--out", str(out)]) == 2
     assert "no tables" in capsys.readouterr().err
@@ -67,3 +85,19 @@ def test_a_lock_without_tables_is_refused(tmp_path):
     lock.write_text("schema: '2.0'\nstages:\n  paper:\n    outs: []\n")
     with pytest.raises(ValueError, match="results/tables"):
         recorded_tables_hash(lock)
+
+
+def test_the_snapshot_is_refused_for_tables_of_another_run_and_copied_for_the_recorded_one(tmp_path):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    _tables(tables)
+    lock = tmp_path / "dvc.lock"
+    out, snap = tmp_path / "results.md", tmp_path / "snap"
+    lock.write_text("schema: '2.0'\nstages:\n  paper:\n    outs:\n    - path: results/tables\n      md5: " + "b" * 32
+                    + ".dir\n")
+    with pytest.raises(ValueError, match="not the tables"):
+        write_results_doc(tables, lock, out, snapshot=snap)
+    assert not snap.exists() and not out.exists()
+    lock.write_text(lock.read_text().replace("b" * 32 + ".dir", tables_hash(tables)))
+    text = write_results_doc(tables, lock, out, snapshot=snap)
+    assert tables_hash(snap) == tables_hash(tables) and render_results(snap, tables_hash(tables)) == text

@@ -276,8 +276,9 @@ def _cmd_results_doc(args: argparse.Namespace) -> int:
 
     if not Path(args.tables).is_dir():
         raise FileNotFoundError(f"{args.tables}: no tables (run the DAG, or `dbprepro pull` the recorded run)")
-    write_results_doc(args.tables, args.lock, args.out)
-    print(f"{args.out} written from {args.tables} (the run recorded in {args.lock})")
+    write_results_doc(args.tables, args.lock, args.out, snapshot=args.snapshot or None)
+    copy = f", tables copied to {args.snapshot}" if args.snapshot else ""
+    print(f"{args.out} written from {args.tables} (the run recorded in {args.lock}){copy}")
     return 0
 
 
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tables", default="results/tables", help="[%(default)s]")
     r.add_argument("--lock", default="dvc.lock", help="[%(default)s]")
     r.add_argument("--out", default="docs/results.md", help="[%(default)s]")
+    r.add_argument("--snapshot", default="docs/results_tables",
+                   help="copy of the tables beside the document, checked against dvc.lock's hash first "
+                        "('' for none) [%(default)s]")
     r.set_defaults(func=_cmd_results_doc)
 
     u = sub.add_parser("pull", help="dvc pull the recorded artifacts, check them against dvc.lock and let "

@@ -2,7 +2,10 @@
 
 :func:`render_results` turns ``results/tables/*.csv`` into Markdown, table by table, and stamps the
 document with the DVC hash of the ``results/tables`` it was made from (the hash ``dvc.lock``
-records), so a test can tell that the document belongs to the recorded run.  Regenerate it after
+records), and keeps a copy of those tables in ``docs/results_tables/`` (~100 kB of CSV and
+Markdown).  So a test can check, on any clean clone, that the copy is the recorded run's tables
+(its DVC hash, :func:`tables_hash`, equals ``dvc.lock``'s) and that the document is exactly what
+they render to: a number typed into the document, or a table edited, fails.  Regenerate both after
 ``dvc commit`` of a new run with ``dbprepro results-doc`` (after ``dbprepro pull`` elsewhere).
 Verdicts on the papers' claims are the rows of ``claims.csv`` (:mod:`dbprepro.claims`), shown as
 they are: no verdict is typed here.
@@ -10,7 +13,10 @@ they are: no verdict is typed here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -68,7 +74,8 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
     lines = ["# Results on the embedded default", "",
              "> **Generated - do not edit by hand.**  `dbprepro results-doc` wrote this file from the tables of the run",
              f"> recorded in [`dvc.lock`](../dvc.lock) (`results/tables` DVC hash `{tables_hash}`; `dbprepro pull` fetches",
-             "> them).  Every number and verdict is a cell of those CSV files (the verdicts: `dbprepro.claims`).",
+             "> them; a copy is in [`results_tables/`](results_tables/)).  Every number and verdict is a cell of those CSV",
+             "> files (the verdicts: `dbprepro.claims`).",
              ""]
     for heading, name, columns, evaluation in SECTIONS:
         lines += [f"## {heading}", "", f"`results/tables/{name}`", ""]
@@ -85,9 +92,31 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
     return "\n".join(lines)
 
 
-def write_results_doc(tables_dir: str | Path, lock_path: str | Path, out: str | Path) -> str:
-    """Render the tables of ``tables_dir`` with the hash ``lock_path`` records and write ``out``."""
-    text = render_results(tables_dir, recorded_tables_hash(lock_path))
+def tables_hash(folder: str | Path) -> str:
+    """The DVC (3.x, md5) hash of a folder: md5 of the sorted JSON list of its files' relative
+    paths and md5s, suffixed ``.dir`` - what ``dvc.lock`` records for ``results/tables``."""
+    folder = Path(folder)
+    entries = sorted(({"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": p.relative_to(folder).as_posix()}
+                      for p in folder.rglob("*") if p.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def write_results_doc(tables_dir: str | Path, lock_path: str | Path, out: str | Path,
+                      snapshot: str | Path | None = None) -> str:
+    """Render the tables of ``tables_dir`` with the hash ``lock_path`` records and write ``out``;
+    with ``snapshot``, first check that ``tables_dir`` is the recorded run's tables (its hash) and
+    copy them there, replacing what was there."""
+    recorded = recorded_tables_hash(lock_path)
+    if snapshot is not None:
+        found = tables_hash(tables_dir)
+        if found != recorded:
+            raise ValueError(f"{tables_dir} (DVC hash {found}) are not the tables {lock_path} records ({recorded}): "
+                             "dvc commit the run first, or dbprepro pull the recorded one")
+        snapshot = Path(snapshot)
+        if snapshot.exists():
+            shutil.rmtree(snapshot)
+        shutil.copytree(tables_dir, snapshot)
+    text = render_results(tables_dir, recorded)
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     return text
