@@ -64,9 +64,11 @@ HAND = {
     # 4 passes x 2 draws = 8 gradients; evaluation 3 defended forwards
     "attack/vanilla/linf/whitebox_eot/pgd": calls(unet_fwd=16 * (8 * 6 + 3 * 6), unet_grad=16 * 8 * 6,
                                                   clf_grad=16 * 8, clf_fwd=16 * 3),
-    # 4 gradients; evaluation under the fixed configuration: one forward
-    "attack/vanilla/linf/dwbox/pgd": calls(unet_fwd=16 * (4 * 6 + 6), unet_grad=16 * 4 * 6, clf_grad=16 * 4,
-                                           clf_fwd=16),
+    # 4 gradients; evaluation under the fixed configuration: one forward. The main sampler's DW-box
+    # PGD runs attack attacks.dwbox_n_images = 24 images; paper 2's dwbox_c1 the 16 of every other run
+    "attack/vanilla/linf/dwbox/pgd": calls(unet_fwd=24 * (4 * 6 + 6), unet_grad=24 * 4 * 6, clf_grad=24 * 4,
+                                           clf_fwd=24),
+    "attack/clean_finetune/linf/dwbox/pgd": calls(unet_fwd=24 * 30, unet_grad=24 * 24, clf_grad=24 * 4, clf_fwd=24),
     "attack/vanilla/linf/dwbox_c1/pgd": calls(unet_fwd=16 * 30, unet_grad=16 * 24, clf_grad=16 * 4, clf_fwd=16),
     # BPDA: forward chain only, classifier gradient
     "attack/vanilla/linf/whitebox_eot/bpda": calls(unet_fwd=16 * (8 * 6 + 3 * 6), clf_grad=16 * 8, clf_fwd=16 * 3),
@@ -115,7 +117,8 @@ def test_call_counts_match_hand_counts(jobs, job):
 def test_autograd_mode_skips_the_forward_chain(smoke):
     cfg = deep_merge(smoke, {"purification": {"grad_mode": "autograd"}})
     got = {j.job: j.calls.as_dict() for j in count_calls(cfg)}["attack/vanilla/linf/dwbox/pgd"]
-    assert got == pytest.approx(calls(unet_fwd=16 * 6, unet_grad=16 * 24, clf_grad=64, clf_fwd=16))
+    # attacks.dwbox_n_images = 24 images
+    assert got == pytest.approx(calls(unet_fwd=24 * 6, unet_grad=24 * 24, clf_grad=24 * 4, clf_fwd=24))
 
 
 def test_disabled_parts_have_no_jobs(smoke):
@@ -133,7 +136,7 @@ def test_estimate_multiplies_calls_by_unit_costs(smoke):
     df = estimate(jobs, unit)
     assert list(df["job"])[-1] == "TOTAL"
     body = df[df["job"] != "TOTAL"].set_index("job")
-    assert body.loc["attack/vanilla/linf/dwbox/pgd", "device_hours"] == pytest.approx(16 * 24)
+    assert body.loc["attack/vanilla/linf/dwbox/pgd", "device_hours"] == pytest.approx(24 * 24)  # dwbox_n_images 24
     assert body.loc["train_classifier", "device_hours"] == 0
     assert df["device_hours"].iloc[-1] == pytest.approx(body["device_hours"].sum())
     assert df["device_hours"].iloc[-1] == pytest.approx(sum(j.calls.unet_grad for j in jobs))

@@ -217,7 +217,7 @@ def test_provenance_path_of_a_job_with_wildcards():
 
 
 # -- the DAG: SIGKILL mid-way, and a failing shard -----------------------------------------------------
-RUN = "results/attacks/vanilla/linf/dwbox/pgd"  # 2 shards of one batch each in the smoke config
+RUN = "results/attacks/vanilla/linf/dwbox/pgd"  # 2 shards (1 and 2 batches: dwbox_n_images 24) in the smoke config
 SHARD_FILES = ("records.parquet", "trace.parquet", "paths.npz", "adv.npz")
 
 

@@ -74,6 +74,25 @@ def test_smoke_dag_runs_and_is_idempotent(smoke_run):
                                                          ["edm", "vanilla"], ["edm", "addt"]]
     assert fam[["robust_whitebox_eot", "robust_dwbox"]].notna().all().all()
     assert fam.loc[fam.family != "ddpm", "n_images_dwbox"].eq(16).all()
+    # attacks.dwbox_n_images (24) in the main sampler's DW-box PGD runs, attacks.n_images (16) elsewhere
+    assert fam.loc[fam.family == "ddpm", "n_images_dwbox"].eq(24).all()
+    assert fam["n_images_whitebox_eot"].eq(16).all()
+    pgd = main[(main.attack == "pgd") & (main.evaluation == "single")].set_index(["defense", "setting"])["n_images"]
+    assert {k for k, v in pgd.items() if v == 24} == {("vanilla", "dwbox"), ("addt", "dwbox"),
+                                                      ("clean_finetune", "dwbox")}
+    assert pgd[("vanilla", "dwbox_c1")] == pgd[("vanilla", "whitebox_eot")] == pgd[("undefended", "none")] == 16
+    assert main.loc[main.attack != "pgd", "n_images"].eq(16).all()
+    abl = pd.read_csv(first / "results" / "tables" / "p1_table_ablation.csv").set_index("defense")
+    main_sampler = abl["family"] == "ddpm"
+    assert abl.loc[main_sampler, "n_images_dwbox"].eq(24).all() and abl.loc["addt", "n_images_whitebox_eot"] == 16
+    assert abl.loc[~main_sampler, "n_images_dwbox"].eq(16).all()  # the families: families.n_images
+    # paper 2 pairs the 24-image dwbox run with 16-image runs on the first analysis.n_images (16) images
+    fixed = pd.read_csv(first / "results" / "tables" / "p2_table_fixed_randomness.csv")
+    assert fixed["row"].tolist() == ["undefended", "random", "fixed_c0", "fixed_c1", "fixed_mean"]
+    assert fixed["n_images"].eq(16).all()
+    models = pd.read_csv(first / "results" / "tables" / "p2_compression_models.csv")
+    assert models["n_images"].eq(16).all()
+    assert len(pd.read_csv(first / "results" / "tables" / "p2_compression.csv")) == 2 * 16  # 2 configurations
     assert (first / "results" / "models" / "diffusion" / "edm_addt").is_dir()  # EDM's own ADDT loss
     assert not (first / "results" / "models" / "diffusion" / "vpsde_addt").exists()  # uses addt's weights
     assert not (first / "results" / "models" / "diffusion" / "ddim_addt").exists()

@@ -95,8 +95,9 @@ def defense_purification_param(wildcards):
 
 
 def defense_attacks_param(wildcards):
-    """The attacks section of a defense's runs (families.n_images for the family defenses)."""
-    return EXPERIMENT.attacks(wildcards.defense)
+    """The attacks section of one attack run, with the run's own n_images (families.n_images for
+    the family defenses, attacks.dwbox_n_images for the main sampler's DW-box PGD runs)."""
+    return EXPERIMENT.attacks(wildcards.defense, wildcards.setting, wildcards.attack)
 
 
 def gradient_mode_families():

@@ -117,12 +117,29 @@ class Experiment:
             return dict(self.cfg["purification"])
         return {**self.cfg["purification"], "sampler": self.defense(name).sampler}
 
-    def attacks(self, name: str) -> dict[str, Any]:
-        """The ``attacks`` section of the defense's runs (``families.n_images`` for families)."""
-        n = self.cfg["families"]["n_images"]
-        if name != UNDEFENDED and self.defense(name).family and n is not None:
-            return {**self.cfg["attacks"], "n_images": n}
-        return self.cfg["attacks"]
+    def attacks(self, name: str, setting: str | None = None, attack: str | None = None) -> dict[str, Any]:
+        """The ``attacks`` section of one attack run of defense ``name``, with the run's own
+        ``n_images``: ``families.n_images`` for the family defenses, ``attacks.dwbox_n_images``
+        for the DW-box PGD runs (``setting`` ``dwbox``, ``attack`` ``pgd``) of the main sampler's
+        defenses (vanilla and the ADDT variants), else ``attacks.n_images``.  Without ``setting``
+        and ``attack``: the section of the defense's other runs.  The section leaves out
+        ``dwbox_n_images`` (resolved into ``n_images``), so the params of the runs it does not
+        concern are unchanged by it."""
+        section = {k: v for k, v in self.cfg["attacks"].items() if k != "dwbox_n_images"}
+        return {**section, "n_images": self.attack_n_images(name, setting, attack)}
+
+    def attack_n_images(self, name: str, setting: str | None = None, attack: str | None = None) -> int:
+        """Images attacked by the run (defense ``name``, ``setting``, ``attack``): see :meth:`attacks`."""
+        att = self.cfg["attacks"]
+        if name == UNDEFENDED:
+            return att["n_images"]
+        d = self.defense(name)
+        if d.family:
+            n = self.cfg["families"]["n_images"]
+            return att["n_images"] if n is None else n
+        if setting == "dwbox" and attack == "pgd" and att.get("dwbox_n_images") is not None:
+            return att["dwbox_n_images"]
+        return att["n_images"]
 
     def addt_settings(self, variant: str) -> list[str]:
         """Settings the ADDT defense ``variant`` is attacked in: ``addt.attack_settings`` for
@@ -210,9 +227,10 @@ def defense_purification(cfg: dict[str, Any], defense: str) -> dict[str, Any]:
     return {**cfg["purification"], "sampler": defense_family(cfg, defense)}
 
 
-def defense_attacks(cfg: dict[str, Any], defense: str) -> dict[str, Any]:
+def defense_attacks(cfg: dict[str, Any], defense: str, setting: str | None = None,
+                    attack: str | None = None) -> dict[str, Any]:
     exp = Experiment.from_config(cfg)
-    return exp.attacks(defense) if defense in exp.defenses else cfg["attacks"]
+    return exp.attacks(defense, setting, attack) if defense in exp.defenses else cfg["attacks"]
 
 
 def attack_runs(cfg: dict[str, Any], fixed_configs: bool = False) -> list[AttackRun]:

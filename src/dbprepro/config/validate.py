@@ -100,6 +100,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     if att["shards"] > n_batches:
         raise ConfigError(f"config key attacks.shards: {att['shards']} shards but only {n_batches} batches of "
                           f"{att['batch_size']} among {att['n_images']} images")
+    _dwbox_n_images_checks(att, data["n_test"])
     names = [t["name"] for t in att["threat_models"]]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key attacks.threat_models: names must be unique, got {names}")
@@ -134,6 +135,22 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         if data["n_test"] > n_test_max:
             raise ConfigError(f"config key data.n_test: {data['n_test']} exceeds the ~{n_test_max} test images of "
                               f"the digits split with test_fraction {data['test_fraction']}")
+
+
+def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:
+    """``attacks.dwbox_n_images``: between ``attacks.n_images`` and ``data.n_test``, with at least
+    one fixed batch per shard."""
+    n = att.get("dwbox_n_images")
+    if n is None:
+        return
+    if n > n_test:
+        raise ConfigError(f"config key attacks.dwbox_n_images: {n} exceeds data.n_test ({n_test})")
+    if n < att["n_images"]:
+        raise ConfigError(f"config key attacks.dwbox_n_images: {n} is below attacks.n_images ({att['n_images']}); "
+                          "the DW-box runs attack at least the images every other run attacks")
+    if att["shards"] > -(-n // att["batch_size"]):
+        raise ConfigError(f"config key attacks.dwbox_n_images: {n} images are fewer than attacks.shards "
+                          f"({att['shards']}) batches of {att['batch_size']}")
 
 
 def _purifier_checks(cfg: dict[str, Any]) -> None:

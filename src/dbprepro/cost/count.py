@@ -115,7 +115,7 @@ def count_calls(cfg: dict) -> list[Job]:
     n_att = cfg["attacks"]["n_images"]
     for d, tm, s, atk in exp.attack_runs(fixed_configs=True):
         per, bound = _attack_calls(cfg, d, s, atk, chain(d) if d != UNDEFENDED else S, gm)
-        n_d = exp.attacks(d)["n_images"]
+        n_d = exp.attack_n_images(d, s, atk)
         if d in fam:
             target = "tables/p1_table_families.csv"
         elif d in variants:

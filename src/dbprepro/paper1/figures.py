@@ -62,6 +62,15 @@ def trajectory_plane(dw_final: np.ndarray, others: list[np.ndarray]) -> tuple[np
     return u, v
 
 
+def common_image_traces(traces: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The traces restricted to the images every one of them covers: the loss panel compares the
+    settings on the same images (the DW-box run may attack more, ``attacks.dwbox_n_images``)."""
+    if not traces:
+        return {}
+    common = set.intersection(*({int(i) for i in t["id"].unique()} for t in traces.values()))
+    return {s: t[t["id"].isin(common)] for s, t in traces.items()}
+
+
 def fig_attack_trajectories(paths: Mapping[str, str | Path], traces: Mapping[str, str | Path], png, pdf,
                             max_images: int = 3) -> None:
     """Paper 1 Fig. 1: the attack paths of the tracked images projected on a per-image plane with
@@ -73,6 +82,7 @@ def fig_attack_trajectories(paths: Mapping[str, str | Path], traces: Mapping[str
     settings = _ordered(paths)
     P = {s: load_npz(paths[s]) for s in settings}
     T = {s: pd.read_parquet(traces[s]) for s in _ordered(traces)}
+    T = common_image_traces(T)
     ids = [int(i) for i in P["dwbox"]["ids"][:max_images]]
     for s in settings:
         missing = set(ids) - {int(i) for i in P[s]["ids"]}
