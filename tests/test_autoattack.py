@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +196,116 @@ def test_inputs_are_checked(tiny_diffusion):
         run(model, x, y, ids, "plus", "whitebox_eot")
     with pytest.raises(ValueError, match="fixed"):
         run(model, x, y, ids, "standard", "dwbox")
+
+
+# -- the three protocols (issue 16) ------------------------------------------------------------
+def spy_draws(model):
+    """Record the (ids, draws) every purification of ``model`` resolves to."""
+    seen, original = [], model.purifier.ids_and_draws
+
+    def ids_and_draws(x, ids, draws):
+        out = original(x, ids, draws)
+        seen.append((out[0].tolist(), out[1].tolist()))
+        return out
+
+    model.purifier.ids_and_draws = ids_and_draws
+    return seen
+
+
+def attacks_section(**autoattack):
+    return {"autoattack": {**CFG, **autoattack}, "eval_draws": 3}
+
+
+def test_the_default_grid_runs_the_three_protocols_separately():
+    from dbprepro.attacks import attack_names
+    from dbprepro.config import Experiment, load_configs
+
+    runs = Experiment.from_config(load_configs([Path(__file__).parents[1] / "config.yaml"])).attack_runs()
+    aa_runs = [(r.defense, r.setting, r.attack) for r in runs if r.attack.startswith("aa_")]
+    assert aa_runs == [("vanilla", "dwbox", "aa_standard_dwbox"), ("vanilla", "whitebox", "aa_standard_multieval"),
+                       ("vanilla", "whitebox_eot", "aa_rand")]
+    assert attack_names()[2:5] == ("aa_standard_dwbox", "aa_standard_multieval", "aa_rand")
+
+
+def test_the_old_name_is_a_deprecated_alias_outside_the_grid():
+    from dbprepro.attacks import AutoAttackStandardDWBox, attack_class, attack_names
+
+    with pytest.warns(DeprecationWarning, match="aa_standard_dwbox"):
+        assert attack_class("aa_standard") is AutoAttackStandardDWBox
+    assert "aa_standard" not in attack_names()
+    with pytest.raises(ValueError, match="aa_standard_multieval"):  # an unknown name lists the registered ones
+        attack_class("aa_standard_fixed")
+
+
+def test_multieval_reevaluates_each_candidate_n_eval_times_with_fresh_draws(tiny_diffusion, monkeypatch, caplog):
+    from dbprepro.attacks import AutoAttackStandardMultiEval
+
+    cls = AutoAttackStandardMultiEval
+    assert (cls.version, cls.setting) == ("standard", "whitebox")
+    model = defended(tiny_diffusion, cls.setting)
+    x, y, ids = data(model)
+    g = torch.Generator().manual_seed(1)
+    cands = [(x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1) for _ in range(2)]
+    # two stand-in sub-attacks proposing fixed candidates (projected into the eps-ball by the protocol)
+    monkeypatch.setattr(aa, "build_subattacks", lambda *a, **k: [
+        (f"c{j}", lambda xs, ys, i, j=j: cands[j][torch.as_tensor([ids.tolist().index(v) for v in i.tolist()])])
+        for j in range(2)])
+    seen = spy_draws(model)
+    n_eval = 4
+    with caplog.at_level(logging.WARNING, logger="dbprepro.autoattack"):
+        cols, res = cls.run_batch(model, x, y, ids, setting=cls.setting, threat={"norm": "linf", "eps": 0.3},
+                                  attacks=attacks_section(n_eval=n_eval), seed=0)
+    assert not [r for r in caplog.records if "use 'rand'" in r.getMessage()]  # the intended protocol
+    recs = res.extra["per_subattack"]
+    select = [(i, d) for i, d in seen if min(d) >= SELECT_DRAW_OFFSET]
+    stages = 1 + sum(r["n_attacked"] > 0 for r in recs[1:])
+    assert len(select) == n_eval * stages  # every scored candidate re-evaluated n_eval times
+    for s in range(stages):  # ... each time with a different selection draw of the stochastic purifier
+        block = select[s * n_eval:(s + 1) * n_eval]
+        assert [d[0] - SELECT_DRAW_OFFSET for _, d in block] == list(range(n_eval))
+    with torch.no_grad():  # distinct draws are distinct purifications
+        p = [model.purifier(x, ids=ids, draws=torch.full_like(ids, SELECT_DRAW_OFFSET + k)) for k in range(2)]
+    assert not torch.equal(p[0], p[1])
+    # the selection keeps, per image, the first candidate with the strictly lowest n_eval-draw score
+    proj = [(x + (c - x).clamp(-0.3, 0.3)).clamp(0, 1) for c in cands]
+    scores = [(evaluate_draws(model, c, ids, n_eval, "whitebox", offset=SELECT_DRAW_OFFSET)
+               == y.numpy()[:, None]).mean(1) for c in (x, *proj)]
+    want = np.stack(scores).argmin(0)  # argmin keeps the first of equal scores: a tie does not replace
+    for b in range(len(ids)):
+        assert torch.allclose(res.x_adv[b], (x, *proj)[want[b]][b]), b
+    np.testing.assert_allclose(cols["selection_score"], np.stack(scores).min(0))
+    assert len(set(want.tolist())) > 1  # the check is not vacuous: several candidates win
+
+
+def test_dwbox_protocol_keeps_single_evaluation_behaviour(tiny_diffusion, caplog):
+    from dbprepro.attacks import AutoAttackStandardDWBox
+
+    cls = AutoAttackStandardDWBox
+    assert (cls.version, cls.setting) == ("standard", "dwbox")
+    out = {}
+    for n_eval in (1, 3):
+        model = defended(tiny_diffusion, cls.setting)
+        x, y, ids = data(model)
+        seen = spy_draws(model)
+        with caplog.at_level(logging.WARNING, logger="dbprepro.autoattack"):
+            out[n_eval] = cls.run_batch(model, x, y, ids, setting="dwbox", threat={"norm": "linf", "eps": EPS},
+                                        attacks=attacks_section(n_eval=n_eval), seed=0)
+        assert {d for _, ds in seen for d in ds} == {0}  # only the fixed configuration, also for the selection
+        assert sum(r["n_attacked"] > 0 for r in out[n_eval][1].extra["per_subattack"]) >= 1  # something attacked
+    assert not caplog.records  # no warning: standard on the deterministic purifier is as intended
+    (c1, r1), (c3, r3) = out[1], out[3]
+    assert torch.equal(r1.x_adv, r3.x_adv)  # n_eval = 3 on a fixed purifier is n_eval = 1
+    for k in c1:
+        np.testing.assert_array_equal(c1[k], c3[k])
+
+
+def test_standard_outside_the_multieval_protocol_on_a_stochastic_purifier_warns(tiny_diffusion, monkeypatch, caplog):
+    from dbprepro.attacks import AutoAttackStandardDWBox
+
+    model = defended(tiny_diffusion, "whitebox")
+    x, y, ids = data(model)
+    monkeypatch.setattr(aa, "build_subattacks", lambda *a, **k: [])
+    with caplog.at_level(logging.WARNING, logger="dbprepro.autoattack"):
+        AutoAttackStandardDWBox.run_batch(model, x, y, ids, setting="whitebox", threat={"norm": "linf", "eps": EPS},
+                                          attacks=attacks_section(), seed=0)
+    assert any("aa_standard_multieval" in r.getMessage() for r in caplog.records)

@@ -71,6 +71,7 @@ BAD = [
     ({"attacks": {"pgd": {"steps": "20"}}}, "attacks.pgd.steps"),
     ({"attacks": {"shards": 1000}}, "attacks.shards"),
     ({"attacks": {"settings": ["whitebox", "blackbox"]}}, "attacks.settings"),
+    ({"attacks": {"autoattack": {"protocols": ["standard"]}}}, "attacks.autoattack.protocols"),
     ({"attacks": {"autoattack": {"versions": ["plus"]}}}, "attacks.autoattack.versions"),
     ({"addt": {"variants": ["addt", "diffpure"]}}, "addt.variants"),
     ({"attacks": {"pgd": {"eot_samples": 10}}}, "eot_samples"),
@@ -82,6 +83,19 @@ def test_malformed_configs_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         validate_config(default(**override))
     assert key in str(err.value)
+
+
+def test_the_deprecated_autoattack_versions_are_read_as_protocols():
+    cfg = default()
+    del cfg["attacks"]["autoattack"]["protocols"]
+    cfg["attacks"]["autoattack"]["versions"] = ["standard", "rand"]
+    with pytest.warns(DeprecationWarning, match="versions is deprecated"):
+        out = validate_config(cfg)
+    aa = out["attacks"]["autoattack"]
+    assert aa["protocols"] == ["standard_dwbox", "rand"] and "versions" not in aa
+    with pytest.raises(ConfigError) as err:  # one clear line naming the new key
+        validate_config(default(attacks={"autoattack": {"versions": "standard"}}))
+    assert "\n" not in str(err.value) and "attacks.autoattack.protocols" in str(err.value)
 
 
 def test_load_config_applies_overrides(tmp_path):

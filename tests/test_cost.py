@@ -42,12 +42,12 @@ def test_chain_length_matches_the_purifier():
 
 
 def test_the_jobs_of_the_smoke_dag(jobs):
-    # 11 attack runs: undefended; vanilla x 3 settings; BPDA; AutoAttack x 2; addt x 2 settings and the
+    # 12 attack runs: undefended; vanilla x 3 settings; BPDA; AutoAttack x 3 protocols; addt x 2 settings and the
     # ablation variant clean_finetune in dwbox only (addt.ablation_settings); paper 2's fixed
     # configuration 1 (configuration 0 is the dwbox run)
     # + paper 1's families (config.yaml: ddim, vpsde, edm): f and f_addt x whitebox_eot, dwbox
     attacks = sorted(j for j in jobs if j.startswith("attack/"))
-    assert len(attacks) == 11 + 12 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    assert len(attacks) == 12 + 12 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
     assert "attack/clean_finetune/linf/whitebox_eot/pgd" not in attacks
     assert "attack/addt/linf/whitebox_eot/pgd" in attacks and "attack/clean_finetune/linf/dwbox/pgd" in attacks
     assert {j.split("/")[1] for j in attacks} >= {"ddim", "ddim_addt", "vpsde", "vpsde_addt", "edm", "edm_addt"}
@@ -75,9 +75,14 @@ HAND = {
     "attack/undefended/linf/none/pgd": calls(clf_grad=16 * 3, clf_fwd=16 * 3),
     # AutoAttack standard (dwbox): APGD-CE 4 grads, APGD-T 2 targets x 4, FAB-T 2 x 3 x (grad + fwd),
     # Square 20 forwards, selection 4 x 1 forward, evaluation 1 forward
-    "attack/vanilla/linf/dwbox/aa_standard": calls(unet_fwd=16 * (18 * 6 + (6 + 20 + 4 + 1) * 6),
+    "attack/vanilla/linf/dwbox/aa_standard_dwbox": calls(unet_fwd=16 * (18 * 6 + (6 + 20 + 4 + 1) * 6),
                                                    unet_grad=16 * 18 * 6, clf_grad=16 * 18,
                                                    clf_fwd=16 * (6 + 20 + 4 + 1)),
+    # AutoAttack standard on the stochastic purifier (whitebox, Fixed-AutoAttack): the same sub-attacks,
+    # selection 4 stages x n_eval 3 forwards, evaluation 3 forwards
+    "attack/vanilla/linf/whitebox/aa_standard_multieval": calls(unet_fwd=16 * (18 * 6 + (6 + 20 + 12 + 3) * 6),
+                                                                unet_grad=16 * 18 * 6, clf_grad=16 * 18,
+                                                                clf_fwd=16 * (6 + 20 + 12 + 3)),
     # AutoAttack rand: APGD-CE and APGD-DLR, 4 passes x EOT 2 each; selection 2 x 3; evaluation 3
     "attack/vanilla/linf/whitebox_eot/aa_rand": calls(unet_fwd=16 * (16 * 6 + 9 * 6), unet_grad=16 * 16 * 6,
                                                       clf_grad=16 * 16, clf_fwd=16 * 9),
@@ -140,7 +145,8 @@ def test_estimate_multiplies_calls_by_unit_costs(smoke):
     assert body.loc["train_classifier", "device_hours"] == 0
     assert df["device_hours"].iloc[-1] == pytest.approx(body["device_hours"].sum())
     assert df["device_hours"].iloc[-1] == pytest.approx(sum(j.calls.unet_grad for j in jobs))
-    assert bool(body.loc["attack/vanilla/linf/dwbox/aa_standard", "upper_bound"])
+    assert bool(body.loc["attack/vanilla/linf/dwbox/aa_standard_dwbox", "upper_bound"])
+    assert bool(body.loc["attack/vanilla/linf/whitebox/aa_standard_multieval", "upper_bound"])
 
 
 def test_paper_scale_counts(smoke):

@@ -228,7 +228,8 @@ def test_a_new_attack_is_one_file_grid_cost_cli_and_dag(fgsm_tree):
     r = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=_env(fgsm_tree), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["registered"][-1] == "fgsm" and out["registered"][:4] == ["pgd", "bpda", "aa_standard", "aa_rand"]
+    assert out["registered"][-1] == "fgsm" and out["registered"][:5] == ["pgd", "bpda", "aa_standard_dwbox",
+                                                                     "aa_standard_multieval", "aa_rand"]
     assert out["runs"] == [["vanilla", "linf", "dwbox", "fgsm"]]
     assert out["jobs"] == ["attack/vanilla/linf/dwbox/fgsm"]
     r = subprocess.run([str(VENV_BIN / "snakemake"), "-n", "--quiet", "rules", "--cores", "1"], cwd=ROOT,
@@ -284,8 +285,10 @@ def test_registered_attacks_read_their_own_sections():
     att = cfg["attacks"]
     assert ATTACKS["pgd"].settings(att, "linf") == att["settings"]
     assert ATTACKS["bpda"].settings(att, "linf") == att["bpda"]["settings"]
-    assert ATTACKS["aa_standard"].settings(att, "linf") == ["dwbox"]
+    assert ATTACKS["aa_standard_dwbox"].settings(att, "linf") == ["dwbox"]
+    assert ATTACKS["aa_standard_multieval"].settings(att, "linf") == ["whitebox"]
     assert ATTACKS["aa_rand"].settings(att, "linf") == ["whitebox_eot"]
-    off = {**att, "autoattack": {**att["autoattack"], "versions": ["rand"]}, "bpda": {**att["bpda"], "enabled": False}}
-    assert ATTACKS["aa_standard"].settings(off, "linf") == [] and ATTACKS["bpda"].settings(off, "linf") == []
+    off = {**att, "autoattack": {**att["autoattack"], "protocols": ["rand"]}, "bpda": {**att["bpda"], "enabled": False}}
+    assert ATTACKS["aa_standard_dwbox"].settings(off, "linf") == [] and ATTACKS["bpda"].settings(off, "linf") == []
+    assert ATTACKS["aa_standard_multieval"].settings(off, "linf") == []
     assert samplers()[:2] == ("ddpm", "ddim")

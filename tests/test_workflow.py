@@ -61,7 +61,11 @@ def test_smoke_dag_runs_and_is_idempotent(smoke_run):
         assert (first / "results" / "tables" / name).stat().st_size > 0
     main = pd.read_csv(first / "results" / "tables" / "p1_table_main.csv")
     assert {"whitebox", "whitebox_eot", "dwbox", "none"} <= set(main["setting"])
-    assert {"pgd", "bpda", "aa_standard", "aa_rand"} <= set(main["attack"])
+    assert {"pgd", "bpda", "aa_standard_dwbox", "aa_standard_multieval", "aa_rand"} <= set(main["attack"])
+    # the three AutoAttack protocols are separate rows, each in its own setting
+    aa = main[main["attack"].str.startswith("aa_") & (main["evaluation"] == "single")]
+    assert sorted(map(tuple, aa[["attack", "setting"]].drop_duplicates().values.tolist())) == [
+        ("aa_rand", "whitebox_eot"), ("aa_standard_dwbox", "dwbox"), ("aa_standard_multieval", "whitebox")]
     assert main["robust_accuracy"].between(0, 1).all()
     for fig in ("p1_fig1_attack_trajectories", "p1_fig2_loss_landscape", "p1_fig3_robustness_bars", "p1_fig5_rbgm"):
         for ext in ("png", "pdf"):

@@ -205,7 +205,8 @@ def attack(model: DefendedClassifier, images: torch.Tensor, labels, *, setting: 
             records hold ``single``, ``mean``, ``worst`` and ``vote`` correctness over them.
         bpda: identity backward pass through the purifier (the weak baseline; = ``attack="bpda"``).
         attack: any registered attack (:data:`dbprepro.attacks.ATTACKS`: ``pgd``, ``bpda``,
-            ``aa_standard``, ``aa_rand``, ...); ``options``: further keys of the config's ``attacks``
+            ``aa_standard_dwbox``, ``aa_standard_multieval``, ``aa_rand``, ...; the former ``aa_standard`` is a
+            deprecated alias of ``aa_standard_dwbox``); ``options``: further keys of the config's ``attacks``
             section it reads (e.g. ``{"autoattack": {"n_eval": 5}}``), schema defaults for the rest.
     """
     if not isinstance(model, DefendedClassifier):

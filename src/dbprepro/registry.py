@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 
 class Registry(dict):
     """``name -> class`` in registration order; classes register with :meth:`register` (a class
@@ -11,8 +13,20 @@ class Registry(dict):
     def __init__(self, kind: str, key: str):
         super().__init__()
         self.kind, self.key = kind, key
+        #: deprecated name -> registered name; :meth:`get_class` resolves it (with a
+        #: DeprecationWarning); an alias is no entry of the registry (the grid never sees it)
+        self.aliases: dict[str, str] = {}
+
+    def alias(self, old: str, name: str) -> None:
+        """Accept the deprecated name ``old`` for the registered ``name`` in :meth:`get_class`."""
+        if name not in self:
+            raise ValueError(f"cannot alias {old!r} to {name!r}: no {self.kind} {name!r} is registered")
+        if old in self:
+            raise ValueError(f"{self.kind} {old!r} is registered; it cannot also be an alias")
+        self.aliases[old] = name
 
     def register(self, cls):
+        """Class decorator: register ``cls`` under its class attribute ``key``."""
         name = cls.__dict__.get(self.key)
         if not isinstance(name, str) or not name:
             raise TypeError(f"{cls.__name__} needs a class attribute {self.key} = '<name>' to be registered")
@@ -23,6 +37,10 @@ class Registry(dict):
 
     def get_class(self, name: str):
         """The class registered as ``name``, or a ValueError listing the registered ones."""
+        if name in self.aliases and name not in self:
+            new = self.aliases[name]
+            warnings.warn(f"{self.kind} {name!r} is deprecated; it is {new!r} now", DeprecationWarning, stacklevel=2)
+            name = new
         try:
             return self[name]
         except KeyError:

@@ -4,8 +4,8 @@
   ``dwbox_c<k>``: which randomness the attacker sees) and the evaluation protocols (single / mean
   / worst-of-N / majority vote over re-purifications);
 - ``base.py``: :class:`Attack`, the contract of a registered attack, and the threat-model geometry;
-- ``pgd.py``: PGD with batched EOT; ``bpda.py``: BPDA; ``autoattack.py``: AutoAttack (standard,
-  rand) with paper 1's multi-evaluation;
+- ``pgd.py``: PGD with batched EOT; ``bpda.py``: BPDA; ``autoattack.py``: AutoAttack with paper 1's
+  multi-evaluation (``aa_standard_dwbox``, ``aa_standard_multieval``, ``aa_rand``);
 - ``registry.py``: :data:`ATTACKS`, read by the attack grid, the DAG, the cost model, API and CLI;
 - ``runner.py``: one attack on one shard of the test set (the DAG's attack stage) and the merge.
 
@@ -22,13 +22,14 @@ from .protocols import (EVAL_DRAW_OFFSET, EVALUATIONS, SELECT_DRAW_OFFSET, SETTI
 from .registry import ATTACKS, attack_class, attack_names, register_attack
 from .pgd import PGD, attack_batch  # noqa: E402 - registered first: the grid's order is pgd, bpda, autoattack, ...
 from .bpda import BPDA  # noqa: E402
-from .autoattack import AutoAttackRand, AutoAttackStandard, autoattack_batch  # noqa: E402
+from .autoattack import (AutoAttackRand, AutoAttackStandardDWBox, AutoAttackStandardMultiEval,  # noqa: E402
+                         autoattack_batch)
 
 for _m in pkgutil.iter_modules(__path__):  # a new attack module registers itself on import
     importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["ATTACKS", "BPDA", "EVALUATIONS", "EVAL_DRAW_OFFSET", "NORMS", "PGD", "SELECT_DRAW_OFFSET", "SETTINGS",
-           "Attack", "AttackResult", "AutoAttackRand", "AutoAttackStandard", "Norm", "Setting", "ascent_direction",
-           "attack_batch", "attack_class", "attack_names", "autoattack_batch", "base_setting", "evaluate_draws",
+           "Attack", "AttackResult", "AutoAttackRand", "AutoAttackStandardDWBox", "AutoAttackStandardMultiEval", "Norm",
+           "Setting", "ascent_direction", "attack_batch", "attack_class", "attack_names", "autoattack_batch", "base_setting", "evaluate_draws",
            "evaluation_calls", "is_fixed", "perturbation_norms", "project", "register_attack", "setting_fixed_draw",
            "settings_randomness", "summarise_evaluations"]

@@ -6,6 +6,15 @@ Sub-attacks are torchattacks' (3.5.x) implementations:
 ``rand``      APGD-CE and APGD-DLR with EOT (``eot_iter``), AutoAttack's version for stochastic
               models (Square and FAB assume a deterministic forward pass).
 
+Three protocols (:data:`PROTOCOLS`, config ``attacks.autoattack.protocols``), each a registered attack:
+
+``aa_standard_dwbox``      ``standard`` on the deterministic DW-box purifier (setting ``dwbox``): the
+                           re-evaluation of a candidate repeats one deterministic purification;
+``aa_standard_multieval``  paper 1's Fixed-AutoAttack: ``standard`` on the *stochastic* purifier
+                           (setting ``whitebox``: a fresh purification draw per forward pass, no
+                           EOT), every candidate re-evaluated ``n_eval`` times with fresh draws;
+``aa_rand``                ``rand`` on the stochastic purifier with EOT (setting ``whitebox_eot``).
+
 Multi-evaluation (paper 1's "Fixed-AutoAttack")
 -----------------------------------------------
 AutoAttack counts a sample as broken as soon as one forward pass misclassifies it, which on a
@@ -47,11 +56,15 @@ from ..purifiers import DefendedClassifier
 from .base import NORMS, Attack, AttackResult, Norm, evaluation_calls, perturbation_norms, project
 from .protocols import (EVAL_DRAW_OFFSET, SELECT_DRAW_OFFSET, Setting, _check_randomness, evaluate_draws, is_fixed,
                         summarise_evaluations)
-from .registry import register_attack
+from .registry import ATTACKS, register_attack
 
 log = logging.getLogger("dbprepro.autoattack")
 
 VERSIONS = ("standard", "rand")
+#: protocol (config ``attacks.autoattack.protocols``) -> (sub-attack version, setting it runs in)
+PROTOCOLS: dict[str, tuple[str, str]] = {"standard_dwbox": ("standard", "dwbox"),
+                                         "standard_multieval": ("standard", "whitebox"),
+                                         "rand": ("rand", "whitebox_eot")}
 TA_NORM = {"linf": "Linf", "l2": "L2"}
 DEFAULTS: dict[str, Any] = dict(n_eval=20, apgd_steps=100, eot_iter=20, n_restarts=1, fab_steps=100,
                                 square_queries=5000, n_target_classes=9)
@@ -215,8 +228,13 @@ def run_multi_evaluation(x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
 
 def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *,
                      version: str, setting: Setting, norm: Norm, eps: float, config: dict[str, Any],
-                     eval_draws: int, seed: int) -> tuple[dict[str, np.ndarray], AttackResult]:
+                     eval_draws: int, seed: int, multieval: bool = False
+                     ) -> tuple[dict[str, np.ndarray], AttackResult]:
     """AutoAttack (``standard`` | ``rand``) with multi-evaluation on one batch (module docstring).
+
+    ``multieval`` marks paper 1's Fixed-AutoAttack protocol (``standard`` on the stochastic
+    purifier, :class:`AutoAttackStandardMultiEval`): the warning against ``standard`` on a
+    stochastic purifier is then not given, as it is the intended protocol there.
 
     ``model``'s purifier randomness must match ``setting`` (fixed for ``dwbox``, random
     otherwise); its random-mode counters are reset first, so a call is replayable whatever ran
@@ -233,10 +251,14 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
         raise ValueError(f"eps must be > 0, got {eps}")
     randomness = model.purifier.randomness
     _check_randomness(setting, randomness)
-    if version == "standard" and not fixed:
-        log.warning("AutoAttack-standard (FAB, Square) on a stochastic purifier (%s): use 'rand' there", setting)
     cfg = {**DEFAULTS, **(config or {})}
     n_eval = int(cfg["n_eval"])
+    if version == "standard" and not fixed and not multieval:
+        log.warning("AutoAttack-standard (FAB, Square) on a stochastic purifier (%s): use 'rand' there, or the "
+                    "multi-evaluation protocol aa_standard_multieval", setting)
+    if multieval and (fixed or n_eval < 2):
+        log.warning("AutoAttack multi-evaluation with %s: re-evaluating a candidate does nothing here (%s)",
+                    "a deterministic purifier" if fixed else "n_eval = 1", setting)
     x, ids = x.detach(), torch.as_tensor(ids, dtype=torch.long).cpu()
     y = y.to(x.device)
     randomness.reset()  # replayable: the attacker's random-mode draws start at 0 for every sample
@@ -290,25 +312,29 @@ def autoattack_batch(model: DefendedClassifier, x: torch.Tensor, y: torch.Tensor
 
 
 @register_attack
-class AutoAttackStandard(Attack):
-    """``aa_standard``: AutoAttack's standard sub-attacks (APGD-CE, APGD-T, FAB-T, Square) with
-    multi-evaluation, on the deterministic purifier (``dwbox``); config ``attacks.autoattack``."""
+class AutoAttackStandardDWBox(Attack):
+    """``aa_standard_dwbox``: AutoAttack's standard sub-attacks (APGD-CE, APGD-T, FAB-T, Square) with
+    multi-evaluation, on the deterministic purifier (``dwbox``), where a re-evaluation repeats the
+    one fixed purification (in effect ``n_eval`` = 1); config ``attacks.autoattack``, protocol
+    ``standard_dwbox``.  Was ``aa_standard`` (still accepted by name, deprecated)."""
 
-    name = "aa_standard"
+    name = "aa_standard_dwbox"
     config_section = "autoattack"
-    version = "standard"
-    setting = "dwbox"
+    protocol = "standard_dwbox"
+    version, setting = PROTOCOLS[protocol]
+    multieval = False
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
         aa = attacks["autoattack"]
-        run = aa["enabled"] and cls.version in aa["versions"] and threat in aa["threat_models"]
+        run = aa["enabled"] and cls.protocol in aa["protocols"] and threat in aa["threat_models"]
         return [cls.setting] if run else []
 
     @classmethod
     def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
         """An upper bound: every image through every sub-attack (AutoAttack stops attacking an
-        image once it is broken), and the multi-evaluation after each sub-attack."""
+        image once it is broken), and the multi-evaluation after each sub-attack (``n_eval``
+        defended forwards per stage in the stochastic settings, one in the fixed ones)."""
         aa = attacks["autoattack"]
         R, n_eval = aa["n_restarts"], (1 if is_fixed(setting) else aa["n_eval"])
         select = defended_forward(S) * n_eval
@@ -324,17 +350,35 @@ class AutoAttackStandard(Attack):
     def run_batch(cls, model, x, y, ids, *, setting, threat, attacks, seed, track=0):
         return autoattack_batch(model, x, y, ids, version=cls.version, setting=setting, norm=threat["norm"],
                                 eps=threat["eps"], config=attacks["autoattack"], eval_draws=attacks["eval_draws"],
-                                seed=seed)
+                                seed=seed, multieval=cls.multieval)
 
 
 @register_attack
-class AutoAttackRand(AutoAttackStandard):
+class AutoAttackStandardMultiEval(AutoAttackStandardDWBox):
+    """``aa_standard_multieval``: paper 1's Fixed-AutoAttack - the standard sub-attacks on the
+    *stochastic* purifier, every candidate re-purified and classified ``n_eval`` times with fresh
+    draws, the candidate with the lowest mean correctness kept (protocol ``standard_multieval``).
+
+    The setting is ``whitebox``, not ``whitebox_eot``: AutoAttack-standard has no EOT, and every
+    forward pass torchattacks makes (a gradient of APGD/FAB, a query of Square) is one fresh
+    purification draw - exactly ``whitebox``'s "one fresh draw per attack step, fresh draws for
+    the evaluation" (:mod:`~dbprepro.attacks.protocols`).  ``dwbox`` would fix the draw, making the
+    re-evaluation a repetition (that is :class:`AutoAttackStandardDWBox`)."""
+
+    name = "aa_standard_multieval"
+    protocol = "standard_multieval"
+    version, setting = PROTOCOLS[protocol]
+    multieval = True
+
+
+@register_attack
+class AutoAttackRand(AutoAttackStandardDWBox):
     """``aa_rand``: AutoAttack's version for stochastic defenses (APGD-CE and APGD-DLR with EOT),
-    with multi-evaluation, on the stochastic purifier (``whitebox_eot``)."""
+    with multi-evaluation, on the stochastic purifier (``whitebox_eot``); protocol ``rand``."""
 
     name = "aa_rand"
-    version = "rand"
-    setting = "whitebox_eot"
+    protocol = "rand"
+    version, setting = PROTOCOLS[protocol]
 
     @classmethod
     def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
@@ -343,3 +387,6 @@ class AutoAttackRand(AutoAttackStandard):
         apgd = defended_grad(S, grad_mode) * (R * (aa["apgd_steps"] + 1) * aa["eot_iter"])
         select = defended_forward(S) * n_eval
         return apgd * 2 + select * 2 + evaluation_calls(attacks, setting, S), True
+
+
+ATTACKS.alias("aa_standard", AutoAttackStandardDWBox.name)

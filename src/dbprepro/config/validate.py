@@ -9,6 +9,7 @@ checks a schema cannot express; every failure is a :class:`ConfigError` naming t
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
     if not isinstance(config, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(config).__name__}")
+    _migrate_deprecated(config)
     # validate a copy first: snakemake's validator reports the *first* error it meets, and we
     # want the best-matching one (jsonschema.exceptions.best_match) with its key path.
     validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA_PATH.read_text()))
@@ -66,6 +68,29 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(str(e)) from e
     _semantic_checks(config)
     return config
+
+
+#: attacks.autoattack.versions (deprecated) -> the protocol of attacks.autoattack.protocols
+AUTOATTACK_VERSIONS = {"standard": "standard_dwbox", "rand": "rand"}
+
+
+def _migrate_deprecated(config: dict[str, Any]) -> None:
+    """Rewrite deprecated keys in place, with a DeprecationWarning: ``attacks.autoattack.versions``
+    (``standard`` -> ``standard_dwbox``, ``rand``) becomes ``attacks.autoattack.protocols``, which
+    it replaces (an overlay naming ``versions`` over a base naming ``protocols`` wins)."""
+    att = config.get("attacks")
+    aa = att.get("autoattack") if isinstance(att, dict) else None
+    if not isinstance(aa, dict) or "versions" not in aa:
+        return
+    versions = aa.pop("versions")
+    if not isinstance(versions, list) or not all(isinstance(v, str) and v in AUTOATTACK_VERSIONS for v in versions):
+        raise ConfigError(f"config key attacks.autoattack.versions (deprecated): {versions!r} is not a list of "
+                          f"{', '.join(AUTOATTACK_VERSIONS)}; use attacks.autoattack.protocols "
+                          "(standard_dwbox, standard_multieval, rand)")
+    aa["protocols"] = list(dict.fromkeys(AUTOATTACK_VERSIONS[v] for v in versions))
+    warnings.warn(f"config key attacks.autoattack.versions is deprecated: read as protocols: {aa['protocols']} "
+                  "(standard is standard_dwbox; paper 1's Fixed-AutoAttack is standard_multieval)",
+                  DeprecationWarning, stacklevel=3)
 
 
 def _semantic_checks(cfg: dict[str, Any]) -> None:
