@@ -1,10 +1,12 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from scipy import stats
 
-from dbprepro.addt import addt_loss, cgpo, mixing_weight, pgd_perturbation, rbgm
+from dbprepro.addt import addt_loss, cgpo, cgpo_delta, mixing_weight, pgd_perturbation, rbgm
+from dbprepro.models.diffusion import build_scheduler
 from dbprepro.models.classifiers import SmallCNN
 
 
@@ -69,7 +71,7 @@ def test_cgpo_direction_raises_the_classifier_loss(parts):
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * ((1 - 0.09) ** 0.5 * eps + 0.3 * d)
         with torch.no_grad():
             x0_hat = (x_t - (1 - a).sqrt() * unet(x_t, t).sample) / a.sqrt()
-            return float(torch.nn.functional.cross_entropy(clf((x0_hat / 2 + 0.5).clamp(0, 1)), y))
+            return float(torch.nn.functional.cross_entropy(clf(x0_hat / 2 + 0.5), y))  # CGPO's unclamped input
 
     shuffled = delta.flatten(2)[..., torch.randperm(64, generator=torch.Generator().manual_seed(4))].view_as(delta)
     assert loss(delta) > loss(shuffled)
@@ -91,3 +93,56 @@ def test_every_variant_gives_a_differentiable_loss(parts, variant):
     assert g.abs().sum() > 0
     with pytest.raises(ValueError, match="variant"):
         addt_loss(unet, sch, clf, x0, y, variant="nope")
+
+
+# -- issue 16: the classifier input is not clamped -----------------
+
+class _ZeroUNet(torch.nn.Module):
+    """eps_theta = 0 (so x0_hat = x_t / sqrt(abar)); records every (x_t, t) it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t):
+        self.calls.append((x.detach().clone(), t.clone()))
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+
+def _linear_classifier():
+    torch.manual_seed(0)  # a linear model: its input gradient is non-zero at every pixel
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).requires_grad_(False)
+
+
+def test_cgpo_gradient_reaches_the_out_of_range_pixels_of_the_estimate():
+    """Paper 1 feeds x0_hat / 2 + 0.5 unclamped: a clamp would zero G where x0_hat leaves [-1, 1]."""
+    x0 = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = torch.tensor([1, 4, 7])
+    a, b, lam = torch.tensor(0.6), torch.tensor(0.8), torch.full((3,), 0.3)
+    _, G = cgpo_delta(lambda x: torch.zeros_like(x), _linear_classifier(), x0, y, a, b, lam, iterations=1,
+                      generator=torch.Generator().manual_seed(1), return_grad=True)
+    gen = torch.Generator().manual_seed(1)  # replay CGPO's draws: delta, then the iteration's eps
+    delta, eps = torch.randn(x0.shape, generator=gen), torch.randn(x0.shape, generator=gen)
+    x0_hat = (a * x0 + b * ((1 - 0.09) ** 0.5 * eps + 0.3 * delta)) / a
+    out = x0_hat.abs() > 1
+    assert out.sum() > 20  # many pixels of the estimate are out of range ...
+    assert (G[out] != 0).all()  # ... and every one of them gets a gradient
+
+
+def test_no_rbgm_pgd_moves_the_out_of_range_pixels_and_feeds_them_unclamped():
+    unet, sch = _ZeroUNet(), build_scheduler()
+    x0 = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    seen = []
+    clf = _linear_classifier()
+
+    def spy(z):
+        seen.append(z.detach())
+        return clf(z)
+
+    t = torch.full((3,), 500)  # sqrt(1 - abar) / sqrt(abar) > 1: the estimate leaves [-1, 1] often
+    d = pgd_perturbation(unet, sch, spy, x0, torch.tensor([1, 4, 7]), t, iterations=1,
+                         generator=torch.Generator().manual_seed(1))
+    out = (seen[0] < 0) | (seen[0] > 1)
+    assert out.sum() > 20
+    # one sign step from 0: a pixel moves iff its gradient is non-zero
+    assert torch.allclose(d[out].abs(), torch.tensor(2 * 4 / 255), atol=1e-6)
