@@ -95,7 +95,7 @@ def test_every_variant_gives_a_differentiable_loss(parts, variant):
         addt_loss(unet, sch, clf, x0, y, variant="nope")
 
 
-# -- issue 16: the classifier input is not clamped -----------------
+# -- issue 16: the classifier input is not clamped; the no-RBGM ablation uses one r_t -----------------
 
 class _ZeroUNet(torch.nn.Module):
     """eps_theta = 0 (so x0_hat = x_t / sqrt(abar)); records every (x_t, t) it is called with."""
@@ -146,3 +146,39 @@ def test_no_rbgm_pgd_moves_the_out_of_range_pixels_and_feeds_them_unclamped():
     assert out.sum() > 20
     # one sign step from 0: a pixel moves iff its gradient is non-zero
     assert torch.allclose(d[out].abs(), torch.tensor(2 * 4 / 255), atol=1e-6)
+
+
+def test_no_rbgm_pgd_input_and_training_target_use_the_same_clipped_r_t():
+    """At small t the unclipped sqrt(abar / (1 - abar)) exceeds 10: the PGD's noisy input and the
+    training input/target must both use r_t = 10 (official train_ADDT_linf.py)."""
+    unet, sch, clf = _ZeroUNet(), build_scheduler(), _linear_classifier()
+    x0 = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    y = torch.tensor([1, 4, 7])
+    addt_loss(unet, sch, clf, x0, y, variant="addt_no_rbgm", iterations=2, t_max=3,
+              generator=torch.Generator().manual_seed(2))
+    assert len(unet.calls) == 3  # two PGD iterations, then the training step
+    gen = torch.Generator().manual_seed(2)
+    t = torch.randint(0, 4, (3,), generator=gen)
+    state = gen.get_state()
+    abar = sch.alphas_cumprod[t].view(-1, 1, 1, 1)
+    sa, s1a = abar.sqrt(), (1 - abar).sqrt()
+    assert (sa / s1a > 10).all()  # the clip is active for every image
+    r = 10.0
+
+    def replay(iterations):
+        g = torch.Generator()
+        g.set_state(state)
+        return pgd_perturbation(_ZeroUNet(), sch, clf, x0, y, t, iterations=iterations, generator=g), g
+
+    delta1, _ = replay(1)
+    delta2, g = replay(2)
+    eps = torch.randn(x0.shape, generator=g)  # the training step's noise, drawn after the PGD
+    g = torch.Generator()
+    g.set_state(state)
+    _, noise2 = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    assert delta1.abs().max() > 0
+    x_pgd, t_pgd = unet.calls[1]
+    assert torch.equal(t_pgd, t)
+    torch.testing.assert_close(x_pgd, sa * x0 + s1a * (noise2 + r * delta1))
+    torch.testing.assert_close(unet.calls[2][0], sa * x0 + s1a * (eps + r * delta2))  # target eps + r delta
+    assert not torch.allclose(x_pgd, sa * (x0 + delta1) + s1a * noise2)  # the unclipped r_t differs

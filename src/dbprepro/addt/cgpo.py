@@ -41,6 +41,14 @@ def classifier_input(x0_hat: torch.Tensor) -> torch.Tensor:
     return x0_hat / 2 + 0.5
 
 
+def no_rbgm_ratio(sa: torch.Tensor, s1a: torch.Tensor, max_ratio: float = 10.0) -> torch.Tensor:
+    """The ``addt_no_rbgm`` ratio ``r_t = clip(sqrt(abar) / sqrt(1 - abar), 0, max_ratio)``: the noisy
+    input is ``sa x0 + s1a (eps + r_t delta)`` and the target ``eps + r_t delta``, in the PGD and in
+    the training step alike (the official ``train_ADDT_linf.py``; unclipped, the input would be
+    ``sa (x0 + delta) + s1a eps``)."""
+    return (sa / s1a).clamp(0, max_ratio)
+
+
 def _alpha_terms(scheduler, t: torch.Tensor, like: torch.Tensor):
     abar = scheduler.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
     return abar, abar.sqrt(), (1 - abar).sqrt()
@@ -92,15 +100,17 @@ def pgd_perturbation(unet: nn.Module, scheduler, classifier: nn.Module, x0: torc
                      t: torch.Tensor, *, iterations: int = 5, eps: float = 8 / 255, alpha: float = 4 / 255,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """The ``addt_no_rbgm`` perturbation: L-inf PGD on the one-step clean estimate, in [-1, 1] units
-    of x0 (``eps``, ``alpha`` in [0, 1] pixel units are doubled).  The classifier sees the
-    unclamped :func:`classifier_input`."""
+    of x0 (``eps``, ``alpha`` in [0, 1] pixel units are doubled).  The noisy input is the training
+    step's, ``sa x0 + s1a (noise + r_t delta)`` with the clipped :func:`no_rbgm_ratio`; the
+    classifier sees the unclamped :func:`classifier_input`."""
     _, sa, s1a = _alpha_terms(scheduler, t, x0)
+    r = no_rbgm_ratio(sa, s1a)
     delta = torch.zeros_like(x0)
     e, a = 2 * eps, 2 * alpha
     for _ in range(iterations):
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         d = delta.detach().requires_grad_(True)
-        x_t = sa * (x0 + d) + s1a * noise
+        x_t = sa * x0 + s1a * (noise + r * d)
         x0_hat = (x_t - s1a * unet(x_t, t).sample) / sa
         loss = F.cross_entropy(classifier(classifier_input(x0_hat)), y, reduction="sum")
         (g,) = torch.autograd.grad(loss, d)
