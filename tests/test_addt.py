@@ -182,3 +182,36 @@ def test_no_rbgm_pgd_input_and_training_target_use_the_same_clipped_r_t():
     torch.testing.assert_close(x_pgd, sa * x0 + s1a * (noise2 + r * delta1))
     torch.testing.assert_close(unet.calls[2][0], sa * x0 + s1a * (eps + r * delta2))  # target eps + r delta
     assert not torch.allclose(x_pgd, sa * (x0 + delta1) + s1a * noise2)  # the unclipped r_t differs
+
+
+# -- issue 16: RBGM breaks ties at random (replayably), never by pixel index -----------------------
+
+def test_rbgm_ranks_tied_gradients_in_a_random_replayable_order():
+    g = torch.zeros(2, 3, 6, 6)  # every value tied
+    out = rbgm(g, torch.Generator().manual_seed(7))
+    z = torch.randn(2, 3, 36, generator=torch.Generator().manual_seed(7))  # the draw RBGM makes first
+    flat = out.reshape(2, 3, 36)
+    assert torch.equal(flat.sort(-1).values, z.sort(-1).values)  # the values are the Gaussian draw
+    # a pixel-index tie-break would give the sorted draw itself, a raster ramp, in every channel
+    assert not (flat.diff(dim=-1) >= 0).all(-1).any()  # no channel is monotone in pixel index
+    assert torch.equal(rbgm(g, torch.Generator().manual_seed(7)), out)  # replayable
+    other = rbgm(g, torch.Generator().manual_seed(8)).reshape(2, 3, 36)
+    assert not torch.equal(other.argsort(-1), flat.argsort(-1))  # another seed, another arrangement
+    # channels of one call are arranged independently
+    assert not torch.equal(flat[0, 0].argsort(), flat[0, 1].argsort())
+
+
+def test_rbgm_keeps_the_exact_order_of_untied_gradients():
+    g = torch.randn(2, 2, 7, 7, generator=torch.Generator().manual_seed(0))
+    out = rbgm(g, torch.Generator().manual_seed(3)).reshape(2, 2, 49)
+    z = torch.randn(2, 2, 49, generator=torch.Generator().manual_seed(3))
+    order = g.reshape(2, 2, 49).argsort(-1)  # pixels from the smallest gradient to the largest
+    assert torch.equal(out.gather(-1, order), z.sort(-1).values)  # k-th smallest gradient -> k-th quantile
+
+
+def test_rbgm_partial_ties_keep_the_order_between_distinct_values():
+    g = torch.tensor([0.0, 2.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0]).view(1, 1, 3, 3)
+    z = torch.randn(1, 1, 9, generator=torch.Generator().manual_seed(5)).sort(-1).values.flatten()
+    out = rbgm(g, torch.Generator().manual_seed(5)).flatten()
+    for level, quantiles in ((0.0, z[:3]), (1.0, z[3:6]), (2.0, z[6:])):
+        assert torch.equal(out[g.flatten() == level].sort().values, quantiles)

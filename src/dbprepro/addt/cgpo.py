@@ -24,14 +24,20 @@ def rbgm(grad: torch.Tensor, generator: torch.Generator | None = None) -> torch.
     """Rank-based Gaussian mapping, per (image, channel) over the H*W pixels.
 
     Output[j] = z_(rank of grad[j]), with z a fresh standard-normal sample sorted ascending:
-    the output's values are exactly the Gaussian draw, its ordering that of ``grad``.
+    the output's values are exactly the Gaussian draw, its ordering that of ``grad``.  Tied
+    gradient values (e.g. a constant or an all-zero channel) are ranked in a random order drawn
+    from ``generator`` after z (replayable), not by pixel index, which would turn ties into a
+    deterministic raster ramp of Gaussian quantiles.
     """
     B, C = grad.shape[:2]
     flat = grad.reshape(B, C, -1)
     z = torch.randn(flat.shape, generator=generator, dtype=flat.dtype).to(flat.device)
     z_sorted, _ = z.sort(dim=-1)
-    ranks = flat.argsort(dim=-1).argsort(dim=-1)  # rank of every pixel's gradient (0 = smallest)
-    return z_sorted.gather(-1, ranks).reshape(grad.shape)
+    # tie-break: visit the pixels in a random order, rank them there with a stable sort, map back
+    perm = torch.rand(flat.shape, generator=generator, dtype=torch.float64).argsort(dim=-1).to(flat.device)
+    order = flat.gather(-1, perm).sort(dim=-1, stable=True).indices  # k-th smallest, in permuted positions
+    out = torch.empty_like(z_sorted).scatter_(-1, perm.gather(-1, order), z_sorted)
+    return out.reshape(grad.shape)
 
 
 def classifier_input(x0_hat: torch.Tensor) -> torch.Tensor:
