@@ -28,7 +28,8 @@ def clf():
 
 
 def _old_loop(eps_theta, clf, x0, y, a, b, lam, iterations, objective, gen):
-    """The CGPO loop as it was written (twice) before cgpo_delta: the reference of the refactor."""
+    """The CGPO loop as it was written (twice) before cgpo_delta: the reference of the refactor
+    (since issue 16 without the clamp before the classifier, as paper 1's code)."""
     delta = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
     G = torch.zeros_like(x0)
     for _ in range(iterations):
@@ -37,7 +38,7 @@ def _old_loop(eps_theta, clf, x0, y, a, b, lam, iterations, objective, gen):
         x = a * x0 + b * ((1 - lam**2).sqrt() * e + lam * d)
         e_hat = eps_theta(x)
         if objective == "ce":
-            loss = F.cross_entropy(clf(((x - b * e_hat) / a / 2 + 0.5).clamp(0, 1)), y, reduction="sum")
+            loss = F.cross_entropy(clf((x - b * e_hat) / a / 2 + 0.5), y, reduction="sum")
         else:
             loss = (e_hat - e).square().sum()
         (g,) = torch.autograd.grad(loss, d)

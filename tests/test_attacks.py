@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,65 @@ def test_attack_batch_columns(tiny_diffusion):
                              pgd={"steps": 2, "eot": 2, "random_start": False, "restarts": 1}, eval_draws=3)
     assert set(cols) >= {"id", "correct_single", "correct_mean", "correct_worst", "correct_vote", "norm_linf"}
     assert (cols["norm_linf"] <= EPS + 1e-6).all() and cols["norm_linf"].max() > 0
+
+
+# -- issue 16: the draws themselves, and the projection when it binds ------------------------------
+
+class SpyDefense(torch.nn.Module):
+    """A defended-classifier stand-in: a linear classifier (gradient the same at every x) that
+    records, per call, whether gradients were on and the draw index of every image."""
+
+    def __init__(self, setting, fixed_draw=0):
+        super().__init__()
+        self.purifier = SimpleNamespace(randomness=settings_randomness(setting, seed=0, fixed_draw=fixed_draw))
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(64, 10)
+        self.calls = []
+
+    def forward(self, x, ids=None, draws=None):
+        self.calls.append((torch.is_grad_enabled(), None if draws is None else torch.as_tensor(draws).tolist()))
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("setting, fixed_draw, expected", [("dwbox", 3, 3), ("dwbox_c2", 2, 2)])
+def test_dwbox_evaluation_and_attack_use_only_the_fixed_configurations_draw(setting, fixed_draw, expected):
+    x, y, ids = data(3)
+    spy = SpyDefense(setting, fixed_draw)
+    evaluate_draws(spy, x, ids, 5, setting)
+    assert spy.calls and all(d == [expected] * 3 for _, d in spy.calls)
+    spy.calls.clear()
+    attack_batch(spy, x, y, ids, attack="pgd", setting=setting, norm="linf", eps=EPS, alpha=ALPHA,
+                 pgd={"steps": 2, "eot": 4, "random_start": False, "restarts": 1}, eval_draws=5)
+    attack = [d for grad, d in spy.calls if grad]
+    evaluation = [d for grad, d in spy.calls if not grad]
+    assert len(attack) == 3 and evaluation  # steps + 1 gradient passes (EOT forced to 1), then evaluation
+    assert all(d == [expected] * 3 for d in attack + evaluation)
+
+
+def test_stochastic_evaluation_uses_fresh_distinct_draws_offset_from_the_attackers():
+    x, y, ids = data(3)
+    spy = SpyDefense("whitebox_eot")
+    attack_batch(spy, x, y, ids, attack="pgd", setting="whitebox_eot", norm="linf", eps=EPS, alpha=ALPHA,
+                 pgd={"steps": 2, "eot": 2, "random_start": False, "restarts": 1}, eval_draws=4)
+    attack = {v for grad, d in spy.calls if grad for v in d}
+    evaluation = [d for grad, d in spy.calls if not grad]
+    assert attack == set(range(6))  # (steps + 1) x eot draws, 0..5
+    # one call per evaluation draw, the same draw for every image, EVAL_DRAW_OFFSET + k
+    assert evaluation == [[EVAL_DRAW_OFFSET + k] * 3 for k in range(4)]
+    assert EVAL_DRAW_OFFSET > max(attack)
+
+
+@pytest.mark.parametrize("norm, eps, alpha", [("linf", EPS, 4 / 255), ("l2", 0.5, 0.3)])
+def test_pgd_projects_when_the_steps_would_leave_the_ball(norm, eps, alpha):
+    """steps x alpha = 5 x alpha > eps: without the projection the perturbation would grow to
+    5 alpha (the linear model's gradient never changes)."""
+    x, y, ids = data(4)
+    x[:, :, 0] = 0.0  # rows at the edges of the image range, so the [0, 1] clip matters too
+    x[:, :, 1] = 1.0
+    res = PGD(SpyDefense("dwbox"), "dwbox", norm, eps, alpha, steps=5)(x, y, ids)
+    d = (res.x_adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps + 1e-6).all()  # projected onto the ball ...
+    # ... which binds (L2: less than eps where the [0, 1] clip cut the projected step)
+    assert size.max() >= (eps - 1e-6 if norm == "linf" else 0.9 * eps)
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1

@@ -69,3 +69,48 @@ def test_gradient_modes_stage_writes_one_row_per_family_and_mode(stage_inputs, t
     assert seconds[["family", "grad_mode"]].equals(table[["family", "grad_mode"]]) and (seconds["seconds"] > 0).all()
     assert (table["n_images"] == 2).all() and (table.loc[table["grad_mode"] != "adjoint", "rel_error_vs_exact"]
                                                < 1e-5).all()
+
+
+@pytest.mark.parametrize("family", ["ddpm", "edm"])
+def test_exact_mode_backward_twice_with_retain_graph_gives_the_autograd_gradient(tiny_diffusion, family):
+    """torchattacks' FAB calls backward(retain_graph=True) twice on one graph: the exact chain's
+    second backward must recompute the same gradient (issue 16)."""
+    cls, kw, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    clf = SmallCNN(width=8, hidden=16).eval().requires_grad_(False)
+    p = cls(*tiny_diffusion, t_star=0.1, randomness=Randomness(0, "fixed"), clip_output=False, **kw)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y, ids = torch.tensor([3, 7]), torch.tensor([10, 11])
+
+    def grads(mode, n):
+        p.grad_mode = mode
+        xx = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(clf(p(xx, ids=ids)), y, reduction="sum")
+        out = []
+        for _ in range(n):
+            xx.grad = None
+            loss.backward(retain_graph=True)
+            out.append(xx.grad.clone())
+        return out
+
+    first, second = grads("exact", 2)
+    assert first.abs().sum() > 0 and torch.equal(first, second)
+    (ref,) = grads("autograd", 1)
+    torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_chain_states_live_as_long_as_autograd_keeps_the_graph(tiny_diffusion):
+    p = Purifier(*tiny_diffusion, t_star=0.1, num_inference_steps=100, randomness=Randomness(0, "fixed"))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([0, 1])
+    draws = p.randomness.next_draws(ids)
+    x_t = p.diffuse(x, ids, draws).requires_grad_(True)
+    out = p.denoise(x_t, ids, draws)
+    assert len(out.grad_fn.saved_tensors) == p.num_steps  # one state per step, nothing more
+    out.sum().backward(retain_graph=True)
+    assert len(out.grad_fn.saved_tensors) == p.num_steps  # kept for a second backward
+    out.sum().backward()
+    with pytest.raises(RuntimeError, match="freed|second time"):
+        out.grad_fn.saved_tensors  # a plain backward frees the states, as before
+    with pytest.raises(RuntimeError, match="second time"):
+        out.sum().backward()  # and a third backward is refused with autograd's own message

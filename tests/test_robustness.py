@@ -87,6 +87,29 @@ def test_main_table_rows_and_clean_accuracy_source():
     assert (p1_main_table([rec], {"vanilla": clean})["clean_accuracy"] == 1.0).all()
 
 
+def test_main_table_refuses_a_fixed_configuration_that_was_never_clean_evaluated():
+    """dwbox_c{k} / dwbox against a configuration without clean records: an error naming it, the
+    defense and the configurations present - never the mean of the other configurations."""
+    rec = pd.DataFrame({"defense": "addt", "threat": "linf", "setting": "dwbox_c3", "attack": "pgd", "norm": "linf",
+                        "eps": 0.03, "id": [1, 2], "label": 0, "correct_single": [1.0, 0], "correct_mean": [1.0, 0],
+                        "correct_worst": [1.0, 0], "correct_vote": [1.0, 0], "norm_l2": 0.1, "norm_linf": 0.03,
+                        "loss_start": 0.0, "loss_end": 1.0})
+    clean = pd.DataFrame({"setting": ["fixed"] * 4 + ["random"] * 2, "draw": [0, 0, 1, 1, 0, 0],
+                          "id": [1, 2, 1, 2, 1, 2], "correct": [1, 1, 0, 0, 1, 1]})
+    with pytest.raises(ValueError, match=r"'dwbox_c3'.*configuration 3 was never clean-evaluated for defense 'addt' "
+                                         r"\(configurations present: \[0, 1\]\)"):
+        p1_main_table([rec], {"addt": clean})
+    rec["setting"] = "dwbox"  # plain dwbox: the configuration is fixed_draw
+    with pytest.raises(ValueError, match=r"configuration 2 was never clean-evaluated"):
+        p1_main_table([rec], {"addt": clean}, fixed_draw=2)
+    assert (p1_main_table([rec], {"addt": clean}, fixed_draw=1)["clean_accuracy"] == 0.0).all()
+    rec["setting"] = "dwbox_c1"
+    assert (p1_main_table([rec], {"addt": clean})["clean_accuracy"] == 0.0).all()
+    rec["id"] = [7, 8]  # configuration 1 exists, but not for the attacked images
+    with pytest.raises(ValueError, match="configuration 1 was not clean-evaluated on the attacked images"):
+        p1_main_table([rec], {"addt": clean})
+
+
 def _main_rows(defense, setting, n, k, clean=0.9):
     from dbprepro.metrics import wilson_interval
 

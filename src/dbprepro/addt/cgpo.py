@@ -1,5 +1,9 @@
 """CGPO (classifier-guided perturbation optimisation) and RBGM (rank-based Gaussian mapping), the
-two parts of paper 1's ADDT, and the ``addt_no_rbgm`` ablation's PGD perturbation."""
+two parts of paper 1's ADDT, and the ``addt_no_rbgm`` ablation's PGD perturbation.
+
+As in paper 1's training code, the classifier sees the one-step estimate ``x0_hat / 2 + 0.5``
+*unclamped* (:func:`classifier_input`): a clamp to [0, 1] would zero the gradient at every pixel
+the estimate puts out of range."""
 
 from __future__ import annotations
 
@@ -20,14 +24,35 @@ def rbgm(grad: torch.Tensor, generator: torch.Generator | None = None) -> torch.
     """Rank-based Gaussian mapping, per (image, channel) over the H*W pixels.
 
     Output[j] = z_(rank of grad[j]), with z a fresh standard-normal sample sorted ascending:
-    the output's values are exactly the Gaussian draw, its ordering that of ``grad``.
+    the output's values are exactly the Gaussian draw, its ordering that of ``grad``.  Tied
+    gradient values (e.g. a constant or an all-zero channel) are ranked in a random order drawn
+    from ``generator`` after z (replayable), not by pixel index, which would turn ties into a
+    deterministic raster ramp of Gaussian quantiles.
     """
     B, C = grad.shape[:2]
     flat = grad.reshape(B, C, -1)
     z = torch.randn(flat.shape, generator=generator, dtype=flat.dtype).to(flat.device)
     z_sorted, _ = z.sort(dim=-1)
-    ranks = flat.argsort(dim=-1).argsort(dim=-1)  # rank of every pixel's gradient (0 = smallest)
-    return z_sorted.gather(-1, ranks).reshape(grad.shape)
+    # tie-break: visit the pixels in a random order, rank them there with a stable sort, map back
+    perm = torch.rand(flat.shape, generator=generator, dtype=torch.float64).argsort(dim=-1).to(flat.device)
+    order = flat.gather(-1, perm).sort(dim=-1, stable=True).indices  # k-th smallest, in permuted positions
+    out = torch.empty_like(z_sorted).scatter_(-1, perm.gather(-1, order), z_sorted)
+    return out.reshape(grad.shape)
+
+
+def classifier_input(x0_hat: torch.Tensor) -> torch.Tensor:
+    """What the frozen classifier sees of a one-step estimate in [-1, 1] units: ``x0_hat / 2 + 0.5``,
+    deliberately not clamped to [0, 1] (paper 1 feeds ``norm(x0_hat / 2 + 0.5)``; a clamp would
+    zero the gradient of the out-of-range pixels)."""
+    return x0_hat / 2 + 0.5
+
+
+def no_rbgm_ratio(sa: torch.Tensor, s1a: torch.Tensor, max_ratio: float = 10.0) -> torch.Tensor:
+    """The ``addt_no_rbgm`` ratio ``r_t = clip(sqrt(abar) / sqrt(1 - abar), 0, max_ratio)``: the noisy
+    input is ``sa x0 + s1a (eps + r_t delta)`` and the target ``eps + r_t delta``, in the PGD and in
+    the training step alike (the official ``train_ADDT_linf.py``; unclipped, the input would be
+    ``sa (x0 + delta) + s1a eps``)."""
+    return (sa / s1a).clamp(0, max_ratio)
 
 
 def _alpha_terms(scheduler, t: torch.Tensor, like: torch.Tensor):
@@ -43,7 +68,8 @@ def cgpo_delta(eps_theta, classifier: nn.Module | None, x0: torch.Tensor, y: tor
     The noisy input is ``x = a x0 + b (sqrt(1 - lam^2) eps + lam delta)`` and the one-step clean
     estimate ``x0_hat = (x - b eps_theta(x)) / a``, with ``a``, ``b`` (signal and noise scales,
     broadcastable to ``x0``), ``lam`` (one per image) and ``eps_theta(x)`` the noise prediction at
-    the batch's noise levels.  ``x0`` in [-1, 1]; the classifier sees ``x0_hat / 2 + 0.5``.
+    the batch's noise levels.  ``x0`` in [-1, 1]; the classifier sees ``x0_hat / 2 + 0.5``, not
+    clamped (:func:`classifier_input`, as paper 1's code).
     ``objective="mse"`` is the ``cgpo_mse`` ablation: maximise ||eps_theta - eps||^2 instead.
     Model weights are untouched; ``return_grad`` also returns the accumulated gradient G.
     """
@@ -57,7 +83,7 @@ def cgpo_delta(eps_theta, classifier: nn.Module | None, x0: torch.Tensor, y: tor
         eps_hat = eps_theta(x)
         if objective == "ce":
             x0_hat = (x - b * eps_hat) / a
-            loss = F.cross_entropy(classifier((x0_hat / 2 + 0.5).clamp(0, 1)), y, reduction="sum")
+            loss = F.cross_entropy(classifier(classifier_input(x0_hat)), y, reduction="sum")
         else:
             loss = (eps_hat - eps).square().sum()
         (g,) = torch.autograd.grad(loss, d)
@@ -80,21 +106,23 @@ def pgd_perturbation(unet: nn.Module, scheduler, classifier: nn.Module, x0: torc
                      t: torch.Tensor, *, iterations: int = 5, eps: float = 8 / 255, alpha: float = 4 / 255,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """The ``addt_no_rbgm`` perturbation: L-inf PGD on the one-step clean estimate, in [-1, 1] units
-    of x0 (``eps``, ``alpha`` in [0, 1] pixel units are doubled)."""
+    of x0 (``eps``, ``alpha`` in [0, 1] pixel units are doubled).  The noisy input is the training
+    step's, ``sa x0 + s1a (noise + r_t delta)`` with the clipped :func:`no_rbgm_ratio`; the
+    classifier sees the unclamped :func:`classifier_input`."""
     _, sa, s1a = _alpha_terms(scheduler, t, x0)
+    r = no_rbgm_ratio(sa, s1a)
     delta = torch.zeros_like(x0)
     e, a = 2 * eps, 2 * alpha
     for _ in range(iterations):
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         d = delta.detach().requires_grad_(True)
-        x_t = sa * (x0 + d) + s1a * noise
+        x_t = sa * x0 + s1a * (noise + r * d)
         x0_hat = (x_t - s1a * unet(x_t, t).sample) / sa
-        loss = F.cross_entropy(classifier((x0_hat / 2 + 0.5).clamp(0, 1)), y, reduction="sum")
+        loss = F.cross_entropy(classifier(classifier_input(x0_hat)), y, reduction="sum")
         (g,) = torch.autograd.grad(loss, d)
         delta = (delta + a * g.sign()).clamp(-e, e)
         delta = (x0 + delta).clamp(-1, 1) - x0
     return delta.detach()
-
 
 
 def rbgm_samples(unet: nn.Module, scheduler, classifier: nn.Module, images01: torch.Tensor, labels: torch.Tensor, *,

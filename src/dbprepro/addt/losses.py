@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..purifiers.registry import PURIFIERS
-from .cgpo import _alpha_terms, cgpo, cgpo_delta, mixing_weight, pgd_perturbation
+from .cgpo import _alpha_terms, cgpo, cgpo_delta, mixing_weight, no_rbgm_ratio, pgd_perturbation
 
 Variant = Literal["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune"]
 VARIANTS: tuple[str, ...] = ("addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune")
@@ -37,8 +37,7 @@ def addt_loss(unet: nn.Module, scheduler, classifier: nn.Module | None, x0: torc
         delta = pgd_perturbation(unet, scheduler, classifier, x0, y, t, iterations=iterations, eps=pgd_eps,
                                  alpha=pgd_alpha, generator=generator)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        r = (sa / s1a).clamp(0, 10)
-        target = eps + r * delta
+        target = eps + no_rbgm_ratio(sa, s1a) * delta  # the PGD's r_t (clipped at 10)
         x_t = sa * x0 + s1a * target
     else:
         lam = mixing_weight(scheduler.alphas_cumprod.to(x0.device)[t], lambda_scale, lambda_max).to(x0.dtype)

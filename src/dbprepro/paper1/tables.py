@@ -9,14 +9,27 @@ import pandas as pd
 from ..attacks.protocols import EVALUATIONS, is_fixed, setting_fixed_draw
 from ..metrics import wilson_interval, write_table
 
-def _clean_accuracy(clean: pd.DataFrame, ids: np.ndarray, setting: str, fixed_draw: int) -> float:
+
+def _clean_accuracy(clean: pd.DataFrame, ids: np.ndarray, setting: str, fixed_draw: int,
+                    defense: str | None = None) -> float:
+    """Clean accuracy of the images ``ids`` under ``setting``'s randomness: the undefended
+    classifier for ``none``, fresh draws for the stochastic settings, and for dwbox / dwbox_c{k}
+    exactly the attacked fixed configuration - refused (ValueError) if that configuration was
+    never clean-evaluated, rather than silently averaged over the others."""
     sub = clean[clean["id"].isin(ids)]
     if setting == "none":
         sub = sub[sub["setting"] == "classifier"]
     elif is_fixed(setting):  # dwbox: configuration fixed_draw; dwbox_c{k}: configuration k
         fixed = sub[sub["setting"] == "fixed"]
-        pick = fixed[fixed["draw"] == setting_fixed_draw(setting, fixed_draw)]
-        sub = pick if not pick.empty else fixed
+        k = setting_fixed_draw(setting, fixed_draw)
+        sub = fixed[fixed["draw"] == k]
+        if sub.empty:
+            present = sorted(int(d) for d in clean.loc[clean["setting"] == "fixed", "draw"].unique())
+            who = f" for defense {defense!r}" if defense is not None else ""
+            what = "was not clean-evaluated on the attacked images" if k in present else "was never clean-evaluated"
+            raise ValueError(f"setting {setting!r}: fixed randomness configuration {k} {what}{who} "
+                             f"(configurations present: {present or 'none'}); evaluate it "
+                             f"(evaluation.fixed_configs > {k}) or attack a configuration that was")
     else:
         sub = sub[sub["setting"] == "random"]
     return float(sub.groupby("id")["correct"].mean().mean())
@@ -34,7 +47,7 @@ def p1_main_table(records: list[pd.DataFrame], clean: dict[str, pd.DataFrame], c
         first = df.iloc[0]
         n = len(df)
         source = clean[first["defense"]] if first["defense"] in clean else next(iter(clean.values()))
-        clean_acc = _clean_accuracy(source, df["id"].to_numpy(), first["setting"], fixed_draw)
+        clean_acc = _clean_accuracy(source, df["id"].to_numpy(), first["setting"], fixed_draw, first["defense"])
         for ev, desc in EVALUATIONS.items():
             k = float(df[f"correct_{ev}"].sum())
             lo, hi = wilson_interval(k, n, confidence)

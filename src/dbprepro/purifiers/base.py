@@ -193,26 +193,32 @@ class Trajectory(NamedTuple):
 
 
 class _ExactChain(torch.autograd.Function):
-    """Exact gradient of the reverse chain by per-step recomputation (see module docstring)."""
+    """Exact gradient of the reverse chain by per-step recomputation (see module docstring).
+
+    The chain states are saved with ``save_for_backward`` (no copies: the tensors the forward
+    pass made anyway), so autograd owns their lifetime: a plain backward frees them, as the
+    graph; ``backward(retain_graph=True)`` keeps them and a second backward (torchattacks' FAB
+    does two) recomputes the same gradient; a second backward without retain_graph gets
+    autograd's own "backward through the graph a second time" error."""
 
     @staticmethod
     def forward(ctx, x_t, purifier: ReverseChain, ids, draws):
         states: list[torch.Tensor] = []
         with torch.no_grad():
             out = purifier._run_chain(x_t.detach(), ids, draws, keep_states=states)
-        ctx.purifier, ctx.ids, ctx.draws, ctx.states = purifier, ids, draws, states
+        ctx.purifier, ctx.ids, ctx.draws = purifier, ids, draws
+        ctx.save_for_backward(*states)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         p: ReverseChain = ctx.purifier
         g = grad_out
-        for t, x in zip(reversed(p.timesteps), reversed(ctx.states)):
+        for t, x in zip(reversed(p.timesteps), reversed(ctx.saved_tensors)):
             with torch.enable_grad():
                 xi = x.detach().requires_grad_(True)
                 out = p.reverse_step(xi, t, ctx.ids, ctx.draws)
                 (g,) = torch.autograd.grad(out, xi, g)
-        ctx.states = None
         return g, None, None, None
 
 
