@@ -75,6 +75,9 @@ BAD = [
     ({"attacks": {"autoattack": {"versions": ["plus"]}}}, "attacks.autoattack.versions"),
     ({"addt": {"variants": ["addt", "diffpure"]}}, "addt.variants"),
     ({"attacks": {"pgd": {"eot_samples": 10}}}, "eot_samples"),
+    # fixed configurations the clean evaluation never scores (their clean accuracy would be missing)
+    ({"attacks": {"fixed_draw": 4}}, "attacks.fixed_draw"),
+    ({"analysis": {"fixed_configs": 5}}, "analysis.fixed_configs"),
 ]
 
 

@@ -108,6 +108,11 @@ def test_main_table_refuses_a_fixed_configuration_that_was_never_clean_evaluated
     rec["id"] = [7, 8]  # configuration 1 exists, but not for the attacked images
     with pytest.raises(ValueError, match="configuration 1 was not clean-evaluated on the attacked images"):
         p1_main_table([rec], {"addt": clean})
+    rec["id"] = [1, 2]  # a defense without clean records never borrows another defense's
+    with pytest.raises(ValueError, match="no clean-evaluation records of defense 'addt'"):
+        p1_main_table([rec], {"vanilla": clean})
+    rec["setting"], rec["defense"] = "none", "undefended"  # the classifier alone: any defense's records
+    assert len(p1_main_table([rec], {"vanilla": clean.assign(setting="classifier")}))
 
 
 def _main_rows(defense, setting, n, k, clean=0.9):

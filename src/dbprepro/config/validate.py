@@ -126,6 +126,14 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"config key attacks.shards: {att['shards']} shards but only {n_batches} batches of "
                           f"{att['batch_size']} among {att['n_images']} images")
     _dwbox_n_images_checks(att, data["n_test"])
+    n_fixed = cfg["evaluation"]["fixed_configs"]  # the configurations evaluate_clean scores
+    if att["fixed_draw"] >= n_fixed:
+        raise ConfigError(f"config key attacks.fixed_draw: configuration {att['fixed_draw']} is not clean-evaluated "
+                          f"(evaluation.fixed_configs = {n_fixed} scores configurations 0..{n_fixed - 1})")
+    an = cfg["analysis"]
+    if an["enabled"] and an["fixed_configs"] > n_fixed:
+        raise ConfigError(f"config key analysis.fixed_configs: {an['fixed_configs']} configurations, but "
+                          f"evaluation.fixed_configs = {n_fixed} clean-evaluates only configurations 0..{n_fixed - 1}")
     names = [t["name"] for t in att["threat_models"]]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key attacks.threat_models: names must be unique, got {names}")

@@ -46,7 +46,13 @@ def p1_main_table(records: list[pd.DataFrame], clean: dict[str, pd.DataFrame], c
     for df in records:
         first = df.iloc[0]
         n = len(df)
-        source = clean[first["defense"]] if first["defense"] in clean else next(iter(clean.values()))
+        if first["defense"] in clean:
+            source = clean[first["defense"]]
+        elif first["setting"] == "none":  # the classifier alone: the same under every defense's evaluation
+            source = next(iter(clean.values()))
+        else:
+            raise ValueError(f"no clean-evaluation records of defense {first['defense']!r} (have: "
+                             f"{', '.join(clean)}): its clean accuracy cannot come from another defense")
         clean_acc = _clean_accuracy(source, df["id"].to_numpy(), first["setting"], fixed_draw, first["defense"])
         for ev, desc in EVALUATIONS.items():
             k = float(df[f"correct_{ev}"].sum())
