@@ -128,7 +128,11 @@ def test_the_stage_writes_csv_and_markdown(tmp_path):
     table = write_claims_table(paths, clean, {}, tmp_path / "claims.csv", tmp_path / "claims.md",
                                defenses=DEFENSES, threat="linf", fixed_settings=[], n_images=None, resamples=200)
     assert (tmp_path / "claims.md").read_text().count("| p1_") == len(table)
-    assert pd.read_csv(tmp_path / "claims.csv")["verdict"].tolist() == table["verdict"].tolist()
+    written = pd.read_csv(tmp_path / "claims.csv")
+    assert written["verdict"].tolist() == table["verdict"].tolist()
+    tiny = table["p_value"] < 1e-4  # a small p keeps 3 significant digits in the file, never reads 0
+    assert tiny.any() and (written.loc[tiny, "p_value"] > 0).all()
+    assert written["p_value"].to_numpy() == pytest.approx(table["p_value"].to_numpy(), rel=1e-2)
     with pytest.raises(ValueError, match="no claim"):
         write_claims_table([], [], {}, tmp_path / "x.csv", tmp_path / "x.md", defenses={}, threat="linf",
                            fixed_settings=[], n_images=None)

@@ -55,6 +55,14 @@ def claims_table(claims: list[Claim], data: RunData, *, alpha: float = stats.ALP
     return table
 
 
+def _formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """p-values to 3 significant digits (the tables' 4 decimals would print a p of 3e-06 as 0)."""
+    out = table.copy()
+    for col in ("p_value", "p_holm"):
+        out[col] = out[col].map(lambda p: "" if not np.isfinite(p) else f"{p:.3g}")
+    return out
+
+
 def load_run_data(records: list[str | Path], clean: list[str | Path], p2_tables: dict[str, str | Path],
                   evaluation: str = "single") -> RunData:
     """The run's files as :class:`RunData` (attack records, clean records, paper 2's tables)."""
@@ -80,7 +88,7 @@ def write_claims_table(records, clean, p2_tables: dict[str, Any], csv_path, md_p
     if not claims:
         raise ValueError("no claim of either paper can be tested on this run's files")
     table = claims_table(claims, data, alpha=alpha, seed=seed)
-    write_table(table, csv_path, md_path)
+    write_table(_formatted(table), csv_path, md_path)
     counts = table["verdict"].value_counts().to_dict()
     log.info("%d claims: %s", len(table), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return table
