@@ -77,7 +77,6 @@ BAD = [
     ({"attacks": {"pgd": {"eot_samples": 10}}}, "eot_samples"),
     # fixed configurations the clean evaluation never scores (their clean accuracy would be missing)
     ({"attacks": {"fixed_draw": 4}}, "attacks.fixed_draw"),
-    ({"analysis": {"fixed_configs": 5}}, "analysis.fixed_configs"),
 ]
 
 
@@ -86,6 +85,15 @@ def test_malformed_configs_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         validate_config(default(**override))
     assert key in str(err.value)
+
+
+def test_the_dag_refuses_paper2_configurations_that_are_never_clean_evaluated():
+    from dbprepro.config import check_dag_config
+
+    cfg = validate_config(default(analysis={"fixed_configs": 5}))  # fine for `dbprepro evaluate`
+    with pytest.raises(ConfigError, match=r"analysis\.fixed_configs: 5 configurations"):
+        check_dag_config(cfg)
+    check_dag_config(validate_config(default()))
 
 
 def test_the_deprecated_autoattack_versions_are_read_as_protocols():

@@ -34,7 +34,8 @@ def test_default_config_attacks_256_images_in_the_main_samplers_dwbox_pgd_runs_o
     big = {k for k, v in n.items() if v == 256}
     assert big == {(d, "dwbox", "pgd") for d in ["vanilla", "addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune"]}
     assert n[("vanilla", "whitebox_eot", "pgd")] == n[("addt", "whitebox_eot", "pgd")] == 64  # EOT
-    assert n[("vanilla", "dwbox", "aa_standard")] == n[("vanilla", "whitebox_eot", "aa_rand")] == 64  # AutoAttack
+    assert (n[("vanilla", "dwbox", "aa_standard_dwbox")] == n[("vanilla", "whitebox", "aa_standard_multieval")]
+            == n[("vanilla", "whitebox_eot", "aa_rand")] == 64)  # AutoAttack
     assert n[("vanilla", "dwbox_c1", "pgd")] == n[("vanilla", "dwbox_c2", "pgd")] == 64  # paper 2's configurations
     assert n[("undefended", "none", "pgd")] == 64
     assert n[("ddim", "dwbox", "pgd")] == n[("edm_addt", "dwbox", "pgd")] == 24  # families.n_images

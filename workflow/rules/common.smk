@@ -5,12 +5,13 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from dbprepro.attacks import attack_names
-from dbprepro.config import ConfigError, Experiment, validate_config
+from dbprepro.config import ConfigError, Experiment, check_dag_config, validate_config
 
 min_version("9.20")
 
 try:
     validate_config(config)  # JSON schema (snakemake.utils.validate) + semantic checks, fills defaults
+    check_dag_config(config)  # what only the whole DAG needs
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
@@ -155,6 +156,21 @@ def run_light_stage(name, input, output, params, wildcards, logfiles):
     from dbprepro.pipeline import run_stage_inline
 
     run_stage_inline(name, input, output, params, wildcards, logfiles)
+
+
+P2_CLAIM_TABLES = ("p2_lp_distances", "p2_randomness", "p2_compression", "p2_compression_models")
+
+
+def claims_records():
+    """Every attack run's records for the claims table, paper 2's fixed-configuration runs included."""
+    return [f"{attack_dir(*r)}/records.parquet" for r in EXPERIMENT.attack_runs(fixed_configs=True)]
+
+
+def claims_p2_tables():
+    """Paper 2's per-image tables the claims read (none when the analyses are off)."""
+    if not config["analysis"]["enabled"]:
+        return {}
+    return {name: f"{RESULTS}/tables/{name}.csv" for name in P2_CLAIM_TABLES}
 
 
 def paper_vs_reproduced_inputs():

@@ -7,21 +7,7 @@
 
 from dbprepro.reference import PAPER_NUMBERS
 
-# P2_THREAT, P2_FIXED_SETTINGS: workflow/rules/paper2.smk (included before this file)
-P2_CLAIM_TABLES = ("p2_lp_distances", "p2_randomness", "p2_compression", "p2_compression_models")
-
-
-def claims_records():
-    """Every attack run's records, paper 2's fixed-configuration runs included."""
-    runs = EXPERIMENT.attack_runs(fixed_configs=True)
-    return [f"{attack_dir(*r)}/records.parquet" for r in runs]
-
-
-def claims_p2_tables():
-    """Paper 2's per-image tables the claims read (none when the analyses are off)."""
-    if not config["analysis"]["enabled"]:
-        return {}
-    return {name: f"{RESULTS}/tables/{name}.csv" for name in P2_CLAIM_TABLES}
+# P2_THREAT, P2_FIXED_SETTINGS, P2: workflow/rules/paper2.smk (included before this file)
 
 
 rule paper_vs_reproduced:
