@@ -49,7 +49,9 @@ def purify_grad(S: int, grad_mode: str = "exact") -> Calls:
     """Gradient of the purified image w.r.t. the input (a vector-Jacobian product)."""
     if grad_mode == "autograd":
         return Calls(unet_grad=S)
-    return Calls(unet_fwd=S, unet_grad=S)  # exact / checkpoint: forward chain, then recompute + backward
+    # exact / checkpoint: forward chain, then recompute + backward; budget: the same at most (its kept
+    # steps skip the recomputation, how many depends on the batch's measured activations)
+    return Calls(unet_fwd=S, unet_grad=S)
 
 
 def defended_grad(S: int, grad_mode: str = "exact") -> Calls:

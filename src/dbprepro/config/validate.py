@@ -184,7 +184,8 @@ def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:
 
 def _purifier_checks(cfg: dict[str, Any]) -> None:
     """The checks of every purifier family the config uses (the registered class's ``check_config``),
-    and whether the main sampler offers ``purification.grad_mode``."""
+    and whether the main sampler offers ``purification.grad_mode`` (with its
+    ``activation_budget_mb`` if that is ``budget``)."""
     from ..purifiers import purifier_class
 
     pur, fam = cfg["purification"], cfg["families"]
@@ -199,6 +200,9 @@ def _purifier_checks(cfg: dict[str, Any]) -> None:
     if gm not in modes:
         raise ConfigError(f"config key purification.grad_mode: {gm!r} is not offered by sampler {pur['sampler']!r} "
                           f"(it offers {', '.join(modes)})")
+    if gm == "budget" and pur.get("activation_budget_mb") is None:
+        raise ConfigError("config key purification.activation_budget_mb: grad_mode budget needs a budget "
+                          "(MiB >= 0; 0 = exact)")
     own = [f for f in fam["own_addt"] if purifier_class(f).loss_family == "ddpm"]
     if own:
         raise ConfigError(f"config key families.own_addt: {own} fine-tune with the DDPM loss, which the addt weights "

@@ -20,6 +20,15 @@ Gradients (``grad_mode``)
     ``torch.utils.checkpoint`` around each network call (paper 1's official approach); exact too.
 ``"bpda"``
     Backward pass as identity (BPDA, Athalye et al. 2018): cheap and weak, for baselines only.
+``"budget"``
+    The exact gradient within a memory budget (``activation_budget_mb``, MiB): the activations of
+    as many of the chain's *last* steps as fit in the budget are kept (plain autograd), the earlier
+    steps are recomputed as in ``"exact"``.  One step's saved bytes are measured on the first step
+    (``saved_tensors_hooks``, once per input shape, dtype and device);  ``n_keep = floor(budget /
+    bytes per step)``.  Budget 0 is ``"exact"``, a budget above the whole chain's is ``"autograd"``:
+    time and memory between the two.  The last steps are the kept ones because the backward pass
+    starts there: it runs through their graphs at once and frees them before recomputing the
+    earlier steps, so the kept activations and a recomputed step's never coexist.
 ``"adjoint"``
     Only where a family offers it (VP-SDE): torchsde's adjoint, an approximation.
 
@@ -37,8 +46,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..randomness import Randomness
 
-GradMode = Literal["exact", "autograd", "checkpoint", "bpda"]
-GRAD_MODES = ("exact", "autograd", "checkpoint", "bpda")
+GradMode = Literal["exact", "autograd", "checkpoint", "bpda", "budget"]
+GRAD_MODES = ("exact", "autograd", "checkpoint", "bpda", "budget")
+MIB = 2**20  #: bytes of one MiB, the unit of ``activation_budget_mb``
 
 
 def start_timestep(t_star: float, num_train_timesteps: int) -> int:
@@ -83,9 +93,11 @@ class ReverseChain(nn.Module):
                     randomness: Randomness | None = None, grad_mode: str | None = None) -> "ReverseChain":
         """The purifier of the ``purification`` config section (schema defaults filled in; missing
         keys fall back to paper 1's settings)."""
-        return cls(unet, scheduler, t_star=purification.get("t_star", 0.1), randomness=randomness,
-                   grad_mode=grad_mode or purification.get("grad_mode", "exact"),
-                   clip_output=purification.get("clip_output", True), **cls.config_kwargs(purification))
+        p = cls(unet, scheduler, t_star=purification.get("t_star", 0.1), randomness=randomness,
+                grad_mode=grad_mode or purification.get("grad_mode", "exact"),
+                clip_output=purification.get("clip_output", True), **cls.config_kwargs(purification))
+        p.activation_budget_mb = purification.get("activation_budget_mb")
+        return p
 
     @classmethod
     def network_calls(cls, purification: dict[str, Any], num_train_timesteps: int = 1000) -> int:
@@ -111,11 +123,59 @@ class ReverseChain(nn.Module):
         new.__dict__["randomness"] = randomness
         return new
 
-    def with_grad_mode(self, grad_mode: str) -> "ReverseChain":
-        """The same purifier with another gradient mode (a shallow copy, as :meth:`with_randomness`)."""
+    def with_grad_mode(self, grad_mode: str, activation_budget_mb: float | None = None) -> "ReverseChain":
+        """The same purifier with another gradient mode (a shallow copy, as :meth:`with_randomness`);
+        ``activation_budget_mb``, if given, sets the budget of mode ``"budget"``."""
         new = copy.copy(self)
         new.grad_mode = grad_mode  # validated by the family's setter where it has one
+        if activation_budget_mb is not None:
+            new.activation_budget_mb = activation_budget_mb
         return new
+
+    # -- the activation budget (grad_mode "budget") ---------------------------------------------
+    @property
+    def activation_budget_mb(self) -> float | None:
+        """MiB of step activations grad_mode ``"budget"`` may keep (None: unset, which that mode
+        refuses; 0: none, as ``"exact"``)."""
+        return self.__dict__.get("_activation_budget_mb")
+
+    @activation_budget_mb.setter
+    def activation_budget_mb(self, mb: float | None) -> None:
+        if mb is not None and not (isinstance(mb, (int, float)) and float(mb) >= 0):
+            raise ValueError(f"activation_budget_mb must be a number >= 0 (MiB), got {mb!r}")
+        self.__dict__["_activation_budget_mb"] = None if mb is None else float(mb)
+
+    def step_activation_bytes(self, x_t: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor) -> int:
+        """Bytes autograd saves for the backward pass of one reverse step at the shape of ``x_t``:
+        measured on the first step (``saved_tensors_hooks``; every family's steps make the same
+        network calls, only the last ones fewer, so the first one bounds them) and cached per
+        shape, dtype and device."""
+        cache = self.__dict__.setdefault("_step_bytes_cache", {})
+        key = (tuple(x_t.shape), x_t.dtype, str(x_t.device), self.timesteps[0])
+        if key not in cache:
+            total = [0]
+
+            def pack(t):
+                total[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self.reverse_step(x_t.detach().requires_grad_(True), self.timesteps[0], ids, draws)
+            cache[key] = total[0]
+        return cache[key]
+
+    def budget_kept_steps(self, x_t: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor) -> int:
+        """How many of the chain's last steps keep their activations under ``activation_budget_mb``:
+        ``floor(budget / bytes per step)``, at most the chain's length."""
+        mb = self.activation_budget_mb
+        if mb is None:
+            raise ValueError("grad_mode 'budget' needs activation_budget_mb (MiB >= 0; 0 = exact)")
+        if mb == 0:
+            return 0
+        per_step = self.step_activation_bytes(x_t, ids, draws)
+        if per_step == 0:
+            return self.num_steps
+        return min(self.num_steps, int(mb * MIB // per_step))
 
     def ids_and_draws(self, x: torch.Tensor, ids, draws) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the images and normalise sample ids and draws (the one place that does it):
@@ -165,7 +225,9 @@ class ReverseChain(nn.Module):
             with torch.no_grad():
                 return self._run_chain(x_t, ids, draws)
         if self.grad_mode == "exact":
-            return _ExactChain.apply(x_t, self, ids, draws)
+            return _ExactChain.apply(x_t, self, ids, draws, self.timesteps)
+        if self.grad_mode == "budget":
+            return self._budget_chain(x_t, ids, draws)
         if self.grad_mode == "adjoint":
             return self._adjoint_chain(x_t, ids, draws)
         eps_fn = self._eps_checkpointed if self.grad_mode == "checkpoint" else None
@@ -174,8 +236,15 @@ class ReverseChain(nn.Module):
     def _adjoint_chain(self, x_t, ids, draws):
         raise ValueError(f"grad_mode 'adjoint' is not available for {type(self).__name__}")
 
-    def _run_chain(self, x, ids, draws, eps_fn=None, keep_states: list | None = None):
-        for key in self.timesteps:
+    def _budget_chain(self, x_t, ids, draws):
+        """grad_mode ``"budget"``: the first steps recomputed (:class:`_ExactChain`), the last
+        ``budget_kept_steps`` under plain autograd; the composition's gradient is the exact one."""
+        split = self.num_steps - self.budget_kept_steps(x_t, ids, draws)
+        x = _ExactChain.apply(x_t, self, ids, draws, self.timesteps[:split]) if split else x_t
+        return self._run_chain(x, ids, draws, timesteps=self.timesteps[split:])
+
+    def _run_chain(self, x, ids, draws, eps_fn=None, keep_states: list | None = None, timesteps=None):
+        for key in self.timesteps if timesteps is None else timesteps:
             if keep_states is not None:
                 keep_states.append(x)
             x = self.reverse_step(x, key, ids, draws, eps_fn=eps_fn)
@@ -193,7 +262,8 @@ class Trajectory(NamedTuple):
 
 
 class _ExactChain(torch.autograd.Function):
-    """Exact gradient of the reverse chain by per-step recomputation (see module docstring).
+    """Exact gradient of the reverse chain (or of its steps ``timesteps``, a prefix in grad_mode
+    ``"budget"``) by per-step recomputation (see module docstring).
 
     The chain states are saved with ``save_for_backward`` (no copies: the tensors the forward
     pass made anyway), so autograd owns their lifetime: a plain backward frees them, as the
@@ -202,11 +272,11 @@ class _ExactChain(torch.autograd.Function):
     autograd's own "backward through the graph a second time" error."""
 
     @staticmethod
-    def forward(ctx, x_t, purifier: ReverseChain, ids, draws):
+    def forward(ctx, x_t, purifier: ReverseChain, ids, draws, timesteps):
         states: list[torch.Tensor] = []
         with torch.no_grad():
-            out = purifier._run_chain(x_t.detach(), ids, draws, keep_states=states)
-        ctx.purifier, ctx.ids, ctx.draws = purifier, ids, draws
+            out = purifier._run_chain(x_t.detach(), ids, draws, keep_states=states, timesteps=timesteps)
+        ctx.purifier, ctx.ids, ctx.draws, ctx.timesteps = purifier, ids, draws, list(timesteps)
         ctx.save_for_backward(*states)
         return out
 
@@ -214,12 +284,12 @@ class _ExactChain(torch.autograd.Function):
     def backward(ctx, grad_out):
         p: ReverseChain = ctx.purifier
         g = grad_out
-        for t, x in zip(reversed(p.timesteps), reversed(ctx.saved_tensors)):
+        for t, x in zip(reversed(ctx.timesteps), reversed(ctx.saved_tensors)):
             with torch.enable_grad():
                 xi = x.detach().requires_grad_(True)
                 out = p.reverse_step(xi, t, ctx.ids, ctx.draws)
                 (g,) = torch.autograd.grad(out, xi, g)
-        return g, None, None, None
+        return g, None, None, None, None
 
 
 def default_ids(x: torch.Tensor, ids) -> torch.Tensor:

@@ -84,7 +84,7 @@ class ContinuousPurifier(ReverseChain):
     ``timestep_map`` key, the ADDT loss settings, and the trajectory in VP units; ``timesteps``
     are the keys of the reverse steps, 0..n-1."""
 
-    grad_modes: tuple[str, ...] = ("exact", "autograd", "checkpoint", "bpda")
+    grad_modes: tuple[str, ...] = ("exact", "autograd", "checkpoint", "bpda", "budget")
     sampler: str
 
     def __init__(self, unet: nn.Module, scheduler, t_star: float, timestep_map: TimestepMap,

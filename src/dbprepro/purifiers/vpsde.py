@@ -63,7 +63,7 @@ class VPSDEPurifier(ContinuousPurifier):
     sampler = "vpsde"
     loss_family = "vp"
     config_section = "vpsde"
-    grad_modes = ("exact", "autograd", "checkpoint", "bpda", "adjoint")
+    grad_modes = ("exact", "autograd", "checkpoint", "bpda", "budget", "adjoint")
 
     @classmethod
     def network_calls(cls, purification: dict[str, Any], num_train_timesteps: int = 1000) -> int:

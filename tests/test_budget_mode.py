@@ -1,0 +1,150 @@
+"""grad_mode "budget" (issue 17): the exact gradient, keeping the activations of as many of the
+chain's last steps as fit in ``activation_budget_mb`` and recomputing the others as "exact" does."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbprepro.config import ConfigError, deep_merge, load_yaml, validate_config
+from dbprepro.purifiers import DDIMPurifier, EDMPurifier, Purifier, VPSDEPurifier
+from dbprepro.purifiers.base import MIB
+from dbprepro.randomness import Randomness
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAMILIES = {
+    "ddpm": (Purifier, dict(num_inference_steps=100)),  # 11 steps
+    "edm": (EDMPurifier, dict(steps=4, s_max=0.3)),  # 4 Heun steps, the last one Euler
+}
+
+
+def make(tiny_diffusion, family, mode="exact", dtype=torch.float64):
+    cls, kw = FAMILIES[family]
+    unet, sch = tiny_diffusion
+    unet = copy.deepcopy(unet).to(dtype)  # the fixture is shared by the session
+    return cls(unet, sch, t_star=0.1, randomness=Randomness(0, "fixed"), grad_mode=mode, clip_output=False, **kw)
+
+
+def problem(dtype=torch.float64):
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    w = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)).to(dtype)
+    return x, w, torch.tensor([10, 11])
+
+
+def gradient_and_saved_bytes(p, x, w, ids):
+    """d(sum w * p(x))/dx and the bytes autograd saved for it (counted as tests/test_purification.py)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    xx = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = (p(xx, ids=ids) * w).sum()
+    (g,) = torch.autograd.grad(loss, xx)
+    return g, total[0]
+
+
+def step_bytes(p, x, ids):
+    draws = p.randomness.next_draws(ids)
+    return p.step_activation_bytes(p.diffuse(x, ids, draws), ids, draws)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_budget_gradient_is_the_exact_one_bit_for_bit_at_every_budget(tiny_diffusion, family):
+    p = make(tiny_diffusion, family)
+    x, w, ids = problem()
+    exact, _ = gradient_and_saved_bytes(p, x, w, ids)
+    p.grad_mode = "autograd"
+    auto, _ = gradient_and_saved_bytes(p, x, w, ids)
+    torch.testing.assert_close(auto, exact, rtol=1e-12, atol=1e-14)
+    per_step = step_bytes(p, x, ids)
+    p.grad_mode = "budget"
+    kept = []
+    for steps in (0, 1, 2.5, p.num_steps - 1, 1000):
+        p.activation_budget_mb = steps * per_step / MIB
+        g, _ = gradient_and_saved_bytes(p, x, w, ids)
+        assert torch.equal(g, exact), (family, steps)
+        draws = p.randomness.next_draws(ids)
+        kept.append(p.budget_kept_steps(p.diffuse(x, ids, draws), ids, draws))
+    assert kept == [0, 1, 2, p.num_steps - 1, p.num_steps] and exact.abs().sum() > 0
+
+
+def test_saved_bytes_respect_the_budget_and_grow_from_exact_to_autograd(tiny_diffusion):
+    p = make(tiny_diffusion, "ddpm", dtype=torch.float32)
+    x, w, ids = problem(torch.float32)
+    saved = {}
+    for mode in ("exact", "autograd"):
+        p.grad_mode = mode
+        _, saved[mode] = gradient_and_saved_bytes(p, x, w, ids)
+    per_step = step_bytes(p, x, ids)
+    assert per_step > 0 and p.num_steps == 11
+    p.grad_mode = "budget"
+    budgets = [0.0, 2.5 * per_step, 6.2 * per_step, 100 * per_step]  # bytes
+    by_budget = []
+    for b in budgets:
+        p.activation_budget_mb = b / MIB
+        _, n = gradient_and_saved_bytes(p, x, w, ids)
+        by_budget.append(n)
+        # the kept steps' activations within the budget; the recomputed steps' states as in exact
+        assert n <= saved["exact"] + b
+    assert by_budget[0] == saved["exact"] and by_budget[-1] == saved["autograd"]
+    assert by_budget == sorted(by_budget) and len(set(by_budget)) == len(budgets)  # strictly growing
+    # 2 and 6 of the 11 steps kept: about those fractions of the way from exact to autograd
+    span = saved["autograd"] - saved["exact"]
+    assert 1 / 11 < (by_budget[1] - saved["exact"]) / span < 3 / 11
+    assert 5 / 11 < (by_budget[2] - saved["exact"]) / span < 7 / 11
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_budget_mode_backward_twice_with_retain_graph(tiny_diffusion, family):
+    """As the exact mode (tests/test_gradients.py): FAB's second backward on one graph recomputes
+    the same gradient, through both the kept and the recomputed steps."""
+    p = make(tiny_diffusion, family, mode="budget")
+    x, w, ids = problem()
+    p.activation_budget_mb = 2 * step_bytes(p, x, ids) / MIB
+    xx = x.clone().requires_grad_(True)
+    loss = (p(xx, ids=ids) * w).sum()
+    grads = []
+    for _ in range(2):
+        xx.grad = None
+        loss.backward(retain_graph=True)
+        grads.append(xx.grad.clone())
+    p.grad_mode = "exact"
+    exact, _ = gradient_and_saved_bytes(p, x, w, ids)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], exact)
+
+
+def test_every_family_offers_budget_and_it_needs_a_budget(tiny_diffusion):
+    unet, sch = tiny_diffusion
+    for cls, kw in ((Purifier, dict(num_inference_steps=100)), (DDIMPurifier, dict(num_inference_steps=100)),
+                    (VPSDEPurifier, dict(steps=3)), (VPSDEPurifier, dict(steps=2, corrector=True)),
+                    (EDMPurifier, dict(steps=2))):
+        p = cls(unet, sch, t_star=0.1, grad_mode="budget", **kw)
+        assert "budget" in p.grad_modes or cls in (Purifier, DDIMPurifier)
+        x = torch.rand(1, 1, 8, 8, requires_grad=True)
+        with pytest.raises(ValueError, match="activation_budget_mb"):
+            p(x)  # no budget set
+        p.activation_budget_mb = 0
+        assert p(x).requires_grad
+    with pytest.raises(ValueError, match="activation_budget_mb"):
+        p.activation_budget_mb = -1
+    q = Purifier.from_config(unet, sch, {"t_star": 0.1, "num_inference_steps": 100, "grad_mode": "budget",
+                                         "activation_budget_mb": 12.5})
+    assert (q.grad_mode, q.activation_budget_mb) == ("budget", 12.5)
+    r = q.with_grad_mode("budget", 3)
+    assert r.activation_budget_mb == 3 and q.activation_budget_mb == 12.5
+
+
+def test_config_needs_the_budget_of_grad_mode_budget():
+    base = load_yaml(ROOT / "config.yaml")
+    assert validate_config(base)["purification"]["activation_budget_mb"] is None  # default: unset
+    with pytest.raises(ConfigError, match="purification.activation_budget_mb"):
+        validate_config(deep_merge(base, {"purification": {"grad_mode": "budget"}}))
+    with pytest.raises(ConfigError, match="purification.activation_budget_mb"):
+        validate_config(deep_merge(base, {"purification": {"grad_mode": "budget", "activation_budget_mb": -1}}))
+    cfg = validate_config(deep_merge(base, {"purification": {"grad_mode": "budget", "activation_budget_mb": 0}}))
+    assert cfg["purification"]["activation_budget_mb"] == 0
