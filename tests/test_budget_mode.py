@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbprepro.config import ConfigError, deep_merge, load_yaml, validate_config
+from dbprepro.config import ConfigError, Experiment, deep_merge, load_yaml, validate_config
 from dbprepro.purifiers import DDIMPurifier, EDMPurifier, Purifier, VPSDEPurifier
 from dbprepro.purifiers.base import MIB
 from dbprepro.randomness import Randomness
@@ -148,3 +148,7 @@ def test_config_needs_the_budget_of_grad_mode_budget():
         validate_config(deep_merge(base, {"purification": {"grad_mode": "budget", "activation_budget_mb": -1}}))
     cfg = validate_config(deep_merge(base, {"purification": {"grad_mode": "budget", "activation_budget_mb": 0}}))
     assert cfg["purification"]["activation_budget_mb"] == 0
+    # the DAG's params: an unset budget leaves them as before the key existed (no Snakemake reruns)
+    assert "activation_budget_mb" not in Experiment.from_config(validate_config(base)).purification("vanilla")
+    assert "activation_budget_mb" not in Experiment.from_config(validate_config(base)).main_purification()
+    assert Experiment.from_config(cfg).purification("vanilla")["activation_budget_mb"] == 0

@@ -45,7 +45,7 @@ rule gradient_modes:
         ),
         seconds=f"{RESULTS}/benchmarks/gradient_modes_seconds.csv",
     params:
-        purification=config["purification"],
+        purification=EXPERIMENT.main_purification(),
         families=gradient_mode_families(),
         n_images=config["families"]["gradient_modes"]["n_images"],
         repeats=config["families"]["gradient_modes"]["repeats"],

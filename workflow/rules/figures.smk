@@ -18,7 +18,7 @@ rule loss_landscape:
     params:
         landscape=config["attacks"]["landscape"],
         fixed_draw=config["attacks"]["fixed_draw"],
-        purification=config["purification"],
+        purification=EXPERIMENT.main_purification(),
         variance_type=config["diffusion"]["schedule"]["variance_type"],
         **RUNTIME,
     log:

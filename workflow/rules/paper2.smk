@@ -18,7 +18,7 @@ _ADDT_ON_THREAT = ADDT_VARIANTS if P2_THREAT in config["addt"]["attack_threat_mo
 P2_MODEL_DEFENSES = ["vanilla"] + [v for v in _ADDT_ON_THREAT if "dwbox" in EXPERIMENT.addt_settings(v)]
 P2_EOT_DEFENSES = ["vanilla"] + [v for v in P2_MODEL_DEFENSES[1:] if "whitebox_eot" in EXPERIMENT.addt_settings(v)]
 P2_PURIFY = dict(
-    purification=config["purification"],
+    purification=EXPERIMENT.main_purification(),
     variance_type=config["diffusion"]["schedule"]["variance_type"],
 )
 

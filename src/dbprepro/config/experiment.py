@@ -114,8 +114,15 @@ class Experiment:
         """The ``purification`` section the defense purifies with (``sampler`` = its family; the
         undefended classifier's attack runs carry the main section, unused)."""
         if name == UNDEFENDED:
-            return dict(self.cfg["purification"])
-        return {**self.cfg["purification"], "sampler": self.defense(name).sampler}
+            return self.main_purification()
+        return {**self.main_purification(), "sampler": self.defense(name).sampler}
+
+    def main_purification(self) -> dict[str, Any]:
+        """The config's ``purification`` section as the DAG's params: without
+        ``activation_budget_mb`` where it is unset (null, its default), so that a config without
+        grad_mode budget gives the params it gave before the key existed (no Snakemake reruns)."""
+        pur = self.cfg["purification"]
+        return {k: v for k, v in pur.items() if not (k == "activation_budget_mb" and v is None)}
 
     def attacks(self, name: str, setting: str | None = None, attack: str | None = None) -> dict[str, Any]:
         """The ``attacks`` section of one attack run of defense ``name``, with the run's own
