@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run.py                 # the full suite (~30 min on 2 CPU cores; +15 with --dag default)
     .venv/bin/python benchmarks/run.py --quick         # seconds-long smoke of every comparison (CI)
     .venv/bin/python benchmarks/run.py --only gradients,overhead
+    .venv/bin/python benchmarks/run.py --only budget   # grad_mode budget at 3 budgets (benchmarks/gradient_budget.py)
     .venv/bin/python benchmarks/run.py --dag smoke     # also time a cold DAG run (smoke or default)
 
 Writes ``results/benchmarks/suite/<comparison>.csv`` and ``results/benchmarks/suite/summary.md`` (each target,
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARISONS = ("gradients", "randomness", "eot", "overhead", "scaling", "dag", "cost")
+COMPARISONS = ("gradients", "budget", "randomness", "eot", "overhead", "scaling", "dag", "cost")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -121,7 +122,8 @@ def gradient_problem(model: str, k: int, batch: int, mode: str = "exact"):
 
     unet, sch, shape = build_model(model)
     p = Purifier(unet, sch, t_star=0.1, num_inference_steps=chain_inference_steps(k),
-                 randomness=Randomness(0, "fixed"), grad_mode=mode)
+                 randomness=Randomness(0, "fixed"))
+    set_grad_mode(p, mode)
     assert p.num_steps == k, (p.num_steps, k)
     x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(1))
     w = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(2))  # a generic upstream gradient
@@ -132,7 +134,16 @@ def gradient_problem(model: str, k: int, batch: int, mode: str = "exact"):
         (p(xi, ids) * w).sum().backward()
         return xi.grad
 
+    step.x, step.ids = x, ids  # the problem's input, for callers that inspect the purifier on it
     return p, step
+
+
+def set_grad_mode(p, mode: str) -> None:
+    """Set a purifier's gradient mode from a benchmark label: a grad_mode, or ``budget:<MiB>``."""
+    if mode.startswith("budget:"):
+        p.grad_mode, p.activation_budget_mb = "budget", float(mode.split(":", 1)[1])
+    else:
+        p.grad_mode = mode
 
 
 def child_gradient(model: str, k: int, mode: str, batch: int, grad_file: str) -> dict:
@@ -174,11 +185,11 @@ def time_gradient_modes(model: str, k: int, batch: int, reps: int, modes=("exact
     times: dict[str, list[float]] = {m: [] for m in modes}
     if reps > 1:  # warm-up (skipped for the slow paper-size cases, where it is negligible)
         for m in modes:
-            p.grad_mode = m
+            set_grad_mode(p, m)
             step()
     for _ in range(reps):
         for m in modes:
-            p.grad_mode = m
+            set_grad_mode(p, m)
             times[m].append(median_time(step, 1))
     return {m: statistics.median(v) for m, v in times.items()}
 
@@ -568,6 +579,7 @@ def main(argv=None) -> int:
     targets = []
     runners = {
         "gradients": lambda: bench_gradients(args.quick, out),
+        "budget": lambda: __import__("gradient_budget").bench_budget(sys.modules[__name__], args.quick, out),
         "randomness": lambda: bench_randomness(args.quick, out),
         "eot": lambda: bench_eot(args.quick, out, Path(args.models)),
         "overhead": lambda: bench_overhead(args.quick, out),

@@ -40,3 +40,23 @@ def test_quick_benchmark_suite(tmp_path):
 
     n = pd.read_csv(tmp_path / "randomness.csv").set_index("approach")
     assert n.loc["replayable", "peak_bytes"] < 0.2 * n.loc["stored", "peak_bytes"]
+
+
+@pytest.mark.slow
+def test_quick_budget_benchmark(tmp_path):
+    """grad_mode budget at three budgets beside exact and autograd (digits UNet, K = 11 in quick mode)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "budget",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    check_budget_table(pd.read_csv(tmp_path / "budget.csv"))
+
+
+def check_budget_table(b):
+    """The machine-independent parts of budget.csv: kept steps, saved bytes and gradients."""
+    assert list(b["mode"]) == ["exact", "budget", "budget", "budget", "autograd"]
+    kept = list(b["kept_steps"])
+    assert kept[0] == 0 < kept[1] < kept[2] < kept[3] < kept[4] == b["steps"].iloc[0]
+    assert list(b["saved_bytes"]) == sorted(b["saved_bytes"]) and b["saved_bytes"].is_unique
+    bud = b[b["mode"] == "budget"]
+    assert (bud["saved_bytes"] <= b["saved_bytes"].iloc[0] + bud["budget_mb"] * 2**20).all()
+    assert (b["max_abs_grad_diff_vs_exact"] <= 1e-5 * b["grad_scale"]).all()
