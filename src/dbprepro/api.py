@@ -78,7 +78,8 @@ def load_purifier(source: str | Path, *, revision: str | None = None, files: dic
         seed, mode, fixed_draw: the purifier's randomness (:class:`Randomness`): ``"random"`` draws
             fresh noise on every call (replayable from ``seed``), ``"fixed"`` reuses configuration
             ``fixed_draw`` (a deterministic purifier, paper 1's DW-box setting).
-        grad_mode: ``"exact"`` (flat memory), ``"autograd"``, ``"checkpoint"`` or ``"bpda"``.
+        grad_mode: ``"exact"`` (flat memory), ``"autograd"``, ``"checkpoint"``, ``"budget"`` (give
+            ``settings={"activation_budget_mb": ...}``) or ``"bpda"``.
         device: where the UNet runs.
     """
     from .models.checkpoints import download_hf

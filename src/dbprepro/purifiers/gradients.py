@@ -2,8 +2,9 @@
 
 Every purifier family offers several ways to differentiate through its reverse chain
 (``grad_mode``, see :mod:`dbprepro.purifiers.base`): ``exact``
-(per-step recomputation), ``autograd``, ``checkpoint`` and, for the VP-SDE without corrector,
-torchsde's ``adjoint``.  The first three compute the same gradient; the adjoint re-solves the state
+(per-step recomputation), ``autograd``, ``checkpoint``, ``budget`` (between the first two, given an
+``activation_budget_mb``; not compared by default) and, for the VP-SDE without corrector,
+torchsde's ``adjoint``.  The first four compute the same gradient; the adjoint re-solves the state
 backwards and is only first-order accurate.  :func:`mode_gradients` evaluates a loss's input
 gradient under several modes on the same noise draw (the one place that does it; also used by
 :func:`dbprepro.purifiers.vpsde.adjoint_agreement`), :func:`gradient_agreement` compares two gradients

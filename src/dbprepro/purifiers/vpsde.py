@@ -25,7 +25,7 @@ Gradients (``grad_mode``)
 ------------------------
 ``exact`` (per-step recomputation, the design of :mod:`dbprepro.purifiers.base`: only the
 chain states are kept, each step's noise is regenerated in the backward pass), ``autograd``,
-``checkpoint``, ``bpda`` as for ``Purifier``; for the VP-SDE (without corrector) also ``adjoint``:
+``checkpoint``, ``budget``, ``bpda`` as for ``Purifier``; for the VP-SDE (without corrector) also ``adjoint``:
 torchsde's ``sdeint_adjoint`` (DiffPure's gradient) on the same SDE, driven by a Brownian path whose
 increments are exactly our replayable z_k, so its forward pass equals the EM chain and only the
 backward differs (the adjoint re-solves the state backwards instead of recomputing it; its
