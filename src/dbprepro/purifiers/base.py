@@ -38,6 +38,7 @@ The purifier's own weights never receive gradients through the chain (it is froz
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -210,6 +211,39 @@ class ReverseChain(nn.Module):
         out = (self.denoise(self.diffuse(x, ids, draws), ids, draws) + 1) / 2
         return out.clamp(0, 1) if self.clip_output else out
 
+    def purify_states(self, x: torch.Tensor, ids: torch.Tensor | None = None, draws: torch.Tensor | None = None,
+                      keep: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Purify as :meth:`forward` and also return the chain states after the reverse steps
+        ``keep`` (0-based step indices; model space, not clamped; the state after the last step is
+        the unclamped output), differentiable under the configured ``grad_mode``.
+
+        For attacks whose loss reads the intermediate states (DiffAttack's deviated-reconstruction
+        loss).  ``exact``: one recomputation pass as in :meth:`forward`, whose backward adds each
+        kept state's gradient to the running vector when it reaches that state's step (DiffAttack's
+        segment-wise backward); ``autograd`` / ``checkpoint``: the graph holds the states.  ``bpda``
+        and ``adjoint`` have no per-step gradient and are refused.  :meth:`forward` never takes this
+        path, so a plain purification costs what it did."""
+        ids, draws = self.ids_and_draws(x, ids, draws)
+        keep = tuple(sorted({int(k) for k in keep}))
+        if keep and not 0 <= keep[0] <= keep[-1] < self.num_steps:
+            raise ValueError(f"kept steps must lie in [0, {self.num_steps}), got {list(keep)}")
+        x_t = self.diffuse(x, ids, draws)
+        kept: list[torch.Tensor] = []
+        if not (torch.is_grad_enabled() and x_t.requires_grad):
+            with torch.no_grad():
+                out = self._run_chain(x_t, ids, draws, keep_states=kept)
+            states = [kept[k + 1] if k + 1 < len(kept) else out for k in keep]
+        elif self.grad_mode == "exact":
+            out, *states = _ExactChainStates.apply(x_t, self, ids, draws, keep)
+        elif self.grad_mode in ("autograd", "checkpoint"):
+            eps_fn = self._eps_checkpointed if self.grad_mode == "checkpoint" else None
+            out = self._run_chain(x_t, ids, draws, eps_fn=eps_fn, keep_states=kept)
+            states = [kept[k + 1] if k + 1 < len(kept) else out for k in keep]
+        else:
+            raise ValueError(f"grad_mode {self.grad_mode!r} has no per-step gradient for the chain states")
+        out = (out + 1) / 2
+        return (out.clamp(0, 1) if self.clip_output else out), list(states)
+
     @property
     def num_steps(self) -> int:
         """Number of reverse steps of one purification."""
@@ -288,6 +322,36 @@ class _ExactChain(torch.autograd.Function):
             with torch.enable_grad():
                 xi = x.detach().requires_grad_(True)
                 out = p.reverse_step(xi, t, ctx.ids, ctx.draws)
+                (g,) = torch.autograd.grad(out, xi, g)
+        return g, None, None, None, None
+
+
+class _ExactChainStates(torch.autograd.Function):
+    """:class:`_ExactChain` that also outputs the states after the reverse steps ``keep``: the
+    backward walks the steps from the last to the first and, before back-propagating through step
+    k, adds the gradient of the state after step k (zero for the unused ones)."""
+
+    @staticmethod
+    def forward(ctx, x_t, purifier: ReverseChain, ids, draws, keep: tuple[int, ...]):
+        states: list[torch.Tensor] = []
+        with torch.no_grad():
+            out = purifier._run_chain(x_t.detach(), ids, draws, keep_states=states)
+        ctx.purifier, ctx.ids, ctx.draws, ctx.keep = purifier, ids, draws, keep
+        ctx.save_for_backward(*states)
+        # copies: an output must not be another output (the last state is the chain's output)
+        return (out, *[(states[k + 1] if k + 1 < len(states) else out).clone() for k in keep])
+
+    @staticmethod
+    def backward(ctx, grad_out, *grad_states):
+        p: ReverseChain = ctx.purifier
+        extra = dict(zip(ctx.keep, grad_states))
+        g = grad_out
+        for k in reversed(range(len(p.timesteps))):
+            if extra.get(k) is not None:
+                g = g + extra[k]
+            with torch.enable_grad():
+                xi = ctx.saved_tensors[k].detach().requires_grad_(True)
+                out = p.reverse_step(xi, p.timesteps[k], ctx.ids, ctx.draws)
                 (g,) = torch.autograd.grad(out, xi, g)
         return g, None, None, None, None
 
