@@ -31,11 +31,12 @@ class DefendedClassifier(nn.Module):
     def with_randomness(self, randomness) -> "DefendedClassifier":
         """The same classifier and network with the purifier's randomness replaced (a new module
         sharing the weights; nothing is swapped in place)."""
-        return self.with_purifier(self.purifier.with_randomness(randomness))
+        return self.with_purifier(self.purifier.with_randomness(randomness), self.purification)
 
-    def with_purifier(self, purifier: ReverseChain) -> "DefendedClassifier":
-        """The same classifier after another purifier (bound ids and draws are kept)."""
-        new = DefendedClassifier(self.classifier, purifier)
+    def with_purifier(self, purifier: ReverseChain, purification: dict | None = None) -> "DefendedClassifier":
+        """The same classifier after another purifier, built from ``purification`` if known (bound
+        ids and draws are kept)."""
+        new = DefendedClassifier(self.classifier, purifier, purification)
         new._ids, new._draws = self._ids, self._draws
         return new
 
@@ -67,4 +68,5 @@ def load_defense(classifier_dir, diffusion_dir, purification: dict, variance_typ
     from .registry import load_purifier
 
     classifier = load_classifier(classifier_dir).to(device)
-    return DefendedClassifier(classifier, load_purifier(diffusion_dir, purification, variance_type, randomness, device))
+    purifier = load_purifier(diffusion_dir, purification, variance_type, randomness, device)
+    return DefendedClassifier(classifier, purifier, purification)
