@@ -14,12 +14,15 @@ class DefendedClassifier(nn.Module):
     Usable directly by torchattacks: ``forward(x)`` purifies with the purifier's randomness
     (fresh per call in random mode, always the same in fixed mode).  Sample ids (needed for
     replayable noise) are bound with :meth:`bind`; without binding they are ``0..B-1``.
+    ``purification`` is the config section the purifier was built from, when known (an attack
+    with a purification process of its own, :mod:`dbprepro.attacks.surrogate`, overlays it).
     """
 
-    def __init__(self, classifier: nn.Module, purifier: ReverseChain):
+    def __init__(self, classifier: nn.Module, purifier: ReverseChain, purification: dict | None = None):
         super().__init__()
         self.classifier = classifier.eval()
         self.purifier = purifier
+        self.purification = None if purification is None else dict(purification)
         self._ids: torch.Tensor | None = None
         self._draws: torch.Tensor | None = None
         self.eval()  # a defense is evaluated, never trained through (dropout/BatchNorm off)
