@@ -182,3 +182,15 @@ def test_the_attack_stage_records_say_which_process_and_the_table_reads_them(sta
     clean = pd.DataFrame({"id": rec["id"], "setting": "random", "draw": 0, "correct": 1.0})
     table = p1_main_table([rec], {"vanilla": clean})
     assert set(table["attack"]) == {"surrogate"} and table["robust_accuracy"].between(0, 1).all()
+
+
+def test_an_enabled_surrogate_off_the_grid_is_a_config_error():
+    from dbprepro.errors import ConfigError
+
+    cfg = load_configs(["config.yaml"])  # N = 50 at t* = 0.1
+    with pytest.raises(ConfigError, match="attacks.surrogate.*num_inference_steps"):
+        _enabled(cfg, coarsen=3)  # 50 // 3 = 16: step 62 does not divide t = 100
+    assert _enabled(cfg, coarsen=5)["attacks"]["surrogate"]["coarsen"] == 5
+    off = copy.deepcopy(cfg)
+    off["attacks"]["surrogate"]["coarsen"] = 3  # not checked while disabled
+    assert validate_config(off)["attacks"]["surrogate"]["enabled"] is False
