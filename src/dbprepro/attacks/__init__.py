@@ -7,6 +7,7 @@
 - ``pgd.py``: PGD with batched EOT; ``bpda.py``: BPDA; ``autoattack.py``: AutoAttack with paper 1's
   multi-evaluation (``aa_standard_dwbox``, ``aa_standard_multieval``, ``aa_rand``); ``diffattack.py``:
   DiffAttack (CE + deviated-reconstruction loss on the chain states, PGD or APGD; off by default);
+  ``surrogate.py``: Lee & Kim's PGD-EOT through a surrogate purification process (off by default);
 - ``registry.py``: :data:`ATTACKS`, read by the attack grid, the DAG, the cost model, API and CLI;
 - ``runner.py``: one attack on one shard of the test set (the DAG's attack stage) and the merge.
 

@@ -83,6 +83,17 @@ class Attack:
         raise NotImplementedError
 
     @classmethod
+    def run_calls(cls, attacks: dict[str, Any], setting: str, purification: dict[str, Any], grad_mode: str,
+                  num_train_timesteps: int = 1000) -> tuple[Calls, bool]:
+        """Network calls per attacked image of one run against a defense purifying with the
+        ``purification`` section (the cost model's entry): :meth:`calls_per_image` on its chain
+        length; an attack with a purification process of its own overrides it."""
+        from ..purifiers.registry import purifier_class
+
+        S = purifier_class(purification.get("sampler", "ddpm")).network_calls(purification, num_train_timesteps)
+        return cls.calls_per_image(attacks, setting, S, grad_mode)
+
+    @classmethod
     def run_batch(cls, model, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *, setting: str,
                   threat: dict[str, Any], attacks: dict[str, Any], seed: int, track: int = 0
                   ) -> tuple[dict[str, np.ndarray], AttackResult]:

@@ -150,12 +150,16 @@ class PGD(Attack):
 
 def attack_batch(model, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *,
                  attack: str, setting: Setting, norm: Norm, eps: float, alpha: float, pgd: dict,
-                 eval_draws: int, track: int = 0) -> tuple[dict[str, np.ndarray], AttackResult]:
-    """Run one attack on one batch and evaluate the result; returns per-sample columns."""
+                 eval_draws: int, track: int = 0, attacked=None) -> tuple[dict[str, np.ndarray], AttackResult]:
+    """Run one attack on one batch and evaluate the result on ``model``; returns per-sample columns.
+    ``attacked``: the model the gradients come from, if not ``model`` (a surrogate process)."""
     if attack not in ("pgd", "bpda"):
         raise ValueError(f"unknown attack {attack!r}")
-    # BPDA attacks a copy of the defense whose purifier has the identity backward; nothing is swapped in place
-    attacked = model.with_purifier(model.purifier.with_grad_mode("bpda")) if attack == "bpda" else model
+    if attacked is None:
+        # BPDA attacks a copy of the defense whose purifier has the identity backward; nothing is swapped in place
+        attacked = model.with_purifier(model.purifier.with_grad_mode("bpda")) if attack == "bpda" else model
+    elif attack == "bpda":
+        attacked = attacked.with_purifier(attacked.purifier.with_grad_mode("bpda"))
     pgd_attack = PGD(attacked, setting, norm, eps, alpha, steps=pgd["steps"], eot=pgd["eot"],
                      random_start=pgd["random_start"], restarts=pgd["restarts"], eot_chunk=pgd.get("eot_chunk", 4096),
                      track=track)

@@ -16,6 +16,9 @@ from typing import Any, NamedTuple
 from ..errors import ConfigError
 
 UNDEFENDED = "undefended"
+#: sections of ``attacks`` read by one attack only (its name), left out of the other runs' params, so
+#: that adding them changed no existing run of the DAG
+OWN_RUNS_ONLY: tuple[str, ...] = ("surrogate",)
 
 
 class AttackRun(NamedTuple):
@@ -131,8 +134,10 @@ class Experiment:
         defenses (vanilla and the ADDT variants), else ``attacks.n_images``.  Without ``setting``
         and ``attack``: the section of the defense's other runs.  The section leaves out
         ``dwbox_n_images`` (resolved into ``n_images``), so the params of the runs it does not
-        concern are unchanged by it."""
-        section = {k: v for k, v in self.cfg["attacks"].items() if k != "dwbox_n_images"}
+        concern are unchanged by it; likewise the sections of :data:`OWN_RUNS_ONLY` go to their
+        own attack's runs only."""
+        section = {k: v for k, v in self.cfg["attacks"].items()
+                   if k != "dwbox_n_images" and (k not in OWN_RUNS_ONLY or k == attack)}
         return {**section, "n_images": self.attack_n_images(name, setting, attack)}
 
     def attack_n_images(self, name: str, setting: str | None = None, attack: str | None = None) -> int:

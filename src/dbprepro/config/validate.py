@@ -182,6 +182,23 @@ def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:
                           f"({att['shards']}) batches of {att['batch_size']}")
 
 
+def _surrogate_checks(cfg: dict[str, Any]) -> None:
+    """An enabled surrogate attack's purification (the main section overlaid, steps coarsened) passes
+    its family's checks (e.g. a DDPM/DDIM grid that holds t*)."""
+    sur = cfg["attacks"]["surrogate"]
+    if not sur["enabled"]:
+        return
+    from ..attacks.surrogate import surrogate_purification
+    from ..purifiers import purifier_class
+
+    att = surrogate_purification(cfg["purification"], sur)
+    try:
+        purifier_class(att["sampler"]).check_config({**cfg, "purification": att})
+    except ValueError as e:
+        raise ConfigError(f"config key attacks.surrogate: the surrogate's purification (coarsen {sur['coarsen']}, "
+                          f"overlay {sur['purification']}) fails its family's check: {e}") from None
+
+
 def _purifier_checks(cfg: dict[str, Any]) -> None:
     """The checks of every purifier family the config uses (the registered class's ``check_config``),
     and whether the main sampler offers ``purification.grad_mode`` (with its
@@ -197,6 +214,7 @@ def _purifier_checks(cfg: dict[str, Any]) -> None:
             purifier_class(name).check_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _surrogate_checks(cfg)
     if gm not in modes:
         raise ConfigError(f"config key purification.grad_mode: {gm!r} is not offered by sampler {pur['sampler']!r} "
                           f"(it offers {', '.join(modes)})")

@@ -35,12 +35,15 @@ def network_calls(purification: dict, num_train_timesteps: int = 1000) -> int:
     return purifier_class(purification.get("sampler", "ddpm")).network_calls(purification, num_train_timesteps)
 
 
-def _attack_calls(cfg: dict, defense: str, setting: str, attack: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
-    """Calls per attacked image of one run (and whether the count is an upper bound)."""
+def _attack_calls(cfg: dict, defense: str, setting: str, attack: str, purification: dict,
+                  grad_mode: str) -> tuple[Calls, bool]:
+    """Calls per attacked image of one run on a defense purifying with ``purification`` (and
+    whether the count is an upper bound): the attack's ``run_calls``."""
     att = cfg["attacks"]
     if defense == UNDEFENDED:  # torchattacks PGD on the classifier + 3 evaluation forwards
         return Calls(clf_grad=att["pgd"]["steps"], clf_fwd=3), False
-    return attack_class(attack).calls_per_image(att, setting, S, grad_mode)
+    T = cfg["diffusion"]["schedule"]["num_train_timesteps"]
+    return attack_class(attack).run_calls(att, setting, purification, grad_mode, T)
 
 
 def addt_step_calls(variant: str, cgpo_iterations: int) -> Calls:
@@ -114,7 +117,7 @@ def count_calls(cfg: dict) -> list[Job]:
     # attacks
     n_att = cfg["attacks"]["n_images"]
     for d, tm, s, atk in exp.attack_runs(fixed_configs=True):
-        per, bound = _attack_calls(cfg, d, s, atk, chain(d) if d != UNDEFENDED else S, gm)
+        per, bound = _attack_calls(cfg, d, s, atk, exp.purification(d), gm)
         n_d = exp.attack_n_images(d, s, atk)
         if d in fam:
             target = "tables/p1_table_families.csv"

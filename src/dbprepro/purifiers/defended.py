@@ -14,12 +14,15 @@ class DefendedClassifier(nn.Module):
     Usable directly by torchattacks: ``forward(x)`` purifies with the purifier's randomness
     (fresh per call in random mode, always the same in fixed mode).  Sample ids (needed for
     replayable noise) are bound with :meth:`bind`; without binding they are ``0..B-1``.
+    ``purification`` is the config section the purifier was built from, when known (an attack
+    with a purification process of its own, :mod:`dbprepro.attacks.surrogate`, overlays it).
     """
 
-    def __init__(self, classifier: nn.Module, purifier: ReverseChain):
+    def __init__(self, classifier: nn.Module, purifier: ReverseChain, purification: dict | None = None):
         super().__init__()
         self.classifier = classifier.eval()
         self.purifier = purifier
+        self.purification = None if purification is None else dict(purification)
         self._ids: torch.Tensor | None = None
         self._draws: torch.Tensor | None = None
         self.eval()  # a defense is evaluated, never trained through (dropout/BatchNorm off)
@@ -31,11 +34,12 @@ class DefendedClassifier(nn.Module):
     def with_randomness(self, randomness) -> "DefendedClassifier":
         """The same classifier and network with the purifier's randomness replaced (a new module
         sharing the weights; nothing is swapped in place)."""
-        return self.with_purifier(self.purifier.with_randomness(randomness))
+        return self.with_purifier(self.purifier.with_randomness(randomness), self.purification)
 
-    def with_purifier(self, purifier: ReverseChain) -> "DefendedClassifier":
-        """The same classifier after another purifier (bound ids and draws are kept)."""
-        new = DefendedClassifier(self.classifier, purifier)
+    def with_purifier(self, purifier: ReverseChain, purification: dict | None = None) -> "DefendedClassifier":
+        """The same classifier after another purifier, built from ``purification`` if known (bound
+        ids and draws are kept)."""
+        new = DefendedClassifier(self.classifier, purifier, purification)
         new._ids, new._draws = self._ids, self._draws
         return new
 
@@ -67,4 +71,5 @@ def load_defense(classifier_dir, diffusion_dir, purification: dict, variance_typ
     from .registry import load_purifier
 
     classifier = load_classifier(classifier_dir).to(device)
-    return DefendedClassifier(classifier, load_purifier(diffusion_dir, purification, variance_type, randomness, device))
+    purifier = load_purifier(diffusion_dir, purification, variance_type, randomness, device)
+    return DefendedClassifier(classifier, purifier, purification)
