@@ -38,7 +38,8 @@ def test_one_draw_per_step_is_pgd(tiny_diffusion, setting, estep):
     x, y, ids = data()
     model = defended(tiny_diffusion, setting)
     ref = PGD(model, setting, "linf", EPS, ALPHA, steps=3, eot=1)(x, y, ids)
-    dh = DiffHammer(model, setting, "linf", EPS, ALPHA, steps=3, draws=1, estep=estep, loss="ce", em_alpha=0.0)(x, y, ids)
+    dh = DiffHammer(model, setting, "linf", EPS, ALPHA, steps=3, draws=1, estep=estep, loss="ce",
+                    em_alpha=0.0)(x, y, ids)
     torch.testing.assert_close(dh.x_adv, ref.x_adv, atol=1e-6, rtol=0)
     np.testing.assert_allclose(dh.loss, ref.loss, rtol=1e-5, atol=1e-6)  # the same per-step CE trace
     assert (dh.x_adv - x).abs().max() > 0
@@ -142,7 +143,12 @@ def test_records_carry_the_n_evaluation_with_diffhammers_own_n():
     y = torch.zeros(3, dtype=torch.long)
     calls = []
     fwd = model.forward
-    model.forward = lambda x, ids=None, draws=None: calls.append((torch.is_grad_enabled(), torch.as_tensor(draws).tolist())) or fwd(x, ids, draws)
+
+    def spy(x, ids=None, draws=None):  # records, per call, whether gradients were on and every image's draw
+        calls.append((torch.is_grad_enabled(), torch.as_tensor(draws).tolist()))
+        return fwd(x, ids, draws)
+
+    model.forward = spy
     att = _attacks(enabled=True, steps=2, draws=4, eval_draws=6)
     tm = att["threat_models"][0]
     cols, res = ATTACKS["diffhammer"].run_batch(model, x, y, ids, setting="whitebox_eot", threat=tm, attacks=att,
@@ -162,7 +168,8 @@ def test_calls_per_image_are_k_gradients_per_step_and_the_n_evaluation():
     pgd_like = {**att, "pgd": {**att["pgd"], "steps": 7, "eot": 5, "restarts": 1}}
     dh, bound = ATTACKS["diffhammer"].calls_per_image(att, "whitebox_eot", 10, "exact")
     assert not bound and dh == PGD.calls_per_image(pgd_like, "whitebox_eot", 10, "exact")[0]
-    own = ATTACKS["diffhammer"].calls_per_image(_attacks(steps=7, draws=5, eval_draws=3), "whitebox_eot", 10, "exact")[0]
+    own, _ = ATTACKS["diffhammer"].calls_per_image(_attacks(steps=7, draws=5, eval_draws=3), "whitebox_eot", 10,
+                                                   "exact")
     assert dh.unet_fwd - own.unet_fwd == 10 * (att["eval_draws"] - 3)  # N - N' fewer evaluation forwards
     assert dh.unet_grad == own.unet_grad == 10 * 5 * 8
 
