@@ -6,6 +6,8 @@
 - ``base.py``: :class:`Attack`, the contract of a registered attack, and the threat-model geometry;
 - ``pgd.py``: PGD with batched EOT; ``bpda.py``: BPDA; ``autoattack.py``: AutoAttack with paper 1's
   multi-evaluation (``aa_standard_dwbox``, ``aa_standard_multieval``, ``aa_rand``);
+- ``diffhammer.py``: DiffHammer's EM attack over the K draws of each step (off by default,
+  ``attacks.diffhammer``);
 - ``registry.py``: :data:`ATTACKS`, read by the attack grid, the DAG, the cost model, API and CLI;
 - ``runner.py``: one attack on one shard of the test set (the DAG's attack stage) and the merge.
 
