@@ -18,7 +18,7 @@ from ..errors import ConfigError
 UNDEFENDED = "undefended"
 #: sections of ``attacks`` read by one attack only (its name), left out of the other runs' params, so
 #: that adding them changed no existing run of the DAG
-OWN_RUNS_ONLY: tuple[str, ...] = ("surrogate",)
+OWN_RUNS_ONLY: tuple[str, ...] = ("surrogate", "diffattack", "diffhammer")
 
 
 class AttackRun(NamedTuple):
