@@ -136,3 +136,25 @@ def test_the_stage_writes_csv_and_markdown(tmp_path):
     with pytest.raises(ValueError, match="no claim"):
         write_claims_table([], [], {}, tmp_path / "x.csv", tmp_path / "x.md", defenses={}, threat="linf",
                            fixed_settings=[], n_images=None)
+
+
+def test_addt_under_adaptive_attacks_and_their_per_image_ensemble():
+    from dbprepro.claims.adaptive import adaptive_claims
+
+    rng = np.random.default_rng(7)
+    n = 200
+    van = {"dwbox": rng.random(n) < 0.3, "whitebox_eot": rng.random(n) < 0.4}
+    rec = pd.concat([
+        _run("vanilla", "dwbox", van["dwbox"]), _run("addt", "dwbox", np.maximum(van["dwbox"], rng.random(n) < 0.3)),
+        _run("vanilla", "whitebox_eot", van["whitebox_eot"], attack="diffhammer"),
+        _run("addt", "whitebox_eot", van["whitebox_eot"], attack="diffhammer"),  # no gain under DiffHammer
+        _run("vanilla", "whitebox_eot", np.ones(n)), _run("addt", "whitebox_eot", np.ones(n)),
+    ])
+    data = RunData(rec, pd.DataFrame())
+    table = claims_table(adaptive_claims(data, resamples=200), data).set_index("claim_id")
+    assert list(table.index) == ["p1_addt_gain_diffhammer_whitebox_eot_linf", "p1_addt_gain_ensemble_linf"]
+    assert table.loc["p1_addt_gain_diffhammer_whitebox_eot_linf", "estimate"] == 0.0
+    # the ensemble: robust under dwbox AND diffhammer AND pgd-eot, per image
+    expected_b = float((van["dwbox"] & van["whitebox_eot"]).mean())
+    assert table.loc["p1_addt_gain_ensemble_linf", "value_b"] == pytest.approx(expected_b)
+    assert table.loc["p1_addt_gain_ensemble_linf", "n"] == n

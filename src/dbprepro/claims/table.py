@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..metrics import write_table
 from . import stats
+from .adaptive import adaptive_claims
 from .base import Claim, RunData
 from .paper1 import paper1_claims
 from .paper2 import paper2_claims
@@ -85,6 +86,8 @@ def write_claims_table(records, clean, p2_tables: dict[str, Any], csv_path, md_p
     kw = dict(alpha=alpha, power=power, confidence=confidence, resamples=resamples)
     claims = paper1_claims(data, defenses, **kw) + paper2_claims(
         data, threat=threat, fixed_settings=fixed_settings, n_images=n_images, **kw)
+    if "addt" in defenses and "vanilla" in defenses:
+        claims += adaptive_claims(data, **kw)
     if not claims:
         raise ValueError("no claim of either paper can be tested on this run's files")
     table = claims_table(claims, data, alpha=alpha, seed=seed)
