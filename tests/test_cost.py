@@ -46,8 +46,11 @@ def test_the_jobs_of_the_smoke_dag(jobs):
     # ablation variant clean_finetune in dwbox only (addt.ablation_settings); paper 2's fixed
     # configuration 1 (configuration 0 is the dwbox run)
     # + paper 1's families (config.yaml: ddim, vpsde, edm): f and f_addt x whitebox_eot, dwbox
+    # + issue 17's adaptive attacks on vanilla (smoke.yaml): DiffAttack x 2 settings, surrogate, DiffHammer
     attacks = sorted(j for j in jobs if j.startswith("attack/"))
-    assert len(attacks) == 12 + 12 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    assert len(attacks) == 12 + 12 + 4 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    assert {"attack/vanilla/linf/whitebox_eot/diffattack", "attack/vanilla/linf/dwbox/diffattack",
+            "attack/vanilla/linf/whitebox_eot/surrogate", "attack/vanilla/linf/whitebox_eot/diffhammer"} <= set(attacks)
     assert "attack/clean_finetune/linf/whitebox_eot/pgd" not in attacks
     assert "attack/addt/linf/whitebox_eot/pgd" in attacks and "attack/clean_finetune/linf/dwbox/pgd" in attacks
     assert {j.split("/")[1] for j in attacks} >= {"ddim", "ddim_addt", "vpsde", "vpsde_addt", "edm", "edm_addt"}
