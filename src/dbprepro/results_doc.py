@@ -24,6 +24,10 @@ import yaml
 
 from .io import atomic_path
 
+#: the robustness waterfall's columns shown (the stage, its strongest run, interval, cost)
+WATERFALL_COLUMNS = ("defense", "threat", "stage", "attack", "setting", "runs", "n_images", "robust_accuracy", "ci_low",
+                     "ci_high", "steps", "calls_per_image")
+
 #: (heading, table file, columns shown (None: all), row filter on the ``evaluation`` column)
 SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | None], ...] = (
     ("Every testable claim of both papers, as a verdict", "claims.csv",
@@ -34,6 +38,9 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | None], ...] = (
      "single"),
     ("Paper 1: the same runs, worst of `eval_draws` purifications", "p1_table_main.csv",
      ("defense", "threat", "setting", "attack", "n_images", "robust_accuracy", "ci_low", "ci_high"), "worst"),
+    ("Robustness waterfall: weakest to strongest attack per defense (one-shot evaluation)", "waterfall.csv",
+     WATERFALL_COLUMNS, "single"),
+    ("Robustness waterfall: worst of `eval_draws` purifications", "waterfall.csv", WATERFALL_COLUMNS, "worst"),
     ("Paper 1: ADDT and its ablation", "p1_table_ablation.csv", None, None),
     ("Paper 1: purifier families, vanilla vs ADDT weights", "p1_table_families.csv", None, None),
     ("Clean accuracy (classifier alone; purified under random and fixed randomness)", "clean_accuracy.csv",

@@ -52,6 +52,8 @@ def all_targets():
         f"{RESULTS}/tables/clean_accuracy.md",
         f"{RESULTS}/tables/p1_table_main.csv",
         f"{RESULTS}/tables/p1_table_main.md",
+        f"{RESULTS}/tables/waterfall.csv",  # the robustness waterfall (workflow/rules/tables.smk)
+        f"{RESULTS}/tables/waterfall.md",
         *addt_targets(),
         *figure_targets(),
         *paper2_targets(),
@@ -63,8 +65,9 @@ def all_targets():
 
 
 def figure_targets():
-    """Paper 1's figures (workflow/rules/figures.smk); Fig. 1 and 2 need tracked attack paths."""
-    figs = ["p1_fig3_robustness_bars"]
+    """Paper 1's figures and the robustness waterfall (workflow/rules/figures.smk); Fig. 1 and 2
+    need tracked attack paths."""
+    figs = ["p1_fig3_robustness_bars", "waterfall"]
     if config["attacks"]["track_images"] > 0:
         figs = ["p1_fig1_attack_trajectories", "p1_fig2_loss_landscape"] + figs
     return [f"{RESULTS}/figures/{name}.{ext}" for name in figs for ext in ("png", "pdf")]
@@ -112,6 +115,14 @@ def family_targets():
     if config["families"]["gradient_modes"]["enabled"] and len(gradient_mode_families()) > 1:
         out.append(f"{RESULTS}/tables/gradient_modes.csv")
     return out
+
+
+def waterfall_run_costs():
+    """Steps and network calls per image of every run of p1_table_main (the cost model's count),
+    for the robustness waterfall's cells."""
+    from dbprepro.paper1.waterfall import run_costs
+
+    return run_costs(config)
 
 
 def family_table_rows():

@@ -165,3 +165,29 @@ rule figure_p1_fig5_rbgm:
     localrule: True
     run:
         run_light_stage(rule, input, output, params, wildcards, log)
+
+
+rule figure_waterfall:
+    input:
+        table=f"{RESULTS}/tables/waterfall.csv",
+    output:
+        png=report(
+            f"{RESULTS}/figures/waterfall.png",
+            caption="../report/waterfall.png.rst",
+            category="Overview",
+            subcategory="Robustness waterfall",
+            labels={"result": "Robustness waterfall per defense (figure)"},
+        ),
+        pdf=f"{RESULTS}/figures/waterfall.pdf",
+    params:
+        confidence=config["evaluation"]["confidence"],
+        **RUNTIME,
+    log:
+        f"{LOGS}/figure_waterfall.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)

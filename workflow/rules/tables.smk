@@ -145,3 +145,30 @@ rule table_p1_families:
     localrule: True
     run:
         run_light_stage(rule, input, output, params, wildcards, log)
+
+
+rule table_waterfall:
+    input:
+        main=f"{RESULTS}/tables/p1_table_main.csv",
+    output:
+        csv=report(
+            f"{RESULTS}/tables/waterfall.csv",
+            caption="../report/waterfall.rst",
+            category="Overview",
+            subcategory="Robustness waterfall",
+            labels={"result": "Robustness waterfall: weakest to strongest attack"},
+        ),
+        md=f"{RESULTS}/tables/waterfall.md",
+    params:
+        costs=waterfall_run_costs(),
+        defenses=EVAL_DEFENSES,
+        **RUNTIME,
+    log:
+        f"{LOGS}/table_waterfall.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="10m",
+    localrule: True
+    run:
+        run_light_stage(rule, input, output, params, wildcards, log)

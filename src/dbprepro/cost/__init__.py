@@ -37,10 +37,10 @@ figure (a few CGPO calls) and optimiser/scheduler arithmetic.
 
 from ..calls import KINDS, Calls, bpda_grad, defended_forward, defended_grad, purify, purify_grad
 from ..purifiers.ddpm import chain_length
-from .count import Job, addt_step_calls, count_calls, image_shape, n_train_images, network_calls
+from .count import Job, addt_step_calls, attack_run_calls, count_calls, image_shape, n_train_images, network_calls
 from .measure import default_batch_size, measure_unit_costs
 from .report import by_target, estimate, format_report, run_estimate
 
-__all__ = ["KINDS", "Calls", "Job", "addt_step_calls", "bpda_grad", "by_target", "chain_length", "count_calls",
+__all__ = ["KINDS", "Calls", "Job", "addt_step_calls", "attack_run_calls", "bpda_grad", "by_target", "chain_length", "count_calls",
            "default_batch_size", "defended_forward", "defended_grad", "estimate", "format_report", "image_shape",
            "measure_unit_costs", "n_train_images", "network_calls", "purify", "purify_grad", "run_estimate"]

@@ -35,10 +35,12 @@ def network_calls(purification: dict, num_train_timesteps: int = 1000) -> int:
     return purifier_class(purification.get("sampler", "ddpm")).network_calls(purification, num_train_timesteps)
 
 
-def _attack_calls(cfg: dict, defense: str, setting: str, attack: str, purification: dict,
+def attack_run_calls(cfg: dict, defense: str, setting: str, attack: str, purification: dict,
                   grad_mode: str) -> tuple[Calls, bool]:
     """Calls per attacked image of one run on a defense purifying with ``purification`` (and
-    whether the count is an upper bound): the attack's ``run_calls``."""
+    whether the count is an upper bound): the attack's ``run_calls`` (the undefended classifier:
+    torchattacks PGD).  Also the network calls of the robustness waterfall's cells
+    (:func:`dbprepro.paper1.waterfall.run_costs`)."""
     att = cfg["attacks"]
     if defense == UNDEFENDED:  # torchattacks PGD on the classifier + 3 evaluation forwards
         return Calls(clf_grad=att["pgd"]["steps"], clf_fwd=3), False
@@ -117,7 +119,7 @@ def count_calls(cfg: dict) -> list[Job]:
     # attacks
     n_att = cfg["attacks"]["n_images"]
     for d, tm, s, atk in exp.attack_runs(fixed_configs=True):
-        per, bound = _attack_calls(cfg, d, s, atk, exp.purification(d), gm)
+        per, bound = attack_run_calls(cfg, d, s, atk, exp.purification(d), gm)
         n_d = exp.attack_n_images(d, s, atk)
         if d in fam:
             target = "tables/p1_table_families.csv"

@@ -65,3 +65,10 @@ def figure_p1_fig5_rbgm(input, output, params, wildcards) -> None:
     from ..paper1.figures import fig_rbgm
 
     fig_rbgm(input.npz, output.png, output.pdf)
+
+
+@stage
+def figure_waterfall(input, output, params, wildcards) -> None:
+    from ..paper1.waterfall_figure import fig_waterfall
+
+    fig_waterfall(input.table, output.png, output.pdf, confidence=params.confidence)

@@ -1,4 +1,5 @@
-"""Stages: paper 1's tables and the clean-accuracy table (rules of workflow/rules/tables.smk).
+"""Stages: paper 1's tables, the robustness waterfall and the clean-accuracy table (rules of
+workflow/rules/tables.smk).
 
 Each function is the rule of the same name; it reads only the rule's ``input``, ``output``,
 ``params`` and ``wildcards``."""
@@ -45,3 +46,11 @@ def table_p1_families(input, output, params, wildcards) -> None:
 
     write_p1_families_table(input.main, output.csv, output.md, rows=list(params.rows), threat=params.threat,
                             settings=tuple(params.settings))
+
+
+@stage
+def table_waterfall(input, output, params, wildcards) -> None:
+    from ..paper1.waterfall import write_waterfall_table
+
+    write_waterfall_table(input.main, output.csv, output.md, costs=list(params.costs),
+                          defenses=list(params.defenses))
