@@ -77,21 +77,3 @@ class _Binding:
         self.model._ids, self.model._draws = self.saved
         return False
 
-
-def load_defense(classifier_dir, diffusion_dir, purification: dict, variance_type: str, randomness,
-                 device) -> DefendedClassifier:
-    """Classifier after purifier, both loaded from the DAG's model folders.  A ``votes`` key in
-    ``purification`` (the vote defense's, :meth:`dbprepro.config.Experiment.purification`) makes
-    it a :class:`~dbprepro.purifiers.vote.VoteDefense` over that many purifications."""
-    from ..models.classifiers import load_classifier
-    from .registry import load_purifier
-
-    classifier = load_classifier(classifier_dir).to(device)
-    votes = purification.get("votes")
-    chain = {k: v for k, v in purification.items() if k != "votes"}
-    purifier = load_purifier(diffusion_dir, chain, variance_type, randomness, device)
-    if votes is None:
-        return DefendedClassifier(classifier, purifier, purification)
-    from .vote import VoteDefense
-
-    return VoteDefense(classifier, purifier, purification, votes)
