@@ -149,3 +149,52 @@ def test_bpda_copy_keeps_the_votes(tiny_diffusion):
     vote = vote_defense(defense(tiny_diffusion), 4)
     bpda = vote.with_purifier(vote.purifier.with_grad_mode("bpda"))
     assert isinstance(bpda, VoteDefense) and bpda.votes == 4
+
+
+# -- the grid --------------------------------------------------------------------------------------
+
+def _cfg(vote=None):
+    from dbprepro.config import validate_config
+    from dbprepro.config.validate import load_yaml
+
+    cfg = load_yaml("config.yaml")
+    if vote is not None:
+        cfg["vote"] = vote
+    return validate_config(cfg)
+
+
+def test_disabled_by_default_no_vote_defense_and_no_runs():
+    from dbprepro.config import Experiment
+
+    exp = Experiment.from_config(_cfg())
+    assert exp.vote_defenses == [] and "vanilla_vote" not in exp.defenses
+    assert all(r.defense != "vanilla_vote" for r in exp.attack_runs(fixed_configs=True))
+    assert all("votes" not in exp.purification(d) for d in exp.defenses)
+
+
+def test_enabled_adds_the_vote_runs_and_leaves_the_other_params_unchanged():
+    from dbprepro.config import Experiment
+
+    off = Experiment.from_config(_cfg())
+    on = Experiment.from_config(_cfg({"enabled": True, "votes": 7, "settings": ["whitebox_eot", "whitebox"],
+                                      "n_images": 4}))
+    d = on.defense("vanilla_vote")
+    assert (d.votes, d.sampler, d.weights, d.family, d.trains) == (7, off.defense("vanilla").sampler, "vanilla",
+                                                                   False, False)
+    runs_off, runs_on = off.attack_runs(fixed_configs=True), on.attack_runs(fixed_configs=True)
+    vote_runs = [r for r in runs_on if r.defense == "vanilla_vote"]
+    assert [(r.threat, r.setting, r.attack) for r in vote_runs] == [("linf", "whitebox_eot", "pgd"),
+                                                                    ("linf", "whitebox", "pgd")]
+    assert [r for r in runs_on if r.defense != "vanilla_vote"] == runs_off
+    for r in runs_off:
+        assert on.attacks(r.defense, r.setting, r.attack) == off.attacks(r.defense, r.setting, r.attack)
+        assert on.purification(r.defense) == off.purification(r.defense)
+    assert on.purification("vanilla_vote") == {**off.purification("vanilla"), "votes": 7}
+    assert on.attacks("vanilla_vote", "whitebox_eot", "pgd")["n_images"] == 4
+
+
+def test_vote_threat_models_must_be_named():
+    from dbprepro.config import ConfigError
+
+    with pytest.raises(ConfigError, match="vote.threat_models"):
+        _cfg({"enabled": True, "threat_models": ["nope"]})
