@@ -16,6 +16,7 @@ from .io import write_parquet
 from .metrics import accuracy_summary, write_table
 from .models.classifiers import load_classifier
 from .purifiers import load_defense
+from .purifiers.defended import predict_labels
 from .purifiers import load_defense as build_defense  # noqa: F401 - names before 0.2
 from .purifiers import load_purifier as build_purifier  # noqa: F401
 from .randomness import Randomness
@@ -41,11 +42,11 @@ def predict(model, split: Split, batch_size: int, device: torch.device, draws: i
     for sl in tqdm(batches(len(split), batch_size), desc=desc, mininterval=5, leave=False):
         x = split.images[sl].to(device)
         if draws is None:
-            logits = model(x)
-        else:
+            pred = model(x).argmax(1)
+        else:  # a defended classifier's predict (a vote defense votes)
             ids = split.ids[sl]
-            logits = model(x, ids=ids, draws=torch.full_like(ids, draws))
-        preds.append(logits.argmax(1).cpu())
+            pred = predict_labels(model, x, ids, torch.full_like(ids, draws))
+        preds.append(pred.cpu())
     return torch.cat(preds)
 
 

@@ -23,7 +23,8 @@ EXPERIMENT = Experiment.from_config(config)  # the defenses (sampler, weights) a
 ADDT_VARIANTS = EXPERIMENT.addt_variants
 DEFENSES = ["vanilla", *ADDT_VARIANTS]
 FAMILY_DEFENSES = EXPERIMENT.family_defenses  # paper 1's other purifier families (families.names)
-EVAL_DEFENSES = [*DEFENSES, *FAMILY_DEFENSES]  # every defense with a clean evaluation and table rows
+VOTE_DEFENSES = EXPERIMENT.vote_defenses  # the majority-vote defense (vote.enabled: vanilla_vote)
+EVAL_DEFENSES = [*DEFENSES, *FAMILY_DEFENSES, *VOTE_DEFENSES]  # every defense with a clean evaluation
 OWN_ADDT = EXPERIMENT.own_addt  # family defenses fine-tuned with their own ADDT loss
 
 # keys of every stage's params: runtime settings that change numbers

@@ -102,7 +102,8 @@ class PGD(Attack):
         x = x.detach().requires_grad_(True)
         losses = torch.zeros(B, device=x.device)
         grad = torch.zeros_like(x)
-        per = max(1, self.eot_chunk // max(B, 1))  # EOT samples per pass
+        # EOT samples per pass; a vote defense purifies ``votes`` times per sample
+        per = max(1, self.eot_chunk // max(B * getattr(self.model, "votes", 1), 1))
         for k0 in range(0, K, per):
             kk = draws[k0:k0 + per]
             xr = x.repeat_interleave(kk.numel(), dim=0)  # [B*k, ...] (image-major)

@@ -35,6 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..purifiers.defended import predict_labels
 from ..randomness import Randomness
 
 Setting = Literal["whitebox", "whitebox_eot", "dwbox"]
@@ -99,7 +100,8 @@ def _check_randomness(setting: str, randomness: Randomness) -> None:
 @torch.no_grad()
 def evaluate_draws(model, x: torch.Tensor, ids: torch.Tensor, n: int,
                    setting: Setting, offset: int = EVAL_DRAW_OFFSET) -> np.ndarray:
-    """Predicted labels [B, n] of ``x`` under ``n`` evaluation draws.
+    """Predicted labels [B, n] of ``x`` under ``n`` evaluation draws (:func:`predict_labels`: for
+    a vote defense each evaluation draw is itself a vote over its V purifications).
 
     ``dwbox`` and ``dwbox_c{k}`` evaluate with the attacker's fixed configuration (one
     deterministic purification, repeated; for ``dwbox_c{k}`` configuration k, which the
@@ -110,13 +112,14 @@ def evaluate_draws(model, x: torch.Tensor, ids: torch.Tensor, n: int,
     if k is not None:
         _check_randomness(setting, model.purifier.randomness)
         d = torch.full_like(ids, k)
-        pred = model(x, ids=ids, draws=d).argmax(1).cpu().numpy()
+        pred = predict_labels(model, x, ids, d).cpu().numpy()
         return np.repeat(pred[:, None], n, axis=1)
     out = np.zeros((x.shape[0], n), dtype=np.int64)
     for k in range(n):
         d = torch.full_like(ids, offset + k)
-        out[:, k] = model(x, ids=ids, draws=d).argmax(1).cpu().numpy()
+        out[:, k] = predict_labels(model, x, ids, d).cpu().numpy()
     return out
+
 
 
 def summarise_evaluations(preds: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:

@@ -3,7 +3,8 @@ attack grid, built once from the config (and read by the Snakefile, the stages a
 
 A :class:`Defense` names its purifier family (``sampler``), the network it purifies with
 (``weights``: a folder under ``results/models/diffusion/``) and, for a fine-tuned network, the
-ADDT variant that trained it; nothing parses defense names.  The attack grid reads the attack
+ADDT variant that trained it, and for the majority-vote defense (``vote`` section) its number of
+``votes``; nothing parses defense names.  The attack grid reads the attack
 registry (:data:`dbprepro.attacks.ATTACKS`): each registered attack says in which settings it runs.
 Torch-free: the attack registry is imported only when the grid is built.
 """
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 from ..errors import ConfigError
 
 UNDEFENDED = "undefended"
+VOTE_DEFENSE = "vanilla_vote"  #: the majority-vote defense of the ``vote`` section
 #: sections of ``attacks`` read by one attack only (its name), left out of the other runs' params, so
 #: that adding them changed no existing run of the DAG
 OWN_RUNS_ONLY: tuple[str, ...] = ("surrogate", "diffattack", "diffhammer")
@@ -38,7 +40,8 @@ class Defense:
     ``results/models/diffusion/`` it purifies with; ``finetune`` the ADDT variant that made those
     weights (None: the base network); ``family`` whether it is one of ``families.names``' defenses
     (else the main sampler's); ``trains`` whether this defense's own weights are trained by the
-    DAG (an ADDT variant, or a family with its own ADDT loss)."""
+    DAG (an ADDT variant, or a family with its own ADDT loss); ``votes`` the purifications of its
+    majority vote (:class:`~dbprepro.purifiers.vote.VoteDefense`; None: a single-draw defense)."""
 
     name: str
     sampler: str
@@ -46,6 +49,7 @@ class Defense:
     finetune: str | None = None
     family: bool = False
     trains: bool = False
+    votes: int | None = None
 
     @property
     def weights_kind(self) -> str:
@@ -75,6 +79,9 @@ class Experiment:
                 name = f"{f}_addt"
                 mine = f in own
                 exp._add(Defense(name, f, name if mine else "addt", finetune="addt", family=True, trains=mine))
+        vote = cfg.get("vote", {})
+        if vote.get("enabled", False):  # DensePure-style vote: the vanilla network, the main sampler
+            exp._add(Defense(VOTE_DEFENSE, main, "vanilla", votes=int(vote["votes"])))
         return exp
 
     def _add(self, d: Defense) -> None:
@@ -98,6 +105,11 @@ class Experiment:
         return [d.name for d in self.defenses.values() if d.family]
 
     @property
+    def vote_defenses(self) -> list[str]:
+        """The majority-vote defenses (``vote.enabled``: ``vanilla_vote``)."""
+        return [d.name for d in self.defenses.values() if d.votes is not None]
+
+    @property
     def own_addt(self) -> list[str]:
         """Family defenses fine-tuned with their family's own ADDT loss."""
         return [d.name for d in self.defenses.values() if d.family and d.trains]
@@ -115,10 +127,13 @@ class Experiment:
 
     def purification(self, name: str) -> dict[str, Any]:
         """The ``purification`` section the defense purifies with (``sampler`` = its family; the
-        undefended classifier's attack runs carry the main section, unused)."""
+        undefended classifier's attack runs carry the main section, unused).  A vote defense's
+        section also carries ``votes`` (read by :func:`~dbprepro.purifiers.load_defense`)."""
         if name == UNDEFENDED:
             return self.main_purification()
-        return {**self.main_purification(), "sampler": self.defense(name).sampler}
+        d = self.defense(name)
+        votes = {} if d.votes is None else {"votes": d.votes}
+        return {**self.main_purification(), "sampler": d.sampler, **votes}
 
     def main_purification(self) -> dict[str, Any]:
         """The config's ``purification`` section as the DAG's params: without
@@ -129,7 +144,8 @@ class Experiment:
 
     def attacks(self, name: str, setting: str | None = None, attack: str | None = None) -> dict[str, Any]:
         """The ``attacks`` section of one attack run of defense ``name``, with the run's own
-        ``n_images``: ``families.n_images`` for the family defenses, ``attacks.dwbox_n_images``
+        ``n_images``: ``families.n_images`` for the family defenses, ``vote.n_images`` for the vote
+        defense, ``attacks.dwbox_n_images``
         for the DW-box PGD runs (``setting`` ``dwbox``, ``attack`` ``pgd``) of the main sampler's
         defenses (vanilla and the ADDT variants), else ``attacks.n_images``.  Without ``setting``
         and ``attack``: the section of the defense's other runs.  The section leaves out
@@ -146,6 +162,9 @@ class Experiment:
         if name == UNDEFENDED:
             return att["n_images"]
         d = self.defense(name)
+        if d.votes is not None:
+            n = self.cfg["vote"]["n_images"]
+            return att["n_images"] if n is None else n
         if d.family:
             n = self.cfg["families"]["n_images"]
             return att["n_images"] if n is None else n
@@ -164,8 +183,8 @@ class Experiment:
     # -- the attack grid ------------------------------------------------------------------------
     def attack_runs(self, fixed_configs: bool = False) -> list[AttackRun]:
         """Every configured attack run: the undefended reference, every registered attack's runs on
-        the vanilla purifier (paper 1's main table), the ADDT defenses in their settings and the
-        families.  With ``fixed_configs``, also paper 2's attacks on the further fixed randomness
+        the vanilla purifier (paper 1's main table), the ADDT defenses in their settings, the
+        families and the vote defense (``vote.enabled``).  With ``fixed_configs``, also paper 2's attacks on the further fixed randomness
         configurations (``dwbox_c<k>``, :func:`fixed_setting_name`)."""
         from ..attacks.registry import ATTACKS
 
@@ -182,6 +201,9 @@ class Experiment:
         for d in self.family_defenses:
             for tm in fam["threat_models"]:
                 runs += [AttackRun(d, tm, s, "pgd") for s in fam["settings"]]
+        for d in self.vote_defenses:  # EOT-PGD aimed at the vote
+            for tm in cfg["vote"]["threat_models"]:
+                runs += [AttackRun(d, tm, s, "pgd") for s in cfg["vote"]["settings"]]
         if fixed_configs and cfg["analysis"]["enabled"]:
             for k in range(cfg["analysis"]["fixed_configs"]):
                 run = AttackRun("vanilla", analysis_threat(cfg), fixed_setting_name(k, att["fixed_draw"]), "pgd")

@@ -150,6 +150,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     if fam["names"] and fam["addt"] and not (cfg["addt"]["enabled"] and "addt" in cfg["addt"]["variants"]):
         raise ConfigError("config key families.addt: needs addt.enabled and 'addt' in addt.variants "
                           "(or set families.addt: false)")
+    _vote_checks(cfg, names)
     an = cfg["analysis"]
     if an["threat_model"] is not None and an["threat_model"] not in names:
         raise ConfigError(f"config key analysis.threat_model: {an['threat_model']!r} is not a name in "
@@ -164,6 +165,20 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         if data["n_test"] > n_test_max:
             raise ConfigError(f"config key data.n_test: {data['n_test']} exceeds the ~{n_test_max} test images of "
                               f"the digits split with test_fraction {data['test_fraction']}")
+
+
+def _vote_checks(cfg: dict[str, Any], names: list[str]) -> None:
+    """``vote``: threat models named in ``attacks.threat_models``, at most ``attacks.n_images`` images."""
+    vote, att = cfg["vote"], cfg["attacks"]
+    for tm in vote["threat_models"]:
+        if tm not in names:
+            raise ConfigError(f"config key vote.threat_models: {tm!r} is not a name in attacks.threat_models "
+                              f"({', '.join(names)})")
+    if vote["n_images"] is not None and vote["n_images"] > att["n_images"]:
+        raise ConfigError(f"config key vote.n_images: {vote['n_images']} exceeds attacks.n_images ({att['n_images']})")
+    if vote["enabled"] and vote["n_images"] is not None and att["shards"] > -(-vote["n_images"] // att["batch_size"]):
+        raise ConfigError(f"config key vote.n_images: {vote['n_images']} images are fewer than attacks.shards "
+                          f"({att['shards']}) batches of {att['batch_size']}")
 
 
 def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:

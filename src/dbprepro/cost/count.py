@@ -111,8 +111,9 @@ def count_calls(cfg: dict) -> list[Job]:
 
     # clean evaluation
     ev, n_test = cfg["evaluation"], cfg["data"]["n_test"]
-    for d in [*defenses, *fam]:
-        per = Calls(clf_fwd=1) + defended_forward(chain(d)) * (ev["random_draws"] + ev["fixed_configs"])
+    for d in [*defenses, *fam, *exp.vote_defenses]:  # a vote: V purifications per random draw
+        V = exp.defense(d).votes or 1
+        per = Calls(clf_fwd=1) + defended_forward(chain(d)) * (V * ev["random_draws"] + ev["fixed_configs"])
         jobs.append(Job(f"evaluate_clean/{d}", "tables/clean_accuracy.csv", per * n_test,
                         note=f"{n_test} images x ({ev['random_draws']} random + {ev['fixed_configs']} fixed)"))
 
@@ -120,6 +121,9 @@ def count_calls(cfg: dict) -> list[Job]:
     n_att = cfg["attacks"]["n_images"]
     for d, tm, s, atk in exp.attack_runs(fixed_configs=True):
         per, bound = attack_run_calls(cfg, d, s, atk, exp.purification(d), gm)
+        votes = exp.defense(d).votes if d != UNDEFENDED else None
+        if votes and not s.startswith("dwbox"):  # every gradient and evaluation pass purifies V times (dwbox: once)
+            per = per * votes
         n_d = exp.attack_n_images(d, s, atk)
         if d in fam:
             target = "tables/p1_table_families.csv"

@@ -5,8 +5,9 @@ and exact gradients.
   class-level contract every family fulfils;
 - ``ddpm.py``: DDPM (ancestral) and DDIM; ``vpsde.py``: DiffPure's VP-SDE; ``edm.py``: EDM's Heun
   sampler with churn; ``continuous.py``: what VP-SDE and EDM share;
-- ``registry.py``: :data:`PURIFIERS` and the factory :func:`build_purifier`;
-- ``defended.py``: :class:`DefendedClassifier`, classifier after purifier;
+- ``registry.py``: :data:`PURIFIERS`, the factory :func:`build_purifier` and :func:`load_defense`;
+- ``defended.py``: :class:`DefendedClassifier`, classifier after purifier; ``vote.py``: its
+  majority vote over V purifications (:class:`VoteDefense`);
 - ``gradients.py``: the gradient modes compared on one input (``gradient_modes.csv``).
 
 Every module of this folder is imported here, so a new family is one new module with a class
@@ -19,9 +20,9 @@ import pkgutil
 from .base import GRAD_MODES, ReverseChain, Trajectory, check_images, default_ids, start_timestep
 from .continuous import T_EPS, TIMESTEP_MAPS, ContinuousPurifier, NoiseLevelMap, edm_sigma
 from .ddpm import SAMPLERS, DDIMPurifier, Purifier, chain_length
-from .defended import DefendedClassifier, load_defense
+from .defended import DefendedClassifier
 from .edm import EDMPurifier, edm_sigmas
-from .registry import (PURIFIERS, build_purifier, load_purifier, make_purifier, purifier_class, register_purifier,
+from .registry import (PURIFIERS, build_purifier, load_defense, load_purifier, make_purifier, purifier_class, register_purifier,
                        samplers)
 from .vpsde import VPSDEPurifier, adjoint_agreement
 

@@ -48,6 +48,20 @@ class DefendedClassifier(nn.Module):
         draws = self._draws if draws is None else draws
         return self.classifier(self.purifier(x, ids=ids, draws=draws))
 
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
+        """Predicted labels [B] (the argmax of the logits; a vote defense votes instead)."""
+        return self.forward(x, ids, draws).argmax(1)
+
+
+def predict_labels(model, x: torch.Tensor, ids, draws) -> torch.Tensor:
+    """The labels ``model`` predicts for ``x`` under ``draws``: its ``predict`` (a vote defense
+    votes over its purifications, :mod:`dbprepro.purifiers.vote`), else the argmax of its logits."""
+    predict = getattr(model, "predict", None)
+    if predict is not None:
+        return predict(x, ids=ids, draws=draws)
+    return model(x, ids=ids, draws=draws).argmax(1)
+
 
 class _Binding:
     def __init__(self, model: DefendedClassifier, ids, draws):
@@ -63,13 +77,3 @@ class _Binding:
         self.model._ids, self.model._draws = self.saved
         return False
 
-
-def load_defense(classifier_dir, diffusion_dir, purification: dict, variance_type: str, randomness,
-                 device) -> DefendedClassifier:
-    """Classifier after purifier, both loaded from the DAG's model folders."""
-    from ..models.classifiers import load_classifier
-    from .registry import load_purifier
-
-    classifier = load_classifier(classifier_dir).to(device)
-    purifier = load_purifier(diffusion_dir, purification, variance_type, randomness, device)
-    return DefendedClassifier(classifier, purifier, purification)

@@ -16,6 +16,7 @@ from ..registry import Registry
 if TYPE_CHECKING:  # pragma: no cover
     from ..randomness import Randomness
     from .base import ReverseChain
+    from .defended import DefendedClassifier
 
 #: sampler name -> purifier family class, in registration order
 PURIFIERS: Registry = Registry("purifier family (sampler)", key="sampler")
@@ -44,6 +45,24 @@ def load_purifier(diffusion_dir, purification: dict[str, Any], variance_type: st
 
     unet, scheduler = load_diffusion(diffusion_dir, scheduler_overrides={"variance_type": variance_type})
     return build_purifier(unet.to(device), scheduler, purification, randomness)
+
+
+def load_defense(classifier_dir, diffusion_dir, purification: dict, variance_type: str, randomness,
+                 device) -> "DefendedClassifier":
+    """Classifier after purifier, both loaded from the DAG's model folders.  A ``votes`` key in
+    ``purification`` (the vote defense's, :meth:`dbprepro.config.Experiment.purification`) makes
+    it a :class:`~dbprepro.purifiers.vote.VoteDefense` over that many purifications."""
+    from ..models.classifiers import load_classifier
+    from .defended import DefendedClassifier
+    from .vote import VoteDefense
+
+    classifier = load_classifier(classifier_dir).to(device)
+    votes = purification.get("votes")
+    chain = {k: v for k, v in purification.items() if k != "votes"}
+    purifier = load_purifier(diffusion_dir, chain, variance_type, randomness, device)
+    if votes is None:
+        return DefendedClassifier(classifier, purifier, purification)
+    return VoteDefense(classifier, purifier, purification, votes)
 
 
 make_purifier = build_purifier  # its name in dbprepro.continuous before 0.2
