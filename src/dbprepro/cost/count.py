@@ -45,7 +45,11 @@ def attack_run_calls(cfg: dict, defense: str, setting: str, attack: str, purific
     if defense == UNDEFENDED:  # torchattacks PGD on the classifier + 3 evaluation forwards
         return Calls(clf_grad=att["pgd"]["steps"], clf_fwd=3), False
     T = cfg["diffusion"]["schedule"]["num_train_timesteps"]
-    return attack_class(attack).run_calls(att, setting, purification, grad_mode, T)
+    per, bound = attack_class(attack).run_calls(att, setting, purification, grad_mode, T)
+    votes = purification.get("votes")  # a majority-vote defense purifies V times per pass (dwbox: once)
+    if votes and not setting.startswith("dwbox"):
+        per = per * votes
+    return per, bound
 
 
 def addt_step_calls(variant: str, cgpo_iterations: int) -> Calls:
@@ -121,9 +125,6 @@ def count_calls(cfg: dict) -> list[Job]:
     n_att = cfg["attacks"]["n_images"]
     for d, tm, s, atk in exp.attack_runs(fixed_configs=True):
         per, bound = attack_run_calls(cfg, d, s, atk, exp.purification(d), gm)
-        votes = exp.defense(d).votes if d != UNDEFENDED else None
-        if votes and not s.startswith("dwbox"):  # every gradient and evaluation pass purifies V times (dwbox: once)
-            per = per * votes
         n_d = exp.attack_n_images(d, s, atk)
         if d in fam:
             target = "tables/p1_table_families.csv"
