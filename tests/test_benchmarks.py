@@ -35,7 +35,9 @@ def test_quick_benchmark_suite(tmp_path):
 
     s = pd.read_csv(tmp_path / "scaling.csv")
     by = s.pivot_table(index="steps", columns="mode", values="saved_bytes")
-    assert by["exact"].iloc[-1] == by["exact"].iloc[0]  # flat in the number of steps
+    # flat in the number of steps: one step's activations at any K; the chain's input states (one image-sized
+    # tensor per step, kept with save_for_backward since issue 16 so a second backward works) are the only growth
+    assert by["exact"].iloc[0] <= by["exact"].iloc[-1] <= 1.02 * by["exact"].iloc[0]
     assert by["autograd"].iloc[-1] > 1.5 * by["autograd"].iloc[0]  # grows with it
 
     n = pd.read_csv(tmp_path / "randomness.csv").set_index("approach")
