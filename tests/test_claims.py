@@ -149,6 +149,7 @@ def test_addt_under_adaptive_attacks_and_their_per_image_ensemble():
         _run("vanilla", "whitebox_eot", van["whitebox_eot"], attack="diffhammer"),
         _run("addt", "whitebox_eot", van["whitebox_eot"], attack="diffhammer"),  # no gain under DiffHammer
         _run("vanilla", "whitebox_eot", np.ones(n)), _run("addt", "whitebox_eot", np.ones(n)),
+        _run("vanilla", "whitebox", np.zeros(n)),  # vanilla only: not in the ensemble (the sides face the same runs)
     ])
     data = RunData(rec, pd.DataFrame())
     table = claims_table(adaptive_claims(data, resamples=200), data).set_index("claim_id")

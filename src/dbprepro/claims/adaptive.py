@@ -3,8 +3,9 @@
 For every attack run that vanilla and ADDT share beyond paper 1's PGD (DiffAttack, the surrogate
 process, DiffHammer, AutoAttack, BPDA), a row "ADDT > vanilla under that attack" on the images both
 runs attacked; and one row for the *ensemble*: an image counts as robust only if it survives every
-run of its defense on the threat model (each run's one-shot evaluation), the per-image form of the
-"strongest known" attack, compared on the images every run of both defenses attacked.  The rows only
+run both defenses share on the threat model (each run's one-shot evaluation; the same attacks on both
+sides, so neither faces more), the per-image form of the "strongest known" attack, compared on the
+images every one of those runs attacked.  The rows only
 appear when the runs exist (the adaptive attacks are off in the embedded default).
 """
 
@@ -27,18 +28,24 @@ def _runs(data: RunData, defense: str, threat: str) -> list[tuple[str, str]]:
     return list(dict.fromkeys(zip(sub["setting"], sub["attack"])))
 
 
-def _ensemble(data: RunData, defense: str, threat: str, ids: pd.Index) -> np.ndarray:
-    """Per image of ``ids``: 1 if it survives every run of ``defense`` on ``threat``."""
+def _shared(data: RunData, threat: str, a: str, b: str) -> list[tuple[str, str]]:
+    """The (setting, attack) runs both defenses have on ``threat``."""
+    theirs = set(_runs(data, b, threat))
+    return [run for run in _runs(data, a, threat) if run in theirs]
+
+
+def _ensemble(data: RunData, defense: str, threat: str, runs, ids: pd.Index) -> np.ndarray:
+    """Per image of ``ids``: 1 if it survives every run of ``runs`` of ``defense`` on ``threat``."""
     out = np.ones(len(ids))
-    for setting, attack in _runs(data, defense, threat):
+    for setting, attack in runs:
         out = np.minimum(out, data.run(defense, threat, setting, attack).loc[ids, COLUMN].to_numpy(float))
     return out
 
 
-def _common_ids(data: RunData, threat: str, defenses: tuple[str, ...]) -> pd.Index:
+def _common_ids(data: RunData, threat: str, defenses: tuple[str, ...], runs) -> pd.Index:
     ids = None
     for d in defenses:
-        for setting, attack in _runs(data, d, threat):
+        for setting, attack in runs:
             idx = data.run(d, threat, setting, attack).index
             ids = idx if ids is None else ids.intersection(idx)
     return ids.sort_values() if ids is not None else pd.Index([])
@@ -46,8 +53,9 @@ def _common_ids(data: RunData, threat: str, defenses: tuple[str, ...]) -> pd.Ind
 
 def _ensemble_pair(threat: str, a: str, b: str, **kw: Any):
     def compute(data: RunData, seed: int):
-        ids = _common_ids(data, threat, (a, b))
-        va, vb = _ensemble(data, a, threat, ids), _ensemble(data, b, threat, ids)
+        runs = _shared(data, threat, a, b)
+        ids = _common_ids(data, threat, (a, b), runs)
+        va, vb = _ensemble(data, a, threat, runs, ids), _ensemble(data, b, threat, runs, ids)
         return stats.paired_binary(va, vb, seed=seed, **kw), float(va.mean()), float(vb.mean())
 
     return compute
@@ -68,7 +76,7 @@ def adaptive_claims(data: RunData, a: str = "addt", b: str = "vanilla", **kw: An
     per-image ensemble of all their runs, per threat model."""
     claims: list[Claim] = []
     for tm in dict.fromkeys(data.records["threat"]) if len(data.records) else []:
-        shared = [run for run in _runs(data, a, tm) if run in set(_runs(data, b, tm))]
+        shared = _shared(data, tm, a, b)
         for setting, attack in shared:
             if attack == "pgd":
                 continue  # paper 1's own rows (paper1.py)
@@ -78,12 +86,12 @@ def adaptive_claims(data: RunData, a: str = "addt", b: str = "vanilla", **kw: An
                 f"{a}: {attack} {setting} robust accuracy", f"{b}: {attack} {setting} robust accuracy", +1, tm,
                 _pair(tm, setting, attack, a, b, **kw)))
         if len(shared) > 1:
-            n_a, n_b = len(_runs(data, a, tm)), len(_runs(data, b, tm))
+            names = ", ".join(f"{atk} {s}" for s, atk in shared)
             claims.append(Claim(
                 f"p1_addt_gain_ensemble_{tm}", "P1", "ADDT under the strongest known attack (issue 17)",
-                "ADDT > vanilla against every attack at once: an image is robust only if it survives all its "
-                "defense's runs",
-                f"{a}: robust under all {n_a} runs", f"{b}: robust under all {n_b} runs", +1, tm,
-                _ensemble_pair(tm, a, b, **kw),
-                "per-image worst case over every run of the defense (settings and attacks), one-shot evaluation"))
+                "ADDT > vanilla against every shared attack at once: an image is robust only if it survives all "
+                "of them",
+                f"{a}: robust under all {len(shared)} shared runs", f"{b}: robust under all {len(shared)} shared runs",
+                +1, tm, _ensemble_pair(tm, a, b, **kw),
+                f"per-image worst case over the runs both defenses have ({names}), one-shot evaluation"))
     return claims
