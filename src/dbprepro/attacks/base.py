@@ -77,6 +77,15 @@ class Attack:
         return []
 
     @classmethod
+    def section_settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
+        """:meth:`settings` of an attack whose own section has ``enabled``, ``settings`` and
+        ``threat_models`` (null: every threat model): its settings when enabled on ``threat``."""
+        sec = attacks.get(cls.config_section) or {}
+        names = [tm["name"] for tm in attacks["threat_models"]]
+        run = sec.get("enabled", False) and threat in (sec.get("threat_models") or names)
+        return list(sec["settings"]) if run else []
+
+    @classmethod
     def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
         """Network calls per attacked image of one run on a chain of ``S`` network calls, and
         whether the count is an upper bound."""

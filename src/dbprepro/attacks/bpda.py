@@ -21,9 +21,7 @@ class BPDA(PGD):
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
-        b = attacks["bpda"]
-        names = [tm["name"] for tm in attacks["threat_models"]]
-        return list(b["settings"]) if b["enabled"] and threat in (b["threat_models"] or names) else []
+        return cls.section_settings(attacks, threat)
 
     @classmethod
     def gradient_calls(cls, S: int, grad_mode: str) -> Calls:

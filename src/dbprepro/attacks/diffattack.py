@@ -86,9 +86,7 @@ class DiffAttack(PGD):
     # -- the registered attack ------------------------------------------------------------------
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
-        d = attacks["diffattack"]
-        names = [tm["name"] for tm in attacks["threat_models"]]
-        return list(d["settings"]) if d["enabled"] and threat in (d["threat_models"] or names) else []
+        return cls.section_settings(attacks, threat)
 
     @classmethod
     def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:

@@ -125,9 +125,7 @@ class DiffHammer(Attack):
     # -- the registered attack ------------------------------------------------------------------
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
-        d = attacks["diffhammer"]
-        names = [tm["name"] for tm in attacks["threat_models"]]
-        return list(d["settings"]) if d["enabled"] and threat in (d["threat_models"] or names) else []
+        return cls.section_settings(attacks, threat)
 
     @classmethod
     def eval_draws(cls, attacks: dict[str, Any]) -> int:

@@ -100,11 +100,7 @@ class Surrogate(Attack):
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
-        s = attacks.get("surrogate") or {}
-        if not s.get("enabled", False):
-            return []
-        names = [tm["name"] for tm in attacks["threat_models"]]
-        return list(s["settings"]) if threat in (s.get("threat_models") or names) else []
+        return cls.section_settings(attacks, threat)
 
     @classmethod
     def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str,

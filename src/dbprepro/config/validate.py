@@ -93,6 +93,22 @@ def _migrate_deprecated(config: dict[str, Any]) -> None:
                   DeprecationWarning, stacklevel=3)
 
 
+def _subset_checks(key: str, sec: dict[str, Any], att: dict[str, Any], names: list[str], active: bool) -> None:
+    """A section that attacks a subset of the grid (``families``, ``vote``): its threat models are
+    names of ``attacks.threat_models``; its ``n_images`` fit in ``attacks.n_images`` and, when the
+    section is ``active``, fill ``attacks.shards`` batches."""
+    for tm in sec["threat_models"]:
+        if tm not in names:
+            raise ConfigError(f"config key {key}.threat_models: {tm!r} is not a name in attacks.threat_models "
+                              f"({', '.join(names)})")
+    n = sec["n_images"]
+    if n is not None and n > att["n_images"]:
+        raise ConfigError(f"config key {key}.n_images: {n} exceeds attacks.n_images ({att['n_images']})")
+    if active and n is not None and att["shards"] > -(-n // att["batch_size"]):
+        raise ConfigError(f"config key {key}.n_images: {n} images are fewer than attacks.shards "
+                          f"({att['shards']}) batches of {att['batch_size']}")
+
+
 def _semantic_checks(cfg: dict[str, Any]) -> None:
     data, clf, dif = cfg["data"], cfg["classifier"], cfg["diffusion"]
     if data["dataset"] == "cifar10" and "download" not in data:
@@ -138,15 +154,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"config key attacks.autoattack.threat_models: {tm!r} is not a name in "
                               f"attacks.threat_models ({', '.join(names)})")
     fam = cfg["families"]
-    for tm in fam["threat_models"]:
-        if tm not in names:
-            raise ConfigError(f"config key families.threat_models: {tm!r} is not a name in attacks.threat_models "
-                              f"({', '.join(names)})")
-    if fam["n_images"] is not None and fam["n_images"] > att["n_images"]:
-        raise ConfigError(f"config key families.n_images: {fam['n_images']} exceeds attacks.n_images ({att['n_images']})")
-    if fam["names"] and fam["n_images"] is not None and att["shards"] > -(-fam["n_images"] // att["batch_size"]):
-        raise ConfigError(f"config key families.n_images: {fam['n_images']} images are fewer than attacks.shards "
-                          f"({att['shards']}) batches of {att['batch_size']}")
+    _subset_checks("families", fam, att, names, bool(fam["names"]))
     if fam["names"] and fam["addt"] and not (cfg["addt"]["enabled"] and "addt" in cfg["addt"]["variants"]):
         raise ConfigError("config key families.addt: needs addt.enabled and 'addt' in addt.variants "
                           "(or set families.addt: false)")
@@ -170,15 +178,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
 def _vote_checks(cfg: dict[str, Any], names: list[str]) -> None:
     """``vote``: threat models named in ``attacks.threat_models``, at most ``attacks.n_images`` images."""
     vote, att = cfg["vote"], cfg["attacks"]
-    for tm in vote["threat_models"]:
-        if tm not in names:
-            raise ConfigError(f"config key vote.threat_models: {tm!r} is not a name in attacks.threat_models "
-                              f"({', '.join(names)})")
-    if vote["n_images"] is not None and vote["n_images"] > att["n_images"]:
-        raise ConfigError(f"config key vote.n_images: {vote['n_images']} exceeds attacks.n_images ({att['n_images']})")
-    if vote["enabled"] and vote["n_images"] is not None and att["shards"] > -(-vote["n_images"] // att["batch_size"]):
-        raise ConfigError(f"config key vote.n_images: {vote['n_images']} images are fewer than attacks.shards "
-                          f"({att['shards']}) batches of {att['batch_size']}")
+    _subset_checks("vote", vote, att, names, bool(vote["enabled"]))
 
 
 def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:
