@@ -51,10 +51,10 @@ def analysis_n_images(cfg):
 def test_the_runs_section_leaves_the_new_key_out_so_other_runs_keep_their_params():
     cfg = default()
     exp = Experiment.from_config(cfg)
-    from dbprepro.config.experiment import OWN_RUNS_ONLY
+    from dbprepro.config.experiment import private_sections
 
     # the section before the key (issue 17's attack sections go to their own runs only)
-    before = {k: v for k, v in cfg["attacks"].items() if k != "dwbox_n_images" and k not in OWN_RUNS_ONLY}
+    before = {k: v for k, v in cfg["attacks"].items() if k != "dwbox_n_images" and k not in private_sections()}
     assert exp.attacks("vanilla", "whitebox_eot", "pgd") == before
     assert exp.attacks("vanilla", "dwbox", "pgd") == {**before, "n_images": 256}
     assert list(exp.attacks("addt", "dwbox", "pgd")) == list(before)  # same keys, same order

@@ -69,6 +69,9 @@ class Attack:
     name: ClassVar[str]
     #: its own section under ``attacks`` in the config (None: no settings of its own)
     config_section: ClassVar[str | None] = None
+    #: whether only this attack's own runs receive its section in their params (an attack added
+    #: after the DAG's first runs: its section then changes no other run's params)
+    private_section: ClassVar[bool] = False
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:
@@ -84,6 +87,19 @@ class Attack:
         names = [tm["name"] for tm in attacks["threat_models"]]
         run = sec.get("enabled", False) and threat in (sec.get("threat_models") or names)
         return list(sec["settings"]) if run else []
+
+    @classmethod
+    def defenses(cls, attacks: dict[str, Any]) -> list[str]:
+        """The defenses this attack runs on in :meth:`settings`' settings: ``vanilla`` (paper 1's
+        main table); an attack whose own section has ``defenses`` reads it from there."""
+        sec = attacks.get(cls.config_section) or {} if cls.config_section else {}
+        return list(sec.get("defenses") or ["vanilla"])
+
+    @classmethod
+    def n_images(cls, attacks: dict[str, Any]) -> int | None:
+        """Images this attack's runs attack (its own section's ``n_images``; None: the defense's)."""
+        sec = attacks.get(cls.config_section) or {} if cls.config_section else {}
+        return sec.get("n_images")
 
     @classmethod
     def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:

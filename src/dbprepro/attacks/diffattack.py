@@ -82,6 +82,7 @@ class DiffAttack(PGD):
 
     name = "diffattack"
     config_section = "diffattack"
+    private_section = True
 
     # -- the registered attack ------------------------------------------------------------------
     @classmethod

@@ -121,6 +121,7 @@ class DiffHammer(Attack):
 
     name = "diffhammer"
     config_section = "diffhammer"
+    private_section = True
 
     # -- the registered attack ------------------------------------------------------------------
     @classmethod

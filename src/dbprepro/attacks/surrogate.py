@@ -97,6 +97,7 @@ class Surrogate(Attack):
 
     name = "surrogate"
     config_section = "surrogate"
+    private_section = True
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:

@@ -18,9 +18,15 @@ from ..errors import ConfigError
 
 UNDEFENDED = "undefended"
 VOTE_DEFENSE = "vanilla_vote"  #: the majority-vote defense of the ``vote`` section
-#: sections of ``attacks`` read by one attack only (its name), left out of the other runs' params, so
-#: that adding them changed no existing run of the DAG
-OWN_RUNS_ONLY: tuple[str, ...] = ("surrogate", "diffattack", "diffhammer")
+
+
+def private_sections() -> dict[str, str]:
+    """Sections of ``attacks`` read by one attack only (section -> attack; the registered classes
+    with ``private_section``): left out of the other runs' params, so that adding them changed no
+    existing run of the DAG."""
+    from ..attacks.registry import ATTACKS
+
+    return {cls.config_section: name for name, cls in ATTACKS.items() if cls.private_section}
 
 
 class AttackRun(NamedTuple):
@@ -150,14 +156,28 @@ class Experiment:
         defenses (vanilla and the ADDT variants), else ``attacks.n_images``.  Without ``setting``
         and ``attack``: the section of the defense's other runs.  The section leaves out
         ``dwbox_n_images`` (resolved into ``n_images``), so the params of the runs it does not
-        concern are unchanged by it; likewise the sections of :data:`OWN_RUNS_ONLY` go to their
-        own attack's runs only."""
+        concern are unchanged by it; likewise the :func:`private_sections` go to their own
+        attack's runs only."""
+        private = private_sections()
         section = {k: v for k, v in self.cfg["attacks"].items()
-                   if k != "dwbox_n_images" and (k not in OWN_RUNS_ONLY or k == attack)}
+                   if k != "dwbox_n_images" and (k not in private or private[k] == attack)}
+        for k in set(section) & set(private):  # where it runs is the grid's business, not the run's
+            section[k] = {kk: vv for kk, vv in section[k].items() if kk not in ("defenses", "n_images")}
         return {**section, "n_images": self.attack_n_images(name, setting, attack)}
 
     def attack_n_images(self, name: str, setting: str | None = None, attack: str | None = None) -> int:
-        """Images attacked by the run (defense ``name``, ``setting``, ``attack``): see :meth:`attacks`."""
+        """Images attacked by the run (defense ``name``, ``setting``, ``attack``): see :meth:`attacks`;
+        an attack whose section sets ``n_images`` (:meth:`~dbprepro.attacks.base.Attack.n_images`)
+        attacks at most that many of them."""
+        n = self._defense_n_images(name, setting, attack)
+        if attack is not None and name != UNDEFENDED:
+            from ..attacks.registry import attack_class
+
+            own = attack_class(attack).n_images(self.cfg["attacks"])
+            n = n if own is None else min(n, int(own))
+        return n
+
+    def _defense_n_images(self, name: str, setting: str | None, attack: str | None) -> int:
         att = self.cfg["attacks"]
         if name == UNDEFENDED:
             return att["n_images"]
@@ -183,8 +203,9 @@ class Experiment:
     # -- the attack grid ------------------------------------------------------------------------
     def attack_runs(self, fixed_configs: bool = False) -> list[AttackRun]:
         """Every configured attack run: the undefended reference, every registered attack's runs on
-        the vanilla purifier (paper 1's main table), the ADDT defenses in their settings, the
-        families and the vote defense (``vote.enabled``).  With ``fixed_configs``, also paper 2's attacks on the further fixed randomness
+        the vanilla purifier (paper 1's main table) and on the further defenses its section lists
+        (``defenses``: the adaptive attacks of the waterfall), the ADDT defenses in their settings,
+        the families and the vote defense (``vote.enabled``).  With ``fixed_configs``, also paper 2's attacks on the further fixed randomness
         configurations (``dwbox_c<k>``, :func:`fixed_setting_name`)."""
         from ..attacks.registry import ATTACKS
 
@@ -194,6 +215,12 @@ class Experiment:
         for tm in names:
             for attack, cls in ATTACKS.items():
                 runs += [AttackRun("vanilla", tm, s, attack) for s in cls.settings(att, tm)]
+        for attack, cls in ATTACKS.items():  # the attacks run on further defenses (their ``defenses``)
+            for d in cls.defenses(att):
+                if d == "vanilla":
+                    continue
+                self.defense(d)  # a ConfigError naming the defenses if unknown
+                runs += [AttackRun(d, tm, s, attack) for tm in names for s in cls.settings(att, tm)]
         for v in self.addt_variants:
             for tm in cfg["addt"]["attack_threat_models"]:
                 runs += [AttackRun(v, tm, s, "pgd") for s in self.addt_settings(v)]

@@ -159,6 +159,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         raise ConfigError("config key families.addt: needs addt.enabled and 'addt' in addt.variants "
                           "(or set families.addt: false)")
     _vote_checks(cfg, names)
+    _attack_defenses_checks(cfg)
     an = cfg["analysis"]
     if an["threat_model"] is not None and an["threat_model"] not in names:
         raise ConfigError(f"config key analysis.threat_model: {an['threat_model']!r} is not a name in "
@@ -179,6 +180,25 @@ def _vote_checks(cfg: dict[str, Any], names: list[str]) -> None:
     """``vote``: threat models named in ``attacks.threat_models``, at most ``attacks.n_images`` images."""
     vote, att = cfg["vote"], cfg["attacks"]
     _subset_checks("vote", vote, att, names, bool(vote["enabled"]))
+
+
+def _attack_defenses_checks(cfg: dict[str, Any]) -> None:
+    """Every attack's ``defenses`` (its own section's, :meth:`~dbprepro.attacks.base.Attack.defenses`)
+    are defenses of the experiment; its own ``n_images`` fill ``attacks.shards`` batches."""
+    from ..attacks.registry import ATTACKS
+    from .experiment import Experiment
+
+    known = Experiment.from_config(cfg).defenses
+    for name, cls in ATTACKS.items():
+        bad = [d for d in cls.defenses(cfg["attacks"]) if d not in known]
+        if bad:
+            raise ConfigError(f"config key attacks.{cls.config_section}.defenses: {bad} are not defenses of this "
+                              f"configuration (defenses: {', '.join(known)})")
+        n, att = cls.n_images(cfg["attacks"]), cfg["attacks"]
+        if n is not None and any(cls.settings(att, tm["name"]) for tm in att["threat_models"]) \
+                and att["shards"] > -(-min(n, att["n_images"]) // att["batch_size"]):
+            raise ConfigError(f"config key attacks.{cls.config_section}.n_images: {n} images are fewer than "
+                              f"attacks.shards ({att['shards']}) batches of {att['batch_size']}")
 
 
 def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:
