@@ -19,6 +19,25 @@ def tiny_diffusion():
 
 
 @pytest.fixture
+def defended(tiny_diffusion):
+    """The stand-in defense of the attack tests, as a factory: ``defended(setting, fixed_draw=0)``
+    is a small untrained classifier (``SmallCNN``, width 8, hidden 16, seeded with 0 at each call)
+    after a DDPM purifier of :func:`tiny_diffusion` (t* = 0.1, 100-step schedule) whose randomness
+    is the one ``setting`` needs (``settings_randomness(setting, seed=0, fixed_draw=fixed_draw)``)."""
+    from dbprepro.attacks import settings_randomness
+    from dbprepro.models.classifiers import SmallCNN
+    from dbprepro.purifiers import DefendedClassifier, Purifier
+
+    def make(setting, fixed_draw=0):
+        torch.manual_seed(0)
+        clf = SmallCNN(width=8, hidden=16).eval()
+        p = Purifier(*tiny_diffusion, t_star=0.1, num_inference_steps=100,
+                     randomness=settings_randomness(setting, seed=0, fixed_draw=fixed_draw))
+        return DefendedClassifier(clf, p)
+
+    return make
+
+@pytest.fixture
 def stage_inputs(tiny_diffusion, tmp_path):
     """What a model stage reads, on disk in ``tmp_path``: the digits split, the tiny diffusion
     model (``diffusion/``) and a small untrained classifier (``clf/``); returns the paths by name."""

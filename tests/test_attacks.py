@@ -7,18 +7,8 @@ import torchattacks
 
 from dbprepro.attacks import (PGD, EVAL_DRAW_OFFSET, attack_batch, evaluate_draws, project,
                               settings_randomness, summarise_evaluations)
-from dbprepro.models.classifiers import SmallCNN
-from dbprepro.purifiers import DefendedClassifier, Purifier
 
 EPS, ALPHA = 8 / 255, 2 / 255
-
-
-def defended(tiny_diffusion, setting, fixed_draw=0):
-    torch.manual_seed(0)
-    clf = SmallCNN(width=8, hidden=16).eval()
-    p = Purifier(*tiny_diffusion, t_star=0.1, num_inference_steps=100,
-                 randomness=settings_randomness(setting, seed=0, fixed_draw=fixed_draw))
-    return DefendedClassifier(clf, p)
 
 
 def data(b=4):
@@ -26,44 +16,44 @@ def data(b=4):
     return torch.rand(b, 1, 8, 8, generator=g), torch.randint(0, 10, (b,), generator=g), torch.arange(100, 100 + b)
 
 
-def test_dwbox_model_is_deterministic_whitebox_model_is_not(tiny_diffusion):
+def test_dwbox_model_is_deterministic_whitebox_model_is_not(defended):
     x, _, ids = data()
-    dw = defended(tiny_diffusion, "dwbox")
+    dw = defended("dwbox")
     with dw.bind(ids=ids):
         assert torch.equal(dw(x), dw(x))
-    wb = defended(tiny_diffusion, "whitebox")
+    wb = defended("whitebox")
     with wb.bind(ids=ids):
         assert not torch.equal(wb(x), wb(x))
 
 
-def test_setting_must_match_the_purifier_randomness(tiny_diffusion):
+def test_setting_must_match_the_purifier_randomness(defended):
     with pytest.raises(ValueError, match="fixed"):
-        PGD(defended(tiny_diffusion, "whitebox"), "dwbox")
+        PGD(defended("whitebox"), "dwbox")
     with pytest.raises(ValueError, match="random"):
-        PGD(defended(tiny_diffusion, "dwbox"), "whitebox_eot")
+        PGD(defended("dwbox"), "whitebox_eot")
 
 
-def test_draw_schedule_of_each_setting(tiny_diffusion):
-    wb = PGD(defended(tiny_diffusion, "whitebox"), "whitebox", steps=3, eot=10)
+def test_draw_schedule_of_each_setting(defended):
+    wb = PGD(defended("whitebox"), "whitebox", steps=3, eot=10)
     assert wb.eot == 1 and [wb.draws(0, s).tolist() for s in range(3)] == [[0], [1], [2]]
-    eot = PGD(defended(tiny_diffusion, "whitebox_eot"), "whitebox_eot", steps=3, eot=2)
+    eot = PGD(defended("whitebox_eot"), "whitebox_eot", steps=3, eot=2)
     assert [eot.draws(0, s).tolist() for s in range(2)] == [[0, 1], [2, 3]]
-    dw = PGD(defended(tiny_diffusion, "dwbox", fixed_draw=3), "dwbox", steps=3, eot=10)
+    dw = PGD(defended("dwbox", fixed_draw=3), "dwbox", steps=3, eot=10)
     assert dw.eot == 1 and dw.draws(0, 0).tolist() == dw.draws(0, 2).tolist() == [3]
 
 
-def test_dwbox_pgd_equals_torchattacks_pgd_on_the_fixed_purifier(tiny_diffusion):
+def test_dwbox_pgd_equals_torchattacks_pgd_on_the_fixed_purifier(defended):
     x, y, ids = data()
-    model = defended(tiny_diffusion, "dwbox")
+    model = defended("dwbox")
     ours = PGD(model, "dwbox", "linf", EPS, ALPHA, steps=3)(x, y, ids).x_adv
     with model.bind(ids=ids):
         ref = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=3, random_start=False)(x, y)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
 
 
-def test_batched_eot_gradient_equals_the_sequential_sum(tiny_diffusion):
+def test_batched_eot_gradient_equals_the_sequential_sum(defended):
     x, y, ids = data(3)
-    attack = PGD(defended(tiny_diffusion, "whitebox_eot"), "whitebox_eot", steps=1, eot=4)
+    attack = PGD(defended("whitebox_eot"), "whitebox_eot", steps=1, eot=4)
     draws = torch.arange(4)
     loss, grad = attack.loss_and_grad(x, y, ids, draws)
     seq_grad, seq_loss = torch.zeros_like(x), torch.zeros(3)
@@ -79,9 +69,9 @@ def test_batched_eot_gradient_equals_the_sequential_sum(tiny_diffusion):
 
 
 @pytest.mark.parametrize("norm, eps, alpha", [("linf", EPS, ALPHA), ("l2", 0.5, 0.1)])
-def test_pgd_stays_in_the_ball_and_raises_the_dwbox_loss(tiny_diffusion, norm, eps, alpha):
+def test_pgd_stays_in_the_ball_and_raises_the_dwbox_loss(defended, norm, eps, alpha):
     x, y, ids = data(4)
-    res = PGD(defended(tiny_diffusion, "dwbox"), "dwbox", norm, eps, alpha, steps=4, track=2)(x, y, ids)
+    res = PGD(defended("dwbox"), "dwbox", norm, eps, alpha, steps=4, track=2)(x, y, ids)
     d = (res.x_adv - x).flatten(1)
     bound = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
     assert (bound <= eps + 1e-6).all() and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
@@ -107,23 +97,23 @@ def test_evaluation_bookkeeping():
     assert s["vote"].tolist() == [1, 1, 0, 1]
 
 
-def test_evaluation_draws_are_unseen_in_stochastic_settings_and_fixed_in_dwbox(tiny_diffusion):
+def test_evaluation_draws_are_unseen_in_stochastic_settings_and_fixed_in_dwbox(defended):
     x, _, ids = data(2)
-    wb = defended(tiny_diffusion, "whitebox")
+    wb = defended("whitebox")
     seen = []
     real = wb.purifier.randomness.generators
     wb.purifier.randomness.generators = lambda i, d, s, t: seen.append(np.asarray(d).tolist()) or real(i, d, s, t)
     evaluate_draws(wb, x, ids, 3, "whitebox")
     assert {v for row in seen for v in row} == {EVAL_DRAW_OFFSET, EVAL_DRAW_OFFSET + 1, EVAL_DRAW_OFFSET + 2}
-    dw = defended(tiny_diffusion, "dwbox")
+    dw = defended("dwbox")
     p = evaluate_draws(dw, x, ids, 3, "dwbox")
     with dw.bind(ids=ids):
         assert (p == dw(x).argmax(1).numpy()[:, None]).all()
 
 
-def test_attack_batch_columns(tiny_diffusion):
+def test_attack_batch_columns(defended):
     x, y, ids = data(2)
-    cols, res = attack_batch(defended(tiny_diffusion, "whitebox_eot"), x, y, ids, attack="bpda",
+    cols, res = attack_batch(defended("whitebox_eot"), x, y, ids, attack="bpda",
                              setting="whitebox_eot", norm="linf", eps=EPS, alpha=ALPHA,
                              pgd={"steps": 2, "eot": 2, "random_start": False, "restarts": 1}, eval_draws=3)
     assert set(cols) >= {"id", "correct_single", "correct_mean", "correct_worst", "correct_vote", "norm_linf"}

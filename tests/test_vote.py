@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from dbprepro.attacks import EVAL_DRAW_OFFSET, PGD, attack_batch, evaluate_draws, settings_randomness
-from dbprepro.models.classifiers import SmallCNN
-from dbprepro.purifiers import DefendedClassifier, Purifier
 from dbprepro.purifiers.vote import VoteDefense, majority, vote_defense, vote_draws
 
 EPS, ALPHA = 8 / 255, 2 / 255
-
-
-def defense(tiny_diffusion, setting="whitebox_eot", fixed_draw=0):
-    torch.manual_seed(0)
-    clf = SmallCNN(width=8, hidden=16).eval()
-    p = Purifier(*tiny_diffusion, t_star=0.1, num_inference_steps=100,
-                 randomness=settings_randomness(setting, seed=0, fixed_draw=fixed_draw))
-    return DefendedClassifier(clf, p)
 
 
 def data(b=3):
@@ -31,8 +21,8 @@ def data(b=3):
 # -- V = 1 is the single-draw defense ----------------------------------------------------------------
 
 @pytest.mark.parametrize("setting", ["whitebox_eot", "dwbox"])
-def test_one_vote_equals_the_single_draw_defense(tiny_diffusion, setting):
-    single = defense(tiny_diffusion, setting)
+def test_one_vote_equals_the_single_draw_defense(defended, setting):
+    single = defended(setting)
     vote = vote_defense(single, 1)
     x, y, ids = data()
     d = torch.tensor([0, 7, 2])
@@ -49,8 +39,8 @@ def test_one_vote_equals_the_single_draw_defense(tiny_diffusion, setting):
     assert all(np.array_equal(a_cols[k], b_cols[k]) for k in a_cols)
 
 
-def test_fixed_mode_votes_once_with_the_configuration(tiny_diffusion):
-    single = defense(tiny_diffusion, "dwbox_c2", fixed_draw=2)
+def test_fixed_mode_votes_once_with_the_configuration(defended):
+    single = defended("dwbox_c2", fixed_draw=2)
     vote = vote_defense(single, 5)
     x, _, ids = data()
     d = torch.full((3,), 2)
@@ -131,8 +121,8 @@ def test_each_evaluation_draw_is_a_vote_over_its_own_purifications():
 
 # -- replayable ----------------------------------------------------------------------------------------
 
-def test_same_ids_and_draws_give_the_same_votes(tiny_diffusion):
-    vote = vote_defense(defense(tiny_diffusion), 3)
+def test_same_ids_and_draws_give_the_same_votes(defended):
+    vote = vote_defense(defended("whitebox_eot"), 3)
     x, y, ids = data()
     d = torch.tensor([4, 4, 9])
     with torch.no_grad():
@@ -145,8 +135,8 @@ def test_same_ids_and_draws_give_the_same_votes(tiny_diffusion):
     assert torch.equal(pgd(x, y, ids).x_adv, pgd(x, y, ids).x_adv)
 
 
-def test_bpda_copy_keeps_the_votes(tiny_diffusion):
-    vote = vote_defense(defense(tiny_diffusion), 4)
+def test_bpda_copy_keeps_the_votes(defended):
+    vote = vote_defense(defended("whitebox_eot"), 4)
     bpda = vote.with_purifier(vote.purifier.with_grad_mode("bpda"))
     assert isinstance(bpda, VoteDefense) and bpda.votes == 4
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from ..calls import Calls, defended_grad
 from .base import NORMS, Attack, AttackResult, Norm, ascent_direction, evaluation_calls, perturbation_norms, project
+from .pgd import step_draws
 from .protocols import Setting, _check_randomness, base_setting, evaluate_draws, summarise_evaluations
 from .registry import register_attack
 
@@ -180,11 +181,8 @@ class DiffHammer(Attack):
         self.eot_chunk, self.track = int(eot_chunk), int(track)
 
     def draws(self, restart: int, step: int) -> torch.Tensor:
-        """Draw indices [K] of ``step`` of ``restart`` (PGD's schedule)."""
-        if self.setting == "dwbox":
-            return torch.full((1,), self.model.purifier.randomness.fixed_draw, dtype=torch.long)
-        base = (restart * (self.steps + 1) + step) * self.K
-        return torch.arange(base, base + self.K, dtype=torch.long)
+        """Draw indices [K] of ``step`` of ``restart`` (PGD's schedule, :func:`~dbprepro.attacks.pgd.step_draws`)."""
+        return step_draws(self.setting, self.model.purifier.randomness.fixed_draw, restart, step, self.steps, self.K)
 
     def per_draw(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Every draw the attacker uses is an explicit index of the purifier's replayable
 :class:`~dbprepro.randomness.Randomness`: step s, EOT sample k, restart r of a random-mode attack
-uses draw ``(r * steps + s) * K + k``; evaluation draws start at
+uses draw ``(r * (steps + 1) + s) * K + k`` (:func:`step_draws`); evaluation draws start at
 :data:`~dbprepro.attacks.protocols.EVAL_DRAW_OFFSET`, so the attacker never sees the noise it is
 evaluated with (except in ``dwbox``, by definition).
 
@@ -25,6 +25,19 @@ from ..randomness import Stream
 from .base import NORMS, Attack, AttackResult, Norm, ascent_direction, evaluation_calls, perturbation_norms, project
 from .protocols import Setting, _check_randomness, base_setting, evaluate_draws, summarise_evaluations
 from .registry import register_attack
+
+
+def step_draws(setting: str, fixed_draw: int, restart: int, step: int, steps: int, K: int) -> torch.Tensor:
+    """Draw indices an attacker uses at ``step`` of ``restart`` (``steps`` steps, ``K`` draws a step):
+    in ``dwbox`` (``setting`` is the base setting) the one fixed configuration ``fixed_draw``, a
+    tensor of one; otherwise ``(restart * (steps + 1) + step) * K + k`` for k < K, so every step of
+    every restart, including the pass that measures the final iterate (step = steps), has draws of
+    its own.  :class:`PGD` (and its subclasses) and :class:`~dbprepro.attacks.diffhammer.DiffHammer`
+    key their draws here, so the same step of either attack replays the same noise."""
+    if setting == "dwbox":
+        return torch.full((1,), fixed_draw, dtype=torch.long)
+    base = (restart * (steps + 1) + step) * K
+    return torch.arange(base, base + K, dtype=torch.long)
 
 
 @register_attack
@@ -90,10 +103,7 @@ class PGD(Attack):
 
     def draws(self, restart: int, step: int) -> torch.Tensor:
         """Draw indices [eot] used at ``step`` of ``restart``."""
-        if self.setting == "dwbox":
-            return torch.full((1,), self.model.purifier.randomness.fixed_draw, dtype=torch.long)
-        base = (restart * (self.steps + 1) + step) * self.eot
-        return torch.arange(base, base + self.eot, dtype=torch.long)
+        return step_draws(self.setting, self.model.purifier.randomness.fixed_draw, restart, step, self.steps, self.eot)
 
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:

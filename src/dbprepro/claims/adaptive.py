@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .base import Claim, RunData
+from .base import Claim, RunData, paired_runs
 
 COLUMN = "correct_single"
 
@@ -61,16 +61,6 @@ def _ensemble_pair(threat: str, a: str, b: str, **kw: Any):
     return compute
 
 
-def _pair(threat: str, setting: str, attack: str, a: str, b: str, **kw: Any):
-    def compute(data: RunData, seed: int):
-        ra, rb = data.run(a, threat, setting, attack), data.run(b, threat, setting, attack)
-        ids = ra.index.intersection(rb.index)
-        va, vb = ra.loc[ids, COLUMN].to_numpy(float), rb.loc[ids, COLUMN].to_numpy(float)
-        return stats.paired_binary(va, vb, seed=seed, **kw), float(va.mean()), float(vb.mean())
-
-    return compute
-
-
 def adaptive_claims(data: RunData, a: str = "addt", b: str = "vanilla", **kw: Any) -> list[Claim]:
     """ADDT (``a``) > vanilla (``b``) under each non-PGD attack both were run with, and under the
     per-image ensemble of all their runs, per threat model."""
@@ -84,7 +74,8 @@ def adaptive_claims(data: RunData, a: str = "addt", b: str = "vanilla", **kw: An
                 f"p1_addt_gain_{attack}_{setting}_{tm}", "P1", "ADDT under adaptive attacks (issue 17)",
                 f"ADDT > vanilla under {attack} ({setting})",
                 f"{a}: {attack} {setting} robust accuracy", f"{b}: {attack} {setting} robust accuracy", +1, tm,
-                _pair(tm, setting, attack, a, b, **kw)))
+                paired_runs((a, tm, setting, attack), (b, tm, setting, attack), COLUMN,
+                            test=stats.paired_binary, **kw)))
         if len(shared) > 1:
             names = ", ".join(f"{atk} {s}" for s, atk in shared)
             claims.append(Claim(

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from . import stats
-from .base import Claim, RunData
+from .base import Claim, RunData, paired_runs
 
 #: Paper 1's ablation orderings (DW-box): (variant compared with ADDT, statement, note)
 ABLATIONS = (
@@ -18,19 +15,6 @@ ABLATIONS = (
     ("addt_no_rbgm", "ADDT > ADDT w/o RBGM (Table 6)",
      "direction assumed: paper 1 keeps RBGM in ADDT; its Table 6 numbers are unconfirmed"),
 )
-
-
-def _paired_runs(a: tuple[str, str, str, str], b: tuple[str, str, str, str], column: str,
-                 **kw: Any) -> Callable[[RunData, int], tuple[stats.Result, float, float]]:
-    def compute(data: RunData, seed: int):
-        ra, rb = data.run(*a), data.run(*b)
-        ids = ra.index.intersection(rb.index)
-        va, vb = ra.loc[ids, column].to_numpy(float), rb.loc[ids, column].to_numpy(float)
-        binary = np.isin(va, (0.0, 1.0)).all() and np.isin(vb, (0.0, 1.0)).all()
-        test = stats.paired_binary if binary else stats.paired_values  # scores (mean over draws): values
-        return test(va, vb, seed=seed, **kw), float(va.mean()), float(vb.mean())
-
-    return compute
 
 
 def _label(defense: str, setting: str, attack: str = "pgd") -> str:
@@ -54,7 +38,7 @@ def paper1_claims(data: RunData, defenses: dict[str, dict[str, Any]], **kw: Any)
                     f"p1_dwbox_stronger_{d}_{tm}", "P1", "DW-box vs White-box-EoT (Fig. 3, main table)",
                     f"DW-box < White-box-EoT: fixing the randomness makes the attack stronger ({d})",
                     _label(d, "dwbox"), _label(d, "whitebox_eot"), -1, tm,
-                    _paired_runs((d, tm, "dwbox", "pgd"), (d, tm, "whitebox_eot", "pgd"), col, **kw)))
+                    paired_runs((d, tm, "dwbox", "pgd"), (d, tm, "whitebox_eot", "pgd"), col, **kw)))
         for setting in ("dwbox", "whitebox_eot"):
             for d, base in base_of.items():
                 if base and data.has(d, tm, setting) and data.has(base, tm, setting):
@@ -62,20 +46,20 @@ def paper1_claims(data: RunData, defenses: dict[str, dict[str, Any]], **kw: Any)
                         f"p1_addt_gain_{d}_{setting}_{tm}", "P1", "ADDT (Fig. 6, main table)",
                         f"ADDT > vanilla under {'DW-box' if setting == 'dwbox' else 'White-box-EoT'} ({d} vs {base})",
                         _label(d, setting), _label(base, setting), +1, tm,
-                        _paired_runs((d, tm, setting, "pgd"), (base, tm, setting, "pgd"), col, **kw)))
+                        paired_runs((d, tm, setting, "pgd"), (base, tm, setting, "pgd"), col, **kw)))
         for variant, statement, note in ABLATIONS:
             if data.has("addt", tm, "dwbox") and data.has(variant, tm, "dwbox"):
                 claims.append(Claim(
                     f"p1_ablation_{variant}_{tm}", "P1", "ADDT ablation (Table 6)", statement + " (DW-box)",
                     _label("addt", "dwbox"), _label(variant, "dwbox"), +1, tm,
-                    _paired_runs(("addt", tm, "dwbox", "pgd"), (variant, tm, "dwbox", "pgd"), col, **kw), note))
+                    paired_runs(("addt", tm, "dwbox", "pgd"), (variant, tm, "dwbox", "pgd"), col, **kw), note))
         if data.has("vanilla", tm, "whitebox_eot", "bpda") and data.has("vanilla", tm, "whitebox_eot"):
             claims.append(Claim(
                 f"p1_exact_vs_bpda_{tm}", "P1", "exact gradients (Sec. 3)",
                 "exact-gradient PGD-EoT is stronger than BPDA-EoT (vanilla)",
                 _label("vanilla", "whitebox_eot"), _label("vanilla", "whitebox_eot", "bpda"), -1, tm,
-                _paired_runs(("vanilla", tm, "whitebox_eot", "pgd"), ("vanilla", tm, "whitebox_eot", "bpda"), col,
-                             **kw)))
+                paired_runs(("vanilla", tm, "whitebox_eot", "pgd"), ("vanilla", tm, "whitebox_eot", "bpda"), col,
+                            **kw)))
         aa = data.records[(data.records["defense"] == "vanilla") & (data.records["threat"] == tm)
                           & data.records["attack"].str.startswith("aa_")]
         for (setting, attack), _ in aa.groupby(["setting", "attack"], sort=False):
@@ -85,7 +69,7 @@ def paper1_claims(data: RunData, defenses: dict[str, dict[str, Any]], **kw: Any)
                     f"p1_{attack}_vs_pgd_{tm}", "P1", "AutoAttack protocols (Fixed-AutoAttack, Sec. 4)",
                     f"AutoAttack ({attack}, {setting}) is at least as strong as PGD ({ref}): lower robust accuracy",
                     _label("vanilla", setting, attack), _label("vanilla", ref), -1, tm,
-                    _paired_runs(("vanilla", tm, setting, attack), ("vanilla", tm, ref, "pgd"), col, **kw),
+                    paired_runs(("vanilla", tm, setting, attack), ("vanilla", tm, ref, "pgd"), col, **kw),
                     "AutoAttack's sub-attacks run with the config's reduced budgets (attacks.autoattack)"))
     present = set(data.clean["defense"]) if "defense" in data.clean else set()
     if {"addt", "addt_no_rbgm"} <= present:
