@@ -153,9 +153,25 @@ def test_addt_under_adaptive_attacks_and_their_per_image_ensemble():
     ])
     data = RunData(rec, pd.DataFrame())
     table = claims_table(adaptive_claims(data, resamples=200), data).set_index("claim_id")
-    assert list(table.index) == ["p1_addt_gain_diffhammer_whitebox_eot_linf", "p1_addt_gain_ensemble_linf"]
+    # the fixed-randomness split has one run (DW-box PGD, its own row in paper1.py): no split row
+    assert list(table.index) == ["p1_addt_gain_diffhammer_whitebox_eot_linf", "p1_addt_gain_ensemble_linf",
+                                 "p1_addt_gain_ensemble_stochastic_linf"]
     assert table.loc["p1_addt_gain_diffhammer_whitebox_eot_linf", "estimate"] == 0.0
     # the ensemble: robust under dwbox AND diffhammer AND pgd-eot, per image
     expected_b = float((van["dwbox"] & van["whitebox_eot"]).mean())
     assert table.loc["p1_addt_gain_ensemble_linf", "value_b"] == pytest.approx(expected_b)
     assert table.loc["p1_addt_gain_ensemble_linf", "n"] == n
+    # the stochastic split: diffhammer AND pgd-eot (vanilla survives pgd-eot everywhere here)
+    assert table.loc["p1_addt_gain_ensemble_stochastic_linf", "value_b"] == pytest.approx(van["whitebox_eot"].mean())
+    assert table.loc["p1_addt_gain_ensemble_stochastic_linf", "estimate"] == 0.0
+
+    # a second fixed-randomness run makes the DW-box split: dwbox PGD AND dwbox DiffAttack
+    da = rng.random(n) < 0.5
+    rec2 = pd.concat([rec, _run("vanilla", "dwbox", da, attack="diffattack"),
+                      _run("addt", "dwbox", np.ones(n), attack="diffattack")])
+    data2 = RunData(rec2, pd.DataFrame())
+    t2 = claims_table(adaptive_claims(data2, resamples=200), data2).set_index("claim_id")
+    assert "p1_addt_gain_ensemble_dwbox_linf" in t2.index
+    row = t2.loc["p1_addt_gain_ensemble_dwbox_linf"]
+    assert row["value_b"] == pytest.approx(float((van["dwbox"] & da).mean()))
+    assert "pgd dwbox" in row["note"] and "diffattack dwbox" in row["note"] and "diffhammer" not in row["note"]
