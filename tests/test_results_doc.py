@@ -101,3 +101,26 @@ def test_the_snapshot_is_refused_for_tables_of_another_run_and_copied_for_the_re
     lock.write_text(lock.read_text().replace("b" * 32 + ".dir", tables_hash(tables)))
     text = write_results_doc(tables, lock, out, snapshot=snap)
     assert tables_hash(snap) == tables_hash(tables) and render_results(snap, tables_hash(tables)) == text
+
+
+def test_the_strongest_attack_and_adaptive_claim_sections_keep_only_their_rows(tmp_path):
+    from dbprepro.results_doc import ADAPTIVE_WHERE
+
+    pd.DataFrame([dict(defense=d, threat="linf", evaluation=ev, stage=st, from_stage="DW-box" if st != "BPDA" else "",
+                       attack="pgd", setting="dwbox", n_images=64, robust_accuracy=f"0.{k}{i}{j}77",
+                       ci_low=0.1, ci_high=0.3)
+                  for k, d in enumerate(("vanilla", "addt")) for i, ev in enumerate(("single", "worst"))
+                  for j, st in enumerate(("BPDA", "strongest known"))]).to_csv(tmp_path / "waterfall.csv", index=False)
+    pd.DataFrame([dict(claim_id="p1_a", where="Table 1", claim="x", verdict="holds"),
+                  dict(claim_id="p1_addt_gain_ensemble_dwbox_linf", where=ADAPTIVE_WHERE[1], claim="y",
+                       verdict="not significant")]).to_csv(tmp_path / "claims.csv", index=False)
+    text = render_results(tmp_path, "0" * 32 + ".dir")
+    strongest = text.split("## The strongest known attack")[1].split("\n## ")[0]
+    assert strongest.count("| vanilla ") == strongest.count("| addt ") == 2  # single and worst
+    # only the minimum rows (j = 1), of both evaluations (i) and defenses (k)
+    assert {c for c in ("0.00177", "0.01177", "0.10177", "0.11177") if c in strongest} == {
+        "0.00177", "0.01177", "0.10177", "0.11177"}
+    assert not any(c in strongest for c in ("0.00077", "0.01077", "0.10077", "0.11077"))
+    adaptive = text.split("## Does ADDT's gain")[1].split("\n## ")[0]
+    assert "p1_addt_gain_ensemble_dwbox_linf" in adaptive and "| p1_a " not in adaptive
+    assert "| p1_a " in text.split("## Every testable claim")[1].split("\n## ")[0]

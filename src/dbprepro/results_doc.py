@@ -28,11 +28,21 @@ from .io import atomic_path
 WATERFALL_COLUMNS = ("defense", "threat", "stage", "attack", "setting", "runs", "n_images", "robust_accuracy", "ci_low",
                      "ci_high", "steps", "calls_per_image")
 
-#: (heading, table file, columns shown (None: all), row filter on the ``evaluation`` column)
-SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | None], ...] = (
-    ("Every testable claim of both papers, as a verdict", "claims.csv",
-     ("claim_id", "claim", "threat", "value_a", "value_b", "estimate", "ci_low", "ci_high", "test", "p_value", "p_holm",
-      "n", "mde", "verdict"), None),
+#: claims.csv's columns shown
+CLAIM_COLUMNS = ("claim_id", "claim", "threat", "value_a", "value_b", "estimate", "ci_low", "ci_high", "test", "p_value",
+                 "p_holm", "n", "mde", "verdict")
+#: the ``where`` of the claims on ADDT's gain under the adaptive attacks (dbprepro.claims.adaptive)
+ADAPTIVE_WHERE = ("ADDT under adaptive attacks (issue 17)", "ADDT under the strongest known attack (issue 17)")
+
+#: (heading, table file, columns shown (None: all), row filter: None, the ``evaluation`` to keep, or
+#: {column: the values to keep})
+SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | dict | None], ...] = (
+    ("Every testable claim of both papers, as a verdict", "claims.csv", CLAIM_COLUMNS, None),
+    ("The strongest known attack on each defense (the waterfall's minimum over its stages)", "waterfall.csv",
+     ("defense", "threat", "evaluation", "from_stage", "attack", "setting", "n_images", "robust_accuracy", "ci_low",
+      "ci_high"), {"stage": ("strongest known",)}),
+    ("Does ADDT's gain over vanilla survive the strongest attacks? (the claims on the shared adaptive attacks)",
+     "claims.csv", CLAIM_COLUMNS, {"where": ADAPTIVE_WHERE}),
     ("Paper 1: robust accuracy of every attack run (one-shot evaluation)", "p1_table_main.csv",
      ("defense", "threat", "setting", "attack", "n_images", "clean_accuracy", "robust_accuracy", "ci_low", "ci_high"),
      "single"),
@@ -84,15 +94,16 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
              "> them; a copy is in [`results_tables/`](results_tables/)).  Every number and verdict is a cell of those CSV",
              "> files (the verdicts: `dbprepro.claims`).",
              ""]
-    for heading, name, columns, evaluation in SECTIONS:
+    for heading, name, columns, keep in SECTIONS:
         lines += [f"## {heading}", "", f"`results/tables/{name}`", ""]
         path = tables_dir / name
         if not path.is_file():
             lines += ["(not in this run)", ""]
             continue
         df = pd.read_csv(path, dtype=str, keep_default_na=False)  # the cells exactly as the CSV has them
-        if evaluation is not None:
-            df = df[df["evaluation"] == evaluation]
+        for column, values in ({} if keep is None else {"evaluation": (keep,)} if isinstance(keep, str)
+                               else keep).items():
+            df = df[df[column].isin(values)]
         if columns is not None:
             df = df[[c for c in columns if c in df.columns]]
         lines += [df.to_markdown(index=False, disable_numparse=True), ""]
