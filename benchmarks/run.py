@@ -151,13 +151,16 @@ def child_gradient(model: str, k: int, mode: str, batch: int, grad_file: str) ->
     import numpy as np
     import torch
 
+    from dbprepro.purifiers.base import frozen_storages, saved_nbytes
+
     torch.set_num_threads(1)
-    _, step = gradient_problem(model, k, batch, mode)
+    p, step = gradient_problem(model, k, batch, mode)
     live = {"now": 0, "peak": 0}
+    frozen = frozen_storages(p)  # the UNet's weights, saved by reference: no memory of their own
 
     class Saved:  # a saved tensor, counted while autograd holds it (freed with its graph)
         def __init__(self, t):
-            self.t, self.n = t, t.numel() * t.element_size()
+            self.t, self.n = t, saved_nbytes(t, frozen)
             live["now"] += self.n
             live["peak"] = max(live["peak"], live["now"])
 

@@ -9,7 +9,7 @@ import torch
 
 from dbprepro.config import ConfigError, Experiment, deep_merge, load_yaml, validate_config
 from dbprepro.purifiers import DDIMPurifier, EDMPurifier, Purifier, VPSDEPurifier
-from dbprepro.purifiers.base import MIB
+from dbprepro.purifiers.base import MIB, frozen_storages, saved_nbytes
 from dbprepro.randomness import Randomness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +34,12 @@ def problem(dtype=torch.float64):
 
 
 def gradient_and_saved_bytes(p, x, w, ids):
-    """d(sum w * p(x))/dx and the bytes autograd saved for it (counted as tests/test_purification.py)."""
-    total = [0]
+    """d(sum w * p(x))/dx and the bytes autograd saved for it (counted as the budget counts them:
+    the network's weights, saved by reference, add nothing)."""
+    total, frozen = [0], frozen_storages(p)
 
     def pack(t):
-        total[0] += t.numel() * t.element_size()
+        total[0] += saved_nbytes(t, frozen)
         return t
 
     xx = x.clone().requires_grad_(True)
@@ -152,3 +153,21 @@ def test_config_needs_the_budget_of_grad_mode_budget():
     assert "activation_budget_mb" not in Experiment.from_config(validate_config(base)).purification("vanilla")
     assert "activation_budget_mb" not in Experiment.from_config(validate_config(base)).main_purification()
     assert Experiment.from_config(cfg).purification("vanilla")["activation_budget_mb"] == 0
+
+
+def test_a_frozen_weight_saved_by_reference_is_not_counted():
+    """A frozen conv saves its weight (for the gradient to the input) and its input; only the
+    input is memory of the step's own: the budget counts it alone."""
+    conv = torch.nn.Conv2d(3, 64, 3).requires_grad_(False)
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    frozen, seen = frozen_storages(conv), []
+
+    def pack(t):
+        seen.append((t.numel() * t.element_size(), saved_nbytes(t, frozen)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        conv(x).sum().backward()
+    counted = sum(c for _, c in seen)
+    assert counted == x.numel() * 4  # the input only
+    assert sum(n for n, _ in seen) == counted + conv.weight.numel() * 4  # the weight was saved, by reference
