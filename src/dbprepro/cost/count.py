@@ -126,7 +126,9 @@ def count_calls(cfg: dict) -> list[Job]:
     for d, tm, s, atk in exp.attack_runs(fixed_configs=True):
         per, bound = attack_run_calls(cfg, d, s, atk, exp.purification(d), gm)
         n_d = exp.attack_n_images(d, s, atk)
-        if d in fam:
+        if attack_class(atk).private_section:  # issue 17's adaptive attacks: the waterfall's cells
+            target = "tables/waterfall.csv"
+        elif d in fam:
             target = "tables/p1_table_families.csv"
         elif d in variants:
             target = "tables/p1_table_ablation.csv"
