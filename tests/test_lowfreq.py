@@ -9,23 +9,14 @@ import pytest
 import torch
 from test_attacks import SpyDefense
 
-from dbprepro.attacks import ATTACKS, PGD, settings_randomness
+from dbprepro.attacks import ATTACKS, PGD
 from dbprepro.attacks.lowfreq import (LowFreq, band_mask, band_sides, dct2, dct_matrix, idct2, lowpass,
                                       outside_energy)
 from dbprepro.config import Experiment, load_configs, validate_config
-from dbprepro.models.classifiers import SmallCNN
 from dbprepro.paper1.waterfall import STAGES, run_steps, stage_of
-from dbprepro.purifiers import DefendedClassifier, Purifier
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS, ALPHA = 8 / 255, 2 / 255
-
-
-def defended(tiny_diffusion, setting):
-    torch.manual_seed(0)
-    clf = SmallCNN(width=8, hidden=16).eval()
-    p = Purifier(*tiny_diffusion, t_star=0.1, num_inference_steps=100, randomness=settings_randomness(setting, seed=0))
-    return DefendedClassifier(clf, p)
 
 
 def data(b=3, low=0.0, high=1.0):
@@ -80,10 +71,10 @@ def test_band_and_its_projector():
 @pytest.mark.parametrize("setting,norm,eps,random_start", [("dwbox", "linf", EPS, False),
                                                            ("whitebox_eot", "linf", EPS, True),
                                                            ("whitebox_eot", "l2", 0.5, False)])
-def test_full_band_is_pgd(tiny_diffusion, setting, norm, eps, random_start):
+def test_full_band_is_pgd(defended, setting, norm, eps, random_start):
     """fraction 1.0 keeps every frequency: the same adversarial examples and loss trace as PGD."""
     x, y, ids = data()
-    model = defended(tiny_diffusion, setting)
+    model = defended(setting)
     kw = dict(steps=3, eot=2, random_start=random_start, track=2)
     ref = PGD(model, setting, norm, eps, eps / 4, **kw)(x, y, ids)
     ours = LowFreq(model, setting, norm, eps, eps / 4, fraction=1.0, **kw)(x, y, ids)
@@ -136,7 +127,7 @@ def config(**lowfreq):
                                                      "lowfreq": {"enabled": True, **lowfreq}}})
 
 
-def test_run_batch_replays_and_counts_pgds_calls(tiny_diffusion):
+def test_run_batch_replays_and_counts_pgds_calls(defended):
     """Two runs with the same seed give identical records; the columns are PGD's plus lowfreq_outside;
     the UNet images passed through the network equal calls_per_image, which is PGD's."""
     x, y, ids = data()
@@ -145,7 +136,7 @@ def test_run_batch_replays_and_counts_pgds_calls(tiny_diffusion):
     for setting in ("whitebox_eot", "dwbox"):
         runs = []
         for _ in range(2):  # a fresh defense each time: the records come from the seed, not from state
-            model = defended(tiny_diffusion, setting)
+            model = defended(setting)
             seen = []
             hook = model.purifier.unet.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
             try:
@@ -156,7 +147,7 @@ def test_run_batch_replays_and_counts_pgds_calls(tiny_diffusion):
         (a, ra, na), (b, rb, nb) = runs
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
         assert torch.equal(ra.x_adv, rb.x_adv) and np.array_equal(ra.loss, rb.loss)
-        ref, _ = PGD.run_batch(defended(tiny_diffusion, setting), x, y, ids, setting=setting, threat=tm, attacks=att,
+        ref, _ = PGD.run_batch(defended(setting), x, y, ids, setting=setting, threat=tm, attacks=att,
                                seed=0)
         assert set(a) == set(ref) | {"lowfreq_outside"}
         calls, bound = LowFreq.calls_per_image(att, setting, model.purifier.num_steps, "exact")
