@@ -13,7 +13,7 @@ from dbprepro.config import ConfigError, Experiment, deep_merge, load_yaml, vali
 from dbprepro.config.experiment import private_sections
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTIVE = ("diffattack", "surrogate", "diffhammer")
+ADAPTIVE = ("diffattack", "surrogate", "diffhammer", "lowfreq")
 
 
 def config(**attacks):

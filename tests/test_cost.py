@@ -46,11 +46,15 @@ def test_the_jobs_of_the_smoke_dag(jobs):
     # ablation variant clean_finetune in dwbox only (addt.ablation_settings); paper 2's fixed
     # configuration 1 (configuration 0 is the dwbox run)
     # + paper 1's families (config.yaml: ddim, vpsde, edm): f and f_addt x whitebox_eot, dwbox
-    # + issue 17's adaptive attacks on vanilla (smoke.yaml): DiffAttack x 2 settings, surrogate, DiffHammer
+    # + issue 17's adaptive attacks on vanilla and addt (smoke.yaml): DiffAttack x 2 settings, surrogate, DiffHammer,
+    # the low-frequency attack; + the vote defense's EOT-PGD (smoke.yaml's vote section)
     attacks = sorted(j for j in jobs if j.startswith("attack/"))
-    assert len(attacks) == 12 + 12 + 4 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
-    assert {"attack/vanilla/linf/whitebox_eot/diffattack", "attack/vanilla/linf/dwbox/diffattack",
-            "attack/vanilla/linf/whitebox_eot/surrogate", "attack/vanilla/linf/whitebox_eot/diffhammer"} <= set(attacks)
+    assert len(attacks) == 12 + 12 + 2 * 5 + 1 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    adaptive = {"attack/{d}/linf/whitebox_eot/diffattack", "attack/{d}/linf/dwbox/diffattack",
+                "attack/{d}/linf/whitebox_eot/surrogate", "attack/{d}/linf/whitebox_eot/diffhammer",
+                "attack/{d}/linf/whitebox_eot/lowfreq"}
+    assert {a.format(d=d) for a in adaptive for d in ("vanilla", "addt")} <= set(attacks)
+    assert "attack/vanilla_vote/linf/whitebox_eot/pgd" in attacks
     assert "attack/clean_finetune/linf/whitebox_eot/pgd" not in attacks
     assert "attack/addt/linf/whitebox_eot/pgd" in attacks and "attack/clean_finetune/linf/dwbox/pgd" in attacks
     assert {j.split("/")[1] for j in attacks} >= {"ddim", "ddim_addt", "vpsde", "vpsde_addt", "edm", "edm_addt"}
@@ -75,6 +79,12 @@ HAND = {
     "attack/vanilla/linf/dwbox_c1/pgd": calls(unet_fwd=16 * 30, unet_grad=16 * 24, clf_grad=16 * 4, clf_fwd=16),
     # BPDA: forward chain only, classifier gradient
     "attack/vanilla/linf/whitebox_eot/bpda": calls(unet_fwd=16 * (8 * 6 + 3 * 6), clf_grad=16 * 8, clf_fwd=16 * 3),
+    # the low-frequency attack (smoke.yaml: steps 2, eot 2): PGD's count, 3 passes x 2 draws = 6 gradients
+    # (the DCT low-pass calls no network); evaluation 3 defended forwards
+    "attack/vanilla/linf/whitebox_eot/lowfreq": calls(unet_fwd=16 * (6 * 6 + 3 * 6), unet_grad=16 * 6 * 6,
+                                                      clf_grad=16 * 6, clf_fwd=16 * 3),
+    "attack/addt/linf/whitebox_eot/lowfreq": calls(unet_fwd=16 * (6 * 6 + 3 * 6), unet_grad=16 * 6 * 6,
+                                                   clf_grad=16 * 6, clf_fwd=16 * 3),
     "attack/undefended/linf/none/pgd": calls(clf_grad=16 * 3, clf_fwd=16 * 3),
     # AutoAttack standard (dwbox): APGD-CE 4 grads, APGD-T 2 targets x 4, FAB-T 2 x 3 x (grad + fwd),
     # Square 20 forwards, selection 4 x 1 forward, evaluation 1 forward
@@ -130,8 +140,10 @@ def test_autograd_mode_skips_the_forward_chain(smoke):
 
 
 def test_disabled_parts_have_no_jobs(smoke):
+    vanilla_only = {a: {"defenses": ["vanilla"]} for a in ("diffattack", "surrogate", "diffhammer", "lowfreq")}
     cfg = deep_merge(smoke, {"addt": {"enabled": False}, "analysis": {"enabled": False},
-                             "attacks": {"autoattack": {"enabled": False}, "bpda": {"enabled": False}}})
+                             "attacks": {"autoattack": {"enabled": False}, "bpda": {"enabled": False},
+                                         **vanilla_only}})  # without ADDT the attacks' defenses cannot name addt
     names = [j.job for j in count_calls(cfg)]
     assert not [n for n in names if n.startswith(("train_addt", "p2_")) or "aa_" in n or "bpda" in n]
     assert "attack/vanilla/linf/dwbox_c1/pgd" not in names

@@ -18,7 +18,8 @@ def _main() -> pd.DataFrame:
     rows = []
     for ev, shift in (("single", 0.0), ("worst", -0.2), ("mean", 0.05), ("vote", 0.01)):
         rows += [_row("undefended", "none", "pgd", ev, 0.0)]
-        rows += [_row("vanilla", "whitebox_eot", "diffhammer", ev, max(0.0, 0.30 + shift)),  # out of order
+        rows += [_row("vanilla", "whitebox_eot", "lowfreq", ev, max(0.0, 0.32 + shift)),  # out of order
+                 _row("vanilla", "whitebox_eot", "diffhammer", ev, max(0.0, 0.30 + shift)),
                  _row("vanilla", "whitebox_eot", "bpda", ev, max(0.0, 0.60 + shift)),
                  _row("vanilla", "whitebox", "pgd", ev, max(0.0, 0.50 + shift)),
                  _row("vanilla", "whitebox_eot", "pgd", ev, max(0.0, 0.40 + shift)),
@@ -33,7 +34,7 @@ def _main() -> pd.DataFrame:
 
 @pytest.fixture
 def default_config():
-    """The validated embedded default (config.yaml), the DiffHammer attack switched on."""
+    """The validated embedded default (config.yaml), the DiffHammer and low-frequency attacks switched on."""
     import yaml
     from smoke import ROOT
 
@@ -41,6 +42,7 @@ def default_config():
 
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg.setdefault("attacks", {}).setdefault("diffhammer", {})["enabled"] = True
+    cfg["attacks"].setdefault("lowfreq", {})["enabled"] = True
     return validate_config(cfg)
 
 
@@ -59,13 +61,15 @@ def test_stage_order_and_absent_stages():
     assert list(dict.fromkeys(t["defense"])) == ["vanilla", "addt", "undefended"]  # others after, in table order
     assert set(t["evaluation"]) == {"single", "worst"}  # mean and vote are not in the waterfall
     v = _cells(t, "vanilla", "single")
-    assert list(v["stage"]) == ["BPDA", "white-box", "White-box-EOT", "DW-box", "AutoAttack", "DiffHammer", STRONGEST]
+    assert list(v["stage"]) == ["BPDA", "white-box", "White-box-EOT", "DW-box", "AutoAttack", "DiffHammer",
+                                "low-frequency", STRONGEST]
     assert list(v["stage_index"]) == sorted(v["stage_index"])
     a = _cells(t, "addt", "worst")
     assert list(a["stage"]) == ["White-box-EOT", "DW-box", STRONGEST]  # no BPDA, AutoAttack, ... rows
     assert "DiffAttack" not in set(t["stage"]) and "surrogate" not in set(t["stage"])
     assert "dwbox_c1" not in set(t["setting"])  # a run no stage holds is left out
-    assert STAGES.index("BPDA") < STAGES.index("DW-box") < STAGES.index("AutoAttack") < STAGES.index("DiffHammer")
+    assert STAGES.index("BPDA") < STAGES.index("DW-box") < STAGES.index("AutoAttack") < STAGES.index("DiffHammer") \
+        < STAGES.index("low-frequency") == len(STAGES) - 1
 
 
 def test_stage_map():
@@ -74,6 +78,7 @@ def test_stage_map():
     assert stage_of("pgd", "none") == "white-box"
     assert {stage_of(a, "dwbox") for a in ("aa_standard_dwbox", "aa_standard_multieval", "aa_rand")} == {"AutoAttack"}
     assert stage_of("bpda", "dwbox") == "BPDA" and stage_of("surrogate", "whitebox_eot") == "surrogate"
+    assert stage_of("lowfreq", "whitebox_eot") == stage_of("lowfreq", "dwbox") == "low-frequency"
     assert stage_of("pgd", "dwbox_c3") is None
 
 
@@ -125,6 +130,7 @@ def test_run_costs_come_from_the_cost_model(default_config):
 
     costs = run_costs(default_config)
     exp = Experiment.from_config(default_config)
+    assert {c["attack"] for c in costs} >= {"diffhammer", "lowfreq"}
     assert [(c["defense"], c["threat"], c["setting"], c["attack"]) for c in costs] == \
         [tuple(r) for r in exp.attack_runs()]
     for c in costs:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..calls import Calls, defended_grad, purify
 from ..randomness import Stream
-from .base import AttackResult, ascent_direction, evaluation_calls, perturbation_norms, project
+from .base import AttackResult, ascent_direction, evaluation_calls, perturbation_norms
 from .pgd import PGD
 from .protocols import evaluate_draws, is_fixed, summarise_evaluations
 from .registry import register_attack
@@ -192,10 +192,6 @@ class DiffAttack(PGD):
             return self._apgd(x, y, ids)
         finally:
             self._clean, self._clean_states = None, {}
-
-    def _project(self, x, delta):
-        delta = project(delta, self.norm, self.eps)
-        return (x + delta).clamp(0, 1) - x
 
     def _apgd(self, x, y, ids) -> AttackResult:
         """APGD (Croce & Hein 2020, Alg. 1) on L, one draw set per iterate as PGD's schedule."""

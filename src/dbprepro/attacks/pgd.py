@@ -126,6 +126,17 @@ class PGD(Attack):
             losses += ce.detach().view(B, -1).sum(1)
         return losses / K, grad
 
+    def _direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """The ascent direction of a step from the gradient: sign (L-inf) or L2-normalised."""
+        return ascent_direction(grad, self.norm)
+
+    def _project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The feasible perturbation after a step (or the random start): projected onto the
+        eps-ball, then x + delta clipped to [0, 1].  A subclass that restricts the perturbation
+        further (:class:`~dbprepro.attacks.lowfreq.LowFreq`) overrides this and :meth:`_direction`."""
+        delta = project(delta, self.norm, self.eps)
+        return (x + delta).clamp(0, 1) - x
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> AttackResult:
         x, y, ids = x.detach(), y.to(x.device), torch.as_tensor(ids, dtype=torch.long).cpu()
         best_adv, best_loss, best_hist, best_track = None, None, None, None
@@ -134,8 +145,7 @@ class PGD(Attack):
             if self.random_start:  # per-sample, replayable: keyed by (seed, id, restart)
                 u = self.model.purifier.randomness.uniform(ids, torch.full_like(ids, r), Stream.ATTACK, 0,
                                                            x.shape[1:], device=x.device) * 2 - 1
-                delta = project(u * self.eps, self.norm, self.eps)
-                delta = (x + delta).clamp(0, 1) - x
+                delta = self._project(x, u * self.eps)
             hist = np.zeros((x.shape[0], self.steps + 1), dtype=np.float64)
             track = np.zeros((min(self.track, x.shape[0]), self.steps + 1, x[0].numel()), dtype=np.float32)
             for s in range(self.steps + 1):
@@ -145,9 +155,7 @@ class PGD(Attack):
                     track[:, s] = delta[: track.shape[0]].flatten(1).cpu().numpy()
                 if s == self.steps:
                     break  # the last pass only measures the final iterate
-                delta = delta + self.alpha * ascent_direction(grad, self.norm)
-                delta = project(delta, self.norm, self.eps)
-                delta = (x + delta).clamp(0, 1) - x
+                delta = self._project(x, delta + self.alpha * self._direction(grad))
             final = torch.as_tensor(hist[:, -1])
             if best_loss is None:
                 best_adv, best_loss, best_hist, best_track = (x + delta).detach(), final, hist, track
@@ -175,9 +183,24 @@ def attack_batch(model, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *,
                      random_start=pgd["random_start"], restarts=pgd["restarts"], eot_chunk=pgd.get("eot_chunk", 4096),
                      track=track)
     res = pgd_attack(x, y, ids)
+    return result_columns(model, x, y, ids, res, setting, eval_draws), res
+
+
+def result_columns(model, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, res: AttackResult, setting: Setting,
+                   eval_draws: int) -> dict[str, np.ndarray]:
+    """PGD's per-sample columns of an attack's result ``res`` on the batch ``x``: the evaluation of
+    ``res.x_adv`` on ``model`` (``eval_draws`` draws, :func:`evaluate_draws`), the perturbation's
+    norms and the first and last losses of ``res.loss``."""
     preds = evaluate_draws(model, res.x_adv, ids, eval_draws, setting)
-    cols = {"id": ids.numpy(), "label": y.cpu().numpy(), **{f"correct_{k}": v for k, v in
+    return {"id": ids.numpy(), "label": y.cpu().numpy(), **{f"correct_{k}": v for k, v in
                                                           summarise_evaluations(preds, y.cpu().numpy()).items()},
             **{f"norm_{k}": v for k, v in perturbation_norms(res.x_adv, x).items()},
             "loss_start": res.loss[:, 0], "loss_end": res.loss[:, -1]}
-    return cols, res
+
+
+def pgd_section(attacks: dict[str, Any], section: str) -> dict[str, Any]:
+    """``attacks.pgd`` with the ``steps`` and ``eot`` of the attack section ``attacks[section]``
+    where they are set (not null): the PGD settings of an attack that runs PGD's update on a
+    budget of its own (the surrogate, the low-frequency attack)."""
+    own = attacks.get(section) or {}
+    return {**attacks["pgd"], **{k: own[k] for k in ("steps", "eot") if own.get(k) is not None}}

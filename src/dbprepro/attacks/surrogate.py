@@ -32,7 +32,7 @@ import numpy as np
 from ..calls import Calls, defended_grad
 from ..purifiers.registry import build_purifier, purifier_class
 from .base import Attack, evaluation_calls
-from .pgd import attack_batch
+from .pgd import attack_batch, pgd_section as _pgd_section
 from .registry import register_attack
 
 #: the step-count keys ``coarsen`` divides: top-level key or (family section, key)
@@ -84,8 +84,7 @@ def describe(purification: dict[str, Any], network_calls: int) -> str:
 
 def pgd_section(attacks: dict[str, Any]) -> dict[str, Any]:
     """``attacks.pgd`` with the surrogate's own ``steps`` and ``eot`` where set."""
-    s = attacks.get("surrogate") or {}
-    return {**attacks["pgd"], **{k: s[k] for k in ("steps", "eot") if s.get(k) is not None}}
+    return _pgd_section(attacks, "surrogate")
 
 
 @register_attack

@@ -1,10 +1,10 @@
 """Does ADDT's gain survive the strongest attacks?  Claims over the adaptive attacks (issue 17).
 
 For every attack run that vanilla and ADDT share beyond paper 1's PGD (DiffAttack, the surrogate
-process, DiffHammer, AutoAttack, BPDA), a row "ADDT > vanilla under that attack" on the images both
-runs attacked; and rows for the *ensemble*: an image counts as robust only if it survives every
-run both defenses share on the threat model (each run's one-shot evaluation; the same attacks on both
-sides, so neither faces more), the per-image form of the "strongest known" attack, compared on the
+process, DiffHammer, the low-frequency attack, AutoAttack, BPDA), a row "ADDT > vanilla under that
+attack" on the images both runs attacked; and rows for the *ensemble*: an image counts as robust only
+if it survives every run both defenses share on the threat model (each run's one-shot evaluation; the
+same attacks on both sides, so neither faces more), the per-image form of the "strongest known" attack, compared on the
 images every one of those runs attacked.  The ensemble is formed three times: over every shared run,
 over the fixed-randomness runs (settings ``dwbox*``: does ADDT's DW-box gain survive the strongest
 attack on the deterministic purifier?) and over the stochastic ones (the others: does its EOT gain

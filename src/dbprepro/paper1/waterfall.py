@@ -3,8 +3,9 @@ the strongest, and the strongest known attack on it.
 
 The stages, weakest first, are :data:`STAGE_ORDER` (the one place that maps an (attack, setting)
 run of ``p1_table_main.csv`` to its stage): BPDA -> white-box PGD -> White-box-EOT PGD -> DW-box
-PGD -> AutoAttack (every ``aa_*`` protocol) -> DiffAttack -> surrogate -> DiffHammer.  A run of
-the main table that no stage names (e.g. paper 2's ``dwbox_c<k>``) is left out.
+PGD -> AutoAttack (every ``aa_*`` protocol) -> DiffAttack -> surrogate -> DiffHammer -> low-frequency
+(DiffBreak-style DCT-band PGD).  A run of the main table that no stage names (e.g. paper 2's
+``dwbox_c<k>``) is left out.
 
 :func:`waterfall_table` builds the long table, one row per defense x threat model x evaluation x
 stage, for the ``single`` and ``worst`` (worst of N) evaluations apart:
@@ -40,6 +41,7 @@ STAGE_ORDER: tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...] = (
     ("DiffAttack", (("diffattack", None),)),
     ("surrogate", (("surrogate", None),)),
     ("DiffHammer", (("diffhammer", None),)),
+    ("low-frequency", (("lowfreq", None),)),
 )
 #: stage labels in waterfall order
 STAGES: tuple[str, ...] = tuple(label for label, _ in STAGE_ORDER)
