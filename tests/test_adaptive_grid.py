@@ -36,8 +36,10 @@ def test_defenses_add_each_attacks_runs_on_the_listed_defenses_only():
         assert mine == {("vanilla", "whitebox_eot"), ("addt", "whitebox_eot")}
     assert len(runs) == len(set(runs))
     # without the key: vanilla only (the schema's default)
-    only = {a: {"enabled": True, "settings": ["dwbox"]} for a in ADAPTIVE}
-    runs = Experiment.from_config(config(**only)).attack_runs()
+    raw = load_yaml(ROOT / "config.yaml")
+    for a in ADAPTIVE:
+        raw["attacks"][a] = {"enabled": True, "settings": ["dwbox"]}
+    runs = Experiment.from_config(validate_config(raw)).attack_runs()
     assert {r.defense for r in runs if r.attack in ADAPTIVE} == {"vanilla"}
 
 
@@ -64,6 +66,15 @@ def test_where_an_attack_runs_stays_out_of_its_runs_params():
 def test_an_unknown_defense_is_refused_naming_the_defenses():
     with pytest.raises(ConfigError, match=r"attacks.diffhammer.defenses: \['vote'\].*vanilla, addt"):
         config(diffhammer={"enabled": True, "defenses": ["vanilla", "vote"]})
+
+
+def test_a_defense_the_config_switches_off_is_skipped():
+    on = {"enabled": True, "defenses": ["vanilla", "addt", "edm_addt", "vanilla_vote"]}
+    cfg = validate_config(deep_merge(load_yaml(ROOT / "config.yaml"),
+                                     {"attacks": {"diffhammer": on}, "addt": {"enabled": False},
+                                      "families": {"addt": False}}))
+    runs = Experiment.from_config(cfg).attack_runs()
+    assert {r.defense for r in runs if r.attack == "diffhammer"} == {"vanilla"}
 
 
 def test_an_attacks_n_images_must_fill_the_shards():

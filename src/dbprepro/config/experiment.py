@@ -215,11 +215,10 @@ class Experiment:
         for tm in names:
             for attack, cls in ATTACKS.items():
                 runs += [AttackRun("vanilla", tm, s, attack) for s in cls.settings(att, tm)]
-        for attack, cls in ATTACKS.items():  # the attacks run on further defenses (their ``defenses``)
-            for d in cls.defenses(att):
-                if d == "vanilla":
+        for attack, cls in ATTACKS.items():  # the attacks run on further defenses (their ``defenses``;
+            for d in cls.defenses(att):      # one this config switches off, e.g. addt, is skipped)
+                if d == "vanilla" or d not in self.defenses:
                     continue
-                self.defense(d)  # a ConfigError naming the defenses if unknown
                 runs += [AttackRun(d, tm, s, attack) for tm in names for s in cls.settings(att, tm)]
         for v in self.addt_variants:
             for tm in cfg["addt"]["attack_threat_models"]:

@@ -182,18 +182,30 @@ def _vote_checks(cfg: dict[str, Any], names: list[str]) -> None:
     _subset_checks("vote", vote, att, names, bool(vote["enabled"]))
 
 
+def possible_defenses() -> set[str]:
+    """Every defense name some configuration can have: vanilla, the ADDT variants of the schema, every
+    registered purifier family and its ``_addt`` defense, and the vote defense."""
+    from ..purifiers.registry import PURIFIERS
+    from .experiment import VOTE_DEFENSE
+
+    schema = load_yaml(SCHEMA_PATH)["properties"]["addt"]["properties"]["variants"]["items"]["enum"]
+    return {"vanilla", VOTE_DEFENSE, *schema, *PURIFIERS, *(f"{f}_addt" for f in PURIFIERS)}
+
+
 def _attack_defenses_checks(cfg: dict[str, Any]) -> None:
     """Every attack's ``defenses`` (its own section's, :meth:`~dbprepro.attacks.base.Attack.defenses`)
-    are defenses of the experiment; its own ``n_images`` fill ``attacks.shards`` batches."""
+    name defenses some configuration has (:func:`possible_defenses`: one this configuration
+    switches off, e.g. ``addt`` without ADDT, is skipped by the grid; a typo is refused); its own
+    ``n_images`` fill ``attacks.shards`` batches."""
     from ..attacks.registry import ATTACKS
     from .experiment import Experiment
 
-    known = Experiment.from_config(cfg).defenses
+    possible, known = possible_defenses(), Experiment.from_config(cfg).defenses
     for name, cls in ATTACKS.items():
-        bad = [d for d in cls.defenses(cfg["attacks"]) if d not in known]
+        bad = [d for d in cls.defenses(cfg["attacks"]) if d not in possible]
         if bad:
-            raise ConfigError(f"config key attacks.{cls.config_section}.defenses: {bad} are not defenses of this "
-                              f"configuration (defenses: {', '.join(known)})")
+            raise ConfigError(f"config key attacks.{cls.config_section}.defenses: {bad} are not defenses (this "
+                              f"configuration's: {', '.join(known)})")
         n, att = cls.n_images(cfg["attacks"]), cfg["attacks"]
         if n is not None and any(cls.settings(att, tm["name"]) for tm in att["threat_models"]) \
                 and att["shards"] > -(-min(n, att["n_images"]) // att["batch_size"]):
