@@ -157,3 +157,21 @@ def test_table_and_figure_files(tmp_path):
     png, pdf = tmp_path / "waterfall.png", tmp_path / "waterfall.pdf"
     fig_waterfall(csv, png, pdf, confidence=0.95)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+
+
+def test_the_stages_come_from_the_attack_registry(monkeypatch):
+    """An attack class brings its own stage and rank: the waterfall needs no edit for a new attack."""
+    from dbprepro.attacks.base import Attack
+    from dbprepro.attacks.registry import ATTACKS
+    from dbprepro.paper1.waterfall import STAGE_ORDER, stage_order
+
+    class Fake(Attack):
+        name = "fake"
+        waterfall_stages = (("fake stage", None),)
+        waterfall_rank = 35  # after AutoAttack (30), before DiffAttack (40)
+
+    assert stage_order() == STAGE_ORDER
+    monkeypatch.setitem(ATTACKS, "fake", Fake)
+    labels = [label for label, _ in stage_order()]
+    assert labels.index("fake stage") == labels.index("AutoAttack") + 1 == labels.index("DiffAttack") - 1
+    assert dict(stage_order())["fake stage"] == (("fake", None),)

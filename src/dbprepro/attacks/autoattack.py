@@ -320,6 +320,8 @@ class AutoAttackStandardDWBox(Attack):
 
     name = "aa_standard_dwbox"
     config_section = "autoattack"
+    waterfall_stages = (("AutoAttack", None),)  # every protocol (the subclasses inherit it)
+    waterfall_rank = 30
     protocol = "standard_dwbox"
     version, setting = PROTOCOLS[protocol]
     multieval = False

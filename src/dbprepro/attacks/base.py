@@ -72,6 +72,11 @@ class Attack:
     #: whether only this attack's own runs receive its section in their params (an attack added
     #: after the DAG's first runs: its section then changes no other run's params)
     private_section: ClassVar[bool] = False
+    #: its runs' stages in the robustness waterfall (:mod:`dbprepro.paper1.waterfall`): (label, the
+    #: setting it holds; None = every setting), weakest first; () = not in the waterfall
+    waterfall_stages: ClassVar[tuple[tuple[str, str | None], ...]] = ()
+    #: where its stages stand among the attacks' (ascending: the weaker evaluations first)
+    waterfall_rank: ClassVar[int] = 1000
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:

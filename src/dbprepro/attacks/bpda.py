@@ -18,6 +18,8 @@ class BPDA(PGD):
 
     name = "bpda"
     config_section = "bpda"
+    waterfall_stages = (("BPDA", None),)
+    waterfall_rank = 10
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:

@@ -83,6 +83,8 @@ class DiffAttack(PGD):
     name = "diffattack"
     config_section = "diffattack"
     private_section = True
+    waterfall_stages = (("DiffAttack", None),)
+    waterfall_rank = 40
 
     # -- the registered attack ------------------------------------------------------------------
     @classmethod

@@ -123,6 +123,8 @@ class DiffHammer(Attack):
     name = "diffhammer"
     config_section = "diffhammer"
     private_section = True
+    waterfall_stages = (("DiffHammer", None),)
+    waterfall_rank = 60
 
     # -- the registered attack ------------------------------------------------------------------
     @classmethod

@@ -162,6 +162,8 @@ class LowFreq(PGD):
     name = "lowfreq"
     config_section = "lowfreq"
     private_section = True
+    waterfall_stages = (("low-frequency", None),)
+    waterfall_rank = 70
 
     # -- the registered attack ------------------------------------------------------------------
     @classmethod

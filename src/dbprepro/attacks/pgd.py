@@ -58,6 +58,10 @@ class PGD(Attack):
 
     name = "pgd"
     config_section = "pgd"
+    # the undefended classifier's PGD (setting none) is white-box
+    waterfall_stages = (("white-box", "whitebox"), ("white-box", "none"), ("White-box-EOT", "whitebox_eot"),
+                        ("DW-box", "dwbox"))
+    waterfall_rank = 20
 
     # -- the registered attack ------------------------------------------------------------------
     @classmethod

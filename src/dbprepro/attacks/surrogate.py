@@ -97,6 +97,8 @@ class Surrogate(Attack):
     name = "surrogate"
     config_section = "surrogate"
     private_section = True
+    waterfall_stages = (("surrogate", None),)
+    waterfall_rank = 50
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:

@@ -1,8 +1,9 @@
 """The robustness waterfall (issue 17): each defense's robust accuracy from the weakest attack to
 the strongest, and the strongest known attack on it.
 
-The stages, weakest first, are :data:`STAGE_ORDER` (the one place that maps an (attack, setting)
-run of ``p1_table_main.csv`` to its stage): BPDA -> white-box PGD -> White-box-EOT PGD -> DW-box
+The stages, weakest first, are :data:`STAGE_ORDER`, read from the attack registry (each attack
+class says which stage its runs are, ``waterfall_stages``, and where its stages stand,
+``waterfall_rank``): BPDA -> white-box PGD -> White-box-EOT PGD -> DW-box
 PGD -> AutoAttack (every ``aa_*`` protocol) -> DiffAttack -> surrogate -> DiffHammer -> low-frequency
 (DiffBreak-style DCT-band PGD).  A run of the main table that no stage names (e.g. paper 2's
 ``dwbox_c<k>``) is left out.
@@ -30,19 +31,21 @@ from ..metrics import write_table
 
 log = logging.getLogger(__name__)
 
-#: the waterfall's stages, weakest first: (label, the (attack, setting) runs it holds; setting
-#: None = the attack in any setting).  The undefended classifier's PGD (setting ``none``) is white-box.
-STAGE_ORDER: tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...] = (
-    ("BPDA", (("bpda", None),)),
-    ("white-box", (("pgd", "whitebox"), ("pgd", "none"))),
-    ("White-box-EOT", (("pgd", "whitebox_eot"),)),
-    ("DW-box", (("pgd", "dwbox"),)),
-    ("AutoAttack", (("aa_standard_dwbox", None), ("aa_standard_multieval", None), ("aa_rand", None))),
-    ("DiffAttack", (("diffattack", None),)),
-    ("surrogate", (("surrogate", None),)),
-    ("DiffHammer", (("diffhammer", None),)),
-    ("low-frequency", (("lowfreq", None),)),
-)
+def stage_order() -> tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...]:
+    """The waterfall's stages, weakest first: (label, the (attack, setting) runs it holds; setting
+    None = the attack in any setting), read from the attack registry: each registered attack's
+    ``waterfall_stages``, the attacks in ``waterfall_rank`` order (stages of the same label merge)."""
+    from ..attacks.registry import ATTACKS
+
+    order: dict[str, list[tuple[str, str | None]]] = {}
+    for name, cls in sorted(ATTACKS.items(), key=lambda item: item[1].waterfall_rank):  # stable
+        for label, setting in cls.waterfall_stages:
+            order.setdefault(label, []).append((name, setting))
+    return tuple((label, tuple(runs)) for label, runs in order.items())
+
+
+#: the stages of the registered attacks (:func:`stage_order`)
+STAGE_ORDER = stage_order()
 #: stage labels in waterfall order
 STAGES: tuple[str, ...] = tuple(label for label, _ in STAGE_ORDER)
 #: the label of the per-defense minimum over the stages
