@@ -164,12 +164,15 @@ def test_run_batch_records_pgds_columns_and_counts_its_calls(tiny_diffusion):
 
 
 def test_grid_only_when_enabled():
-    """Off by default (the default DAG is unchanged); enabled, it runs on vanilla in its settings."""
+    """Off in the schema; enabled, it runs on vanilla in its settings (and on its ``defenses``)."""
     assert not [r for r in Experiment.from_config(validate_config({"name": "t"})).attack_runs()
                 if r.attack == "diffattack"]
-    for overlay in ([], ["config/cifar10.yaml"]):  # the default and paper scale leave it off; smoke runs it
+    for overlay in ([], ["config/cifar10.yaml"]):  # the default and paper scale run it on vanilla and ADDT
         cfg = load_configs([ROOT / "config.yaml", *[ROOT / p for p in overlay]])
-        assert not [r for r in Experiment.from_config(cfg).attack_runs() if r.attack == "diffattack"]
+        runs = {(r.defense, r.threat, r.setting) for r in Experiment.from_config(cfg).attack_runs()
+                if r.attack == "diffattack"}
+        assert {("vanilla", "linf", "whitebox_eot"), ("addt", "linf", "dwbox")} <= runs
+        assert {d for d, _, _ in runs} == {"vanilla", "addt"}
     cfg = validate_config({"name": "t", "attacks": {"diffattack": {"enabled": True}}})
     runs = [r for r in Experiment.from_config(cfg).attack_runs() if r.attack == "diffattack"]
     assert [(r.defense, r.threat, r.setting) for r in runs] == [("vanilla", "linf", "whitebox_eot"),

@@ -126,9 +126,16 @@ def _enabled(cfg, **surrogate):
     return validate_config(cfg)
 
 
-def test_off_by_default_and_on_the_vanilla_grid_when_enabled():
-    cfg = load_configs(["config.yaml"])
-    assert cfg["attacks"]["surrogate"]["enabled"] is False and attack_class("surrogate") is Surrogate
+def _disabled(cfg):
+    cfg = copy.deepcopy(cfg)
+    cfg["attacks"]["surrogate"] = {**cfg["attacks"]["surrogate"], "enabled": False, "defenses": ["vanilla"]}
+    return validate_config(cfg)
+
+
+def test_off_in_the_schema_and_on_the_vanilla_grid_when_enabled():
+    assert validate_config({"name": "t"})["attacks"]["surrogate"]["enabled"] is False
+    assert attack_class("surrogate") is Surrogate
+    cfg = _disabled(load_configs(["config.yaml"]))  # config.yaml runs it (on vanilla and ADDT)
     exp = Experiment.from_config(cfg)
     assert [r for r in exp.attack_runs(fixed_configs=True) if r.attack == "surrogate"] == []
     # the section is in no other run's params, so the default DAG is unchanged by it
@@ -192,5 +199,5 @@ def test_an_enabled_surrogate_off_the_grid_is_a_config_error():
         _enabled(cfg, coarsen=3)  # 50 // 3 = 16: step 62 does not divide t = 100
     assert _enabled(cfg, coarsen=5)["attacks"]["surrogate"]["coarsen"] == 5
     off = copy.deepcopy(cfg)
-    off["attacks"]["surrogate"]["coarsen"] = 3  # not checked while disabled
+    off["attacks"]["surrogate"].update(enabled=False, coarsen=3)  # not checked while disabled
     assert validate_config(off)["attacks"]["surrogate"]["enabled"] is False
