@@ -197,16 +197,16 @@ class DDPMpp(EpsNetwork):
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if missing or unexpected:
-            parts = [f"missing {', '.join(missing[:10])}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
-                     ] if missing else []
-            if unexpected:
-                parts.append(f"unexpected {', '.join(unexpected[:10])}"
-                             + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+            parts = [_listed(kind, keys) for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
             raise CheckpointError(f"{path}: the 'model' keys do not fit DDPM++ {_describe(net)}: " + "; ".join(parts))
+        wrong = [f"{k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the network"
+                 for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise CheckpointError(f"{path}: shape mismatch: " + "; ".join(wrong[:10]))
         if use_ema:
             names = [n for n, _ in net.named_parameters()]
-            shadow = _shadow_params(ckpt, path)
-            if [k for k in state if k in set(names)] != names:
+            shadow, is_param = _shadow_params(ckpt, path), set(names).__contains__
+            if list(filter(is_param, state)) != names:
                 raise CheckpointError(f"{path}: the parameters of 'model' are not in the network's parameter "
                                       "order, so the EMA list cannot be mapped onto them by position")
             if len(shadow) != len(names):
@@ -217,19 +217,15 @@ class DDPMpp(EpsNetwork):
                     raise CheckpointError(f"{path}: ema['shadow_params'][{i}] has shape {tuple(tensor.shape)}, "
                                           f"but the parameter at that position, {name}, is {tuple(own[name].shape)}")
                 state[name] = tensor
-        wrong = [f"{k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the network"
-                 for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-        if wrong:
-            raise CheckpointError(f"{path}: shape mismatch: " + "; ".join(wrong[:10]))
         net.load_state_dict(state, strict=True)
         return net.eval()
 
     # -- the network -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """eps at the VP state ``x`` (B, C, H, W; [-1, 1] units) and time labels (B,) = 999 t."""
-        if x.ndim != 4 or x.shape[1] != self.num_channels or x.shape[-1] % 2 ** (len(self.ch_mult) - 1):
-            raise ValueError(f"DDPM++ expects (B, {self.num_channels}, H, W) with H, W divisible by "
-                             f"{2 ** (len(self.ch_mult) - 1)}, got {tuple(x.shape)}")
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.num_channels, self.image_size, self.image_size):
+            raise ValueError(f"DDPM++ (image_size {self.image_size}) expects (B, {self.num_channels}, "
+                             f"{self.image_size}, {self.image_size}), got {tuple(x.shape)}")
         mods = iter(self.all_modules)
         temb = positional_embedding(labels.to(x.dtype), self.nf)
         temb = next(mods)(temb)
@@ -273,6 +269,11 @@ class DDPMpp(EpsNetwork):
         elif labels.numel() != x_vp.shape[0]:
             raise ValueError(f"sigma has {labels.numel()} values for a batch of {x_vp.shape[0]}")
         return self(x_vp, labels)
+
+
+def _listed(kind: str, keys: list[str], limit: int = 10) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{kind} {', '.join(keys[:limit])}{more}"
 
 
 def _describe(net: DDPMpp) -> str:
