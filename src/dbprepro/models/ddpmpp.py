@@ -55,9 +55,10 @@ PAPER_CONFIG: dict[str, Any] = {
     "image_size": 32, "num_channels": 3, "skip_rescale": True, "init_scale": 0.0,
     "beta_min": 0.1, "beta_max": 20.0, "sigma_min": 0.01, "sigma_max": 50.0, "num_scales": 1000,
 }
-#: the official options that select code paths: only the checkpoint's values are implemented
+#: the official options that select code paths: only the checkpoint's values are implemented (a
+#: tuple lists the accepted spellings: the model is "ncsnpp" in Score SDE, "ddpmpp" in our registry)
 FIXED: dict[str, Any] = {
-    "name": "ncsnpp", "resblock_type": "biggan", "embedding_type": "positional", "attention_type": "ddpm",
+    "name": ("ncsnpp", "ddpmpp"), "resblock_type": "biggan", "embedding_type": "positional", "attention_type": "ddpm",
     "progressive": "none", "progressive_input": "none", "progressive_combine": "sum", "conditional": True,
     "fir": False, "resamp_with_conv": True, "scale_by_sigma": False, "centered": True, "nonlinearity": "swish",
     "normalization": "GroupNorm", "conv_size": 3, "continuous": True,
@@ -92,9 +93,10 @@ def _config(cfg: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"unknown DDPM++ option(s) {', '.join(unknown)}; known: "
                          f"{', '.join([*PAPER_CONFIG, *FIXED, *UNUSED])}")
     for key, value in FIXED.items():
-        if key in cfg and (str(cfg[key]).lower() != str(value).lower()):
-            raise ValueError(f"DDPM++ option {key}={cfg[key]!r} is not implemented; only {value!r} "
-                             "(the value of vp/cifar10_ddpmpp_deep_continuous) is")
+        accepted = value if isinstance(value, tuple) else (value,)
+        if key in cfg and str(cfg[key]).lower() not in {str(v).lower() for v in accepted}:
+            raise ValueError(f"DDPM++ option {key}={cfg[key]!r} is not implemented; only "
+                             f"{' or '.join(map(repr, accepted))} (as in vp/cifar10_ddpmpp_deep_continuous)")
     out = {k: cfg.get(k, v) for k, v in PAPER_CONFIG.items()}
     out["ch_mult"] = tuple(int(m) for m in out["ch_mult"])
     out["attn_resolutions"] = tuple(int(r) for r in out["attn_resolutions"])
