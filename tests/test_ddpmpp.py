@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dbprepro.models.ddpmpp import DDPMpp, vp_sigma, vp_time
-from dbprepro.models.ddpmpp_layers import AttnBlock, ResBlock, positional_embedding
+from dbprepro.models.ddpmpp_layers import NIN, AttnBlock, ResBlock, positional_embedding
 from dbprepro.models.networks import network_class, network_names
 from dbprepro.models.verification import CheckpointError
 
@@ -51,6 +51,15 @@ def test_paper_scale_parameter_count(paper_scale):
     params = list(paper_scale.parameters())
     assert sum(p.numel() for p in params) == 106_632_579 == DDPMpp.official_parameters
     assert len(params) == 956 and len(paper_scale.state_dict()) == 957 and len(paper_scale.all_modules) == 91
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_paper_scale_forward_shapes(paper_scale, batch):
+    """(B, 3, 32, 32) and B labels -> (B, 3, 32, 32) (REF §5.3), shapes only, on the meta device."""
+    with torch.device("meta"):
+        x = torch.empty(batch, 3, 32, 32)
+        assert paper_scale(x, torch.empty(batch)).shape == (batch, 3, 32, 32)
+        assert paper_scale.eps(x, torch.full((batch,), 0.5, dtype=torch.float64)).shape == (batch, 3, 32, 32)
 
 
 def test_paper_scale_module_map(paper_scale):
@@ -243,6 +252,17 @@ def test_positional_embedding_is_sin_first():
     assert torch.allclose(emb[:, 64:], torch.cos(labels[:, None] * freqs), rtol=0, atol=1e-9)
     assert positional_embedding(labels.float(), 128).dtype == torch.float32  # the official float32 computation
     assert positional_embedding(labels, 7).shape == (3, 7) and float(positional_embedding(labels, 7)[:, -1].abs().max()) == 0
+
+
+def test_nin_weight_is_stored_in_by_out():
+    """REF §1.2: a NIN's ``W`` is (in, out), the transpose of a 1x1 convolution's weight."""
+    nin = NIN(3, 5)
+    with torch.no_grad():
+        nin.b.normal_()
+        x = torch.randn(2, 3, 4, 4)
+        assert nin.W.shape == (3, 5)
+        conv = torch.nn.functional.conv2d(x, nin.W.t()[:, :, None, None], nin.b)
+        assert torch.allclose(nin(x), conv, atol=1e-6)
 
 
 def test_eps_is_the_network_at_label_999t():
