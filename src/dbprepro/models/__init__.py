@@ -6,8 +6,11 @@
 * :mod:`.training`: seeded, replayable training of the embedded classifier and DDPM.
 * :mod:`.checkpoints`: pinned downloads of third-party weights and data (Hugging Face, URLs);
   :mod:`.verification`: sha256 checks and safe loading of state dicts.
+* :mod:`.networks`: the registry of paper-scale network architectures; each is a module of its own
+  imported here so that it registers: :mod:`.ddpmpp` (Score SDE's DDPM++, the ``vpsde`` family).
 """
 
+from . import ddpmpp  # noqa: F401  (registers the "ddpmpp" network)
 from .checkpoints import download_hf, download_url
 from .training import accuracy, train_classifier, train_ddpm
 from .verification import CheckpointError, load_state_dict, load_weights_into, verify_file
