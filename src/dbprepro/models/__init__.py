@@ -4,10 +4,14 @@
 * :mod:`.diffusion`: diffusers ``UNet2DModel`` + ``DDPMScheduler``, built, saved and loaded;
   :mod:`.hub_configs`: the known configurations of the hub models.
 * :mod:`.training`: seeded, replayable training of the embedded classifier and DDPM.
+* :mod:`.networks`: the registry of the paper-scale diffusion networks; :mod:`.edm_net` (EDM's
+  SongUNet behind EDMPrecond, registered as ``edm_songunet``) with its safe pickle reader
+  :mod:`.edm_pickle`.
 * :mod:`.checkpoints`: pinned downloads of third-party weights and data (Hugging Face, URLs);
   :mod:`.verification`: sha256 checks and safe loading of state dicts.
 """
 
+from . import edm_net as _edm_net  # noqa: F401  (registers the network with .networks)
 from .checkpoints import download_hf, download_url
 from .training import accuracy, train_classifier, train_ddpm
 from .verification import CheckpointError, load_state_dict, load_weights_into, verify_file
