@@ -334,7 +334,10 @@ class EDMSongUNet(EpsNetwork):
 
     # -- the denoiser and the noise prediction -----------------------------------------------
     def _sigma(self, sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        s = torch.as_tensor(sigma, device=x.device).to(x.dtype)
+        if isinstance(sigma, torch.Tensor):
+            s = sigma.to(device=x.device, dtype=x.dtype)
+        else:  # a Python number: straight to x's dtype (no float32 rounding on the way)
+            s = torch.tensor(float(sigma), dtype=x.dtype, device=x.device)
         if s.numel() == 1:
             s = s.reshape(1).expand(x.shape[0])
         if s.numel() != x.shape[0]:
