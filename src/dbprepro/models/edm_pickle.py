@@ -1,45 +1,40 @@
 """Reading EDM's network pickles without executing them (issue 18).
 
-NVlabs' ``edm-*.pkl`` files are a plain ``pickle.dump`` (protocol 4) of ``{"ema", "loss_fn",
-"augment_pipe", "dataset_kwargs"}`` (``../shared/reference/paper-scale-networks.md`` §3.1).  Their
-network classes are ``torch_utils.persistence`` classes: each object is stored as a call
-``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with ``meta = {type: 'class',
-version: 6, module_src: <the defining module's full source>, class_name, state: <the instance
-__dict__>}``, and the ordinary loader ``exec``s ``module_src``.  Every tensor's storage is a nested
-legacy ``torch.save`` blob that ``torch.storage._load_from_bytes`` hands to ``torch.load`` (§3.2).
-Plain ``pickle.load`` therefore runs code from the file; ``torch.load(weights_only=True)`` refuses
-the protocol-4 stream outright (§3.3).
+NVlabs' ``edm-*.pkl`` is a plain ``pickle.dump`` (protocol 4) of ``{ema, loss_fn, augment_pipe,
+dataset_kwargs}`` (``../shared/reference/paper-scale-networks.md`` §3.1).  Each network object is a
+``torch_utils.persistence`` call ``_reconstruct_persistent_obj(meta)``, meta = {type 'class',
+version 6, module_src: the defining module's source, class_name, state: the instance __dict__},
+and the ordinary loader ``exec``s ``module_src``; each storage is a nested legacy ``torch.save``
+blob that ``torch.storage._load_from_bytes`` hands to ``torch.load`` (§3.2).  So ``pickle.load``
+runs code from the file, and ``torch.load(weights_only=True)`` rejects the protocol-4 stream (§3.3).
 
-:class:`EDMUnpickler` is the restricted reader (§3.4): a ``pickle.Unpickler`` whose ``find_class``
-maps a fixed set of names to inert stand-ins and refuses every other name with an
-:class:`UnsafePickleError` naming it (``module.qualname``); it never imports a module named by the
-file, so ``dnnlib`` and ``torch_utils`` are never imported.
+:class:`EDMUnpickler` is the restricted reader (§3.4): the standard unpickler (``pickle``'s Python
+implementation of ``Unpickler``, so that BUILD can be restricted too) whose ``find_class`` maps a
+fixed set of names to inert stand-ins and refuses any other with an :class:`UnsafePickleError`
+naming it (``module.qualname``).  It imports nothing the file names (never ``dnnlib`` or
+``torch_utils``) and executes nothing:
 
-* ``torch_utils.persistence._reconstruct_persistent_obj`` -> :func:`_persistent_record`: checks
-  ``meta`` and returns a :class:`PersistentRecord` (class name, state, sha256 of ``module_src``);
-  the source text is hashed and dropped, never executed or kept.  Only EDM's own class names
-  (:data:`PERSISTENT_CLASSES`) are accepted.
-* ``torch.nn.modules.container.ModuleDict`` (a plain torch container, pickled as NEWOBJ + BUILD)
-  -> :class:`ContainerRecord`, which keeps the BUILD state as data.
-* ``torch.storage._load_from_bytes`` -> :func:`_load_storage_blob`, a parser of the nested legacy
-  blob (five protocol-2 pickles read by a second restricted unpickler whose only globals are the
-  storage classes and whose only persistent ids are ``('storage', <class>, key, location, numel,
-  None)``, then the element count and the raw bytes); any location (``cuda:0``) lands on the CPU.
-* ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter`` / ``_rebuild_parameter_with_state``
-  (and ``torch._tensor._rebuild_from_type_v2`` of a plain tensor): a bounds-checked strided view of
-  the parsed storage; parameters become plain tensors.
-* ``collections.OrderedDict``, the builtin containers, ``_codecs.encode`` (latin-1 only): allowed.
-* ``numpy.core.multiarray.scalar`` / ``_reconstruct``, ``numpy.ndarray``, ``numpy.dtype`` (and
-  their ``numpy._core`` names): numeric dtypes only (no object arrays); scalars become Python
-  numbers.
-* The outer stream may not carry persistent ids; BUILD (``__setstate__`` or attribute setting) only
-  applies to a ``ModuleDict`` record, a numpy dtype or a numeric numpy array, so nothing allowlisted
-  (a tensor, a stand-in function, a shared marker) can be modified by the stream.
+* ``torch_utils.persistence._reconstruct_persistent_obj`` -> a :class:`PersistentRecord` (class
+  name among :data:`PERSISTENT_CLASSES`, state, sha256 of ``module_src``; the source is hashed and
+  dropped, never executed or kept); ``torch.nn.modules.container.ModuleDict`` (NEWOBJ + BUILD) ->
+  a :class:`ContainerRecord` holding the BUILD state;
+* ``torch.storage._load_from_bytes`` -> a parser of the legacy blob (five protocol-2 pickles read by
+  a second restricted unpickler: storage classes are its only globals, ``('storage', <class>, key,
+  location, numel, None)`` its only persistent ids; then the element count and the raw bytes); any
+  location (``cuda:0``) lands on the CPU;
+* ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter(_with_state)`` (and
+  ``torch._tensor._rebuild_from_type_v2`` of a plain tensor) -> a bounds-checked view of the storage;
+* ``collections.OrderedDict`` and the builtin containers -> allowed; numpy's
+  ``scalar`` / ``_reconstruct`` / ``ndarray`` / ``dtype`` (``numpy.core`` or ``numpy._core``) ->
+  numeric dtypes only, scalars as Python numbers;
+* persistent ids in the outer stream are refused; BUILD applies only to a ModuleDict record, a numpy
+  dtype or a numeric array, so the stream cannot modify a tensor, a stand-in or a shared marker.
 
-:func:`read_edm_pickle` reads a file; :func:`module_tensors` walks a record's ``_parameters``,
-``_buffers`` (persistent, non-None) and ``_modules`` into ``{dotted.path: tensor}``;
-:func:`ema_state_dict` is the two for the ``ema`` network.
+:func:`read_edm_pickle` reads a file, :func:`module_tensors` walks a record's ``_parameters``,
+persistent ``_buffers`` and ``_modules`` into ``{dotted.path: tensor}``, :func:`ema_state_dict`
+does both for the ``ema`` network.
 """
+
 
 from __future__ import annotations
 
@@ -66,12 +61,9 @@ PERSISTENT_CLASSES = frozenset({
     "VELoss", "AugmentPipe",
 })
 PERSISTENCE_VERSION = 6
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
+_STORAGE_DTYPES = {f"{n}Storage": getattr(torch, t) for n, t in [
+    ("Float", "float32"), ("Double", "float64"), ("Half", "float16"), ("BFloat16", "bfloat16"), ("Long", "int64"),
+    ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool")]}
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _NUMPY_NUMERIC = re.compile(r"^[<>|=]?([biufc]\d+|\?|[biufcBHILQhilqefdg])$")
@@ -108,18 +100,13 @@ class ContainerRecord:
 
 @dataclass
 class _Storage:
-    """A parsed storage: a flat tensor of its dtype."""
+    """A storage of the blob: announced by its persistent id, then ``data`` (a flat CPU tensor)."""
 
-    data: torch.Tensor
-    location: str = "cpu"
-
-
-@dataclass
-class _PendingStorage:
     key: str
     dtype: torch.dtype
     numel: int
     location: str
+    data: torch.Tensor | None = None
 
 
 class _Marker:
@@ -153,8 +140,7 @@ def _persistent_record(meta: Any) -> PersistentRecord:
     src, state = meta["module_src"], meta["state"]
     if not isinstance(src, str):
         raise UnsafePickleError(f"persistent class {name}: module_src is a {type(src).__name__}")
-    if state is None:
-        state = {}
+    state = {} if state is None else state
     if not isinstance(state, dict):
         raise UnsafePickleError(f"persistent class {name}: state is a {type(state).__name__}")
     return PersistentRecord(name, state, hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest())
@@ -162,7 +148,7 @@ def _persistent_record(meta: Any) -> PersistentRecord:
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     """A strided view of a parsed storage, after checking that it stays inside it."""
-    if not isinstance(storage, _Storage):
+    if not isinstance(storage, _Storage) or storage.data is None:
         raise UnsafePickleError(f"_rebuild_tensor_v2 on a {type(storage).__name__}, not a storage")
     if (not isinstance(offset, int) or not isinstance(size, tuple) or not isinstance(stride, tuple)
             or len(size) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))):
@@ -188,12 +174,6 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     if func is not _rebuild_tensor_v2 or not isinstance(new_type, _Marker) or not isinstance(args, tuple) or state:
         raise UnsafePickleError("_rebuild_from_type_v2 of anything but a plain tensor")
     return _rebuild_tensor_v2(*args)
-
-
-def _codecs_encode(text, encoding="utf-8"):
-    if not isinstance(text, str) or str(encoding).lower() not in ("latin1", "latin-1"):
-        raise UnsafePickleError("_codecs.encode other than str -> latin-1 bytes")
-    return text.encode("latin-1")
 
 
 def _numeric_dtype(spec: Any) -> np.dtype:
@@ -249,7 +229,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._tensor", "Tensor"): _Marker("torch._tensor.Tensor"),
     ("torch", "Tensor"): _Marker("torch.Tensor"),
     ("collections", "OrderedDict"): OrderedDict,
-    ("_codecs", "encode"): _codecs_encode,
     **{("builtins", n): getattr(builtins, n)
        for n in ("set", "frozenset", "list", "tuple", "dict", "bytearray", "complex")},
     **{(m, "scalar"): _numpy_scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
@@ -301,9 +280,8 @@ class _StorageBlobUnpickler(_RestrictedUnpickler):
         if not ok:
             raise _refuse(f"persistent id {pid!r} inside a storage blob (only ('storage', <class>, key, "
                           "location, numel, None))")
-        p = _PendingStorage(pid[2], pid[1].value, pid[4], pid[3])
-        self._pending.append(p)
-        return p
+        self._pending.append(_Storage(pid[2], pid[1].value, pid[4], pid[3]))
+        return self._pending[-1]
 
 
 def _load_storage_blob(blob: Any) -> _Storage:
@@ -325,7 +303,7 @@ def _load_storage_blob(blob: Any) -> _Storage:
         raise UnsafePickleError(f"storage blob with magic {magic!r}, protocol {version!r}")
     if not isinstance(info, dict) or info.get("little_endian") is not True:
         raise UnsafePickleError(f"storage blob sys_info {info!r} (only little-endian is read)")
-    if not isinstance(obj, _PendingStorage) or len(pending) != 1 or keys != [obj.key]:
+    if not isinstance(obj, _Storage) or len(pending) != 1 or keys != [obj.key]:
         raise UnsafePickleError("storage blob does not hold exactly one storage")
     head = f.read(8)
     if len(head) != 8 or struct.unpack("<q", head)[0] != obj.numel:
@@ -334,8 +312,8 @@ def _load_storage_blob(blob: Any) -> _Storage:
     raw = f.read(nbytes)
     if len(raw) != nbytes or f.read(1):
         raise UnsafePickleError(f"storage blob has {len(raw)} data bytes for {nbytes} expected, or trailing bytes")
-    data = torch.frombuffer(bytearray(raw), dtype=obj.dtype) if nbytes else torch.empty(0, dtype=obj.dtype)
-    return _Storage(data, obj.location)
+    obj.data = torch.frombuffer(bytearray(raw), dtype=obj.dtype) if nbytes else torch.empty(0, dtype=obj.dtype)
+    return obj
 
 
 _ALLOWED[("torch.storage", "_load_from_bytes")] = _load_storage_blob
