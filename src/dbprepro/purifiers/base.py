@@ -53,9 +53,8 @@ MIB = 2**20  #: bytes of one MiB, the unit of ``activation_budget_mb``
 
 
 def frozen_storages(*modules: nn.Module) -> set[int]:
-    """Data pointers of the storages of ``modules``' parameters and buffers.  A tensor autograd
-    saves for backward that shares one of them (a frozen network's weight, saved by reference for
-    the gradient to the input) holds no memory of its own."""
+    """Data pointers of ``modules``' parameter and buffer storages: a tensor saved for backward that
+    shares one (a frozen weight, saved by reference) holds no memory of its own."""
     return {t.untyped_storage().data_ptr() for m in modules for t in (*m.parameters(), *m.buffers())}
 
 
