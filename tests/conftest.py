@@ -55,6 +55,30 @@ def stage_inputs(tiny_diffusion, tmp_path):
     return {k: str(v) for k, v in paths.items()}
 
 
+@pytest.fixture
+def attack_stage(stage_inputs, tmp_path):
+    """The DAG's attack stage on :func:`stage_inputs` as a factory: ``attack_stage(attack, setting,
+    attacks)`` runs one shard of ``attack`` (``attacks``: the validated config's section) on the
+    vanilla defense, merges it and returns the merged records (a DataFrame)."""
+    import pandas as pd
+
+    from dbprepro.attacks.runner import merge_shards, run_attack_shard
+
+    def run(attack, setting, attacks, purification):
+        stem = tmp_path / f"{attack}_s0"
+        run_attack_shard(stage_inputs["classifier"], stage_inputs["diffusion"], stage_inputs["test"],
+                         stage_inputs["manifest"], records=f"{stem}.rec.parquet", trace=f"{stem}.tr.parquet",
+                         paths=f"{stem}.npz", defense="vanilla", threat="linf", setting=setting, attack=attack,
+                         shard=0, attacks=attacks, purification=purification, variance_type="fixed_large",
+                         seed=0, device=torch.device("cpu"))
+        merged = tmp_path / f"{attack}_m"
+        merge_shards([f"{stem}.rec.parquet"], [f"{stem}.tr.parquet"], [f"{stem}.npz"], f"{merged}.rec.parquet",
+                     f"{merged}.tr.parquet", f"{merged}.npz")
+        return pd.read_parquet(f"{merged}.rec.parquet")
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """A finished local run of the smoke configuration (``--cores 2``), shared by every test that

@@ -188,27 +188,18 @@ def test_grid_only_when_enabled_and_its_waterfall_stage():
         config(fraction=0.0)
 
 
-def test_the_attack_stage_records_the_band_share_and_the_table_reads_them(stage_inputs, tmp_path):
+def test_the_attack_stage_records_the_band_share_and_the_table_reads_them(attack_stage):
     """The DAG's attack stage on the digits (the real images: saturated pixels) writes PGD's columns
     plus lowfreq_outside, in [0, 1); paper 1's main table reads the records."""
     import pandas as pd
 
-    from dbprepro.attacks.runner import merge_shards, run_attack_shard
     from dbprepro.paper1.tables import p1_main_table
 
     cfg = validate_config({"name": "t", "data": {"n_test": 64}, "purification": {"num_inference_steps": 50},
                            "attacks": {"n_images": 4, "batch_size": 2, "shards": 1, "track_images": 1,
                                        "pgd": {"steps": 2, "eot": 2}, "eval_draws": 2,
                                        "lowfreq": {"enabled": True}}})
-    stem = tmp_path / "s0"
-    run_attack_shard(stage_inputs["classifier"], stage_inputs["diffusion"], stage_inputs["test"],
-                     stage_inputs["manifest"], records=f"{stem}.rec.parquet", trace=f"{stem}.tr.parquet",
-                     paths=f"{stem}.npz", defense="vanilla", threat="linf", setting="whitebox_eot", attack="lowfreq",
-                     shard=0, attacks=cfg["attacks"], purification=cfg["purification"], variance_type="fixed_large",
-                     seed=0, device=torch.device("cpu"))
-    merge_shards([f"{stem}.rec.parquet"], [f"{stem}.tr.parquet"], [f"{stem}.npz"], tmp_path / "m.rec.parquet",
-                 tmp_path / "m.tr.parquet", tmp_path / "m.npz")
-    rec = pd.read_parquet(tmp_path / "m.rec.parquet")
+    rec = attack_stage("lowfreq", "whitebox_eot", cfg["attacks"], cfg["purification"])
     assert len(rec) == 4 and set(rec["attack"]) == {"lowfreq"}
     assert rec["lowfreq_outside"].between(0, 1, inclusive="left").all() and (rec["norm_linf"] <= 0.2 + 1e-6).all()
     clean = pd.DataFrame({"id": rec["id"], "setting": "random", "draw": 0, "correct": 1.0})

@@ -167,23 +167,14 @@ def test_calls_are_the_surrogates_gradients_plus_the_defenses_evaluation():
     assert jobs["attack/vanilla/linf/whitebox_eot/surrogate"].calls == calls * n
 
 
-def test_the_attack_stage_records_say_which_process_and_the_table_reads_them(stage_inputs, tmp_path):
-    from dbprepro.attacks.runner import merge_shards, run_attack_shard
+def test_the_attack_stage_records_say_which_process_and_the_table_reads_them(attack_stage):
     from dbprepro.paper1.tables import p1_main_table
 
     cfg = validate_config({"name": "t", "data": {"n_test": 64}, "purification": {"num_inference_steps": 50},
                            "attacks": {"n_images": 4, "batch_size": 2, "shards": 1, "track_images": 1,
                                        "pgd": {"steps": 1, "eot": 2}, "eval_draws": 2,
                                        "surrogate": {"enabled": True}}})
-    stem = tmp_path / "s0"
-    run_attack_shard(stage_inputs["classifier"], stage_inputs["diffusion"], stage_inputs["test"],
-                     stage_inputs["manifest"], records=f"{stem}.rec.parquet", trace=f"{stem}.tr.parquet",
-                     paths=f"{stem}.npz", defense="vanilla", threat="linf", setting=SETTING, attack="surrogate",
-                     shard=0, attacks=cfg["attacks"], purification=cfg["purification"], variance_type="fixed_large",
-                     seed=0, device=torch.device("cpu"))
-    merge_shards([f"{stem}.rec.parquet"], [f"{stem}.tr.parquet"], [f"{stem}.npz"], tmp_path / "m.rec.parquet",
-                 tmp_path / "m.tr.parquet", tmp_path / "m.npz")
-    rec = pd.read_parquet(tmp_path / "m.rec.parquet")
+    rec = attack_stage("surrogate", SETTING, cfg["attacks"], cfg["purification"])
     assert len(rec) == 4 and set(rec["attack"]) == {"surrogate"}
     assert set(rec["surrogate"]) == {"ddpm t*=0.1 N=10: 2 network calls"}
     clean = pd.DataFrame({"id": rec["id"], "setting": "random", "draw": 0, "correct": 1.0})
