@@ -132,6 +132,14 @@ def test_dry_run_has_the_same_figure_and_table_targets_as_the_default():
         assert f"rule {rule}:" in cifar_out
     for rule in ("train_classifier:", "train_diffusion:"):
         assert f"rule {rule}" not in cifar_out
+    # the VP-SDE and EDM families purify with their own networks (issue 18), fetched by download_network
+    assert cifar_out.count("rule download_network:") == 2
+    nets = {}
+    for block in cifar_out.split("\nrule attack:")[1:]:
+        defense = re.search(r"wildcards: defense=(\w+)", block).group(1)
+        nets.setdefault(defense, set()).update(re.findall(r"results/models/diffusion/(\w+)", block.split("output:")[0]))
+    assert nets["vpsde"] == {"ddpmpp"} and nets["edm"] == {"edm_songunet"}
+    assert nets["ddim"] == nets["vanilla"] == {"vanilla"} and nets["vpsde_addt"] == {"addt"}
 
 
 # ------------------------------------------------------------------ trust on first use (loader)

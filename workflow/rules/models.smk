@@ -94,6 +94,29 @@ else:
             "../scripts/stage.py"
 
 
+rule download_network:
+    input:
+        base=diffusion_dir("vanilla"),
+    output:
+        model=directory(f"{RESULTS}/models/diffusion/{{network}}"),
+    wildcard_constraints:
+        network="|".join(EXPERIMENT.networks) or "^$",
+    params:
+        network=lambda wildcards: EXPERIMENT.networks[wildcards.network],
+        downloads=f"{RESULTS}/downloads/networks",  # the official file, not an output: placed by hand if need be
+        **RUNTIME,
+    log:
+        f"{LOGS}/download_network/{{network}}.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime="1h",
+    conda:
+        "../../envs/dbprepro.yaml"
+    script:
+        "../scripts/stage.py"
+
+
 rule train_addt:
     input:
         base=diffusion_dir("vanilla"),

@@ -47,7 +47,9 @@ class Defense:
     weights (None: the base network); ``family`` whether it is one of ``families.names``' defenses
     (else the main sampler's); ``trains`` whether this defense's own weights are trained by the
     DAG (an ADDT variant, or a family with its own ADDT loss); ``votes`` the purifications of its
-    majority vote (:class:`~dbprepro.purifiers.vote.VoteDefense`; None: a single-draw defense)."""
+    majority vote (:class:`~dbprepro.purifiers.vote.VoteDefense`; None: a single-draw defense);
+    ``network`` the family's own registered network (``families.networks``: ``weights`` is then
+    its folder, made by rule download_network; None: the diffusion section's UNet or its ADDT)."""
 
     name: str
     sampler: str
@@ -56,6 +58,7 @@ class Defense:
     family: bool = False
     trains: bool = False
     votes: int | None = None
+    network: str | None = None
 
     @property
     def weights_kind(self) -> str:
@@ -80,7 +83,8 @@ class Experiment:
             exp._add(Defense(v, main, v, finetune=v, trains=True))
         fam, own = cfg["families"], set(cfg["families"]["own_addt"])
         for f in [f for f in fam["names"] if f != main]:  # the main sampler is vanilla / addt
-            exp._add(Defense(f, f, "vanilla", family=True))
+            net = (fam.get("networks") or {}).get(f, {}).get("network")
+            exp._add(Defense(f, f, net or "vanilla", family=True, network=net))
             if fam["addt"] and "addt" in exp.addt_variants:
                 name = f"{f}_addt"
                 mine = f in own
@@ -109,6 +113,13 @@ class Experiment:
     @property
     def family_defenses(self) -> list[str]:
         return [d.name for d in self.defenses.values() if d.family]
+
+    @property
+    def networks(self) -> dict[str, dict[str, Any]]:
+        """The families' own networks the defenses purify with: network name -> its
+        ``families.networks`` section (what rule download_network fetches)."""
+        fam = self.cfg["families"].get("networks") or {}
+        return {d.network: fam[d.sampler] for d in self.defenses.values() if d.network is not None}
 
     @property
     def vote_defenses(self) -> list[str]:

@@ -160,6 +160,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
                           "(or set families.addt: false)")
     _vote_checks(cfg, names)
     _attack_defenses_checks(cfg)
+    _network_checks(cfg)
     an = cfg["analysis"]
     if an["threat_model"] is not None and an["threat_model"] not in names:
         raise ConfigError(f"config key analysis.threat_model: {an['threat_model']!r} is not a name in "
@@ -190,6 +191,27 @@ def possible_defenses() -> set[str]:
 
     schema = load_yaml(SCHEMA_PATH)["properties"]["addt"]["properties"]["variants"]["items"]["enum"]
     return {"vanilla", VOTE_DEFENSE, *schema, *PURIFIERS, *(f"{f}_addt" for f in PURIFIERS)}
+
+
+def _network_checks(cfg: dict[str, Any]) -> None:
+    """``families.networks``: registered networks of the family they are listed under, for families
+    the config evaluates, and not fine-tuned with ADDT (``families.own_addt``: not supported yet)."""
+    from ..models.networks import network_class
+
+    fam = cfg["families"]
+    for family, net in fam["networks"].items():
+        key = f"config key families.networks.{family}"
+        try:
+            cls = network_class(net["network"])
+        except ValueError as e:
+            raise ConfigError(f"{key}.network: {e}") from None
+        if cls.family != family:
+            raise ConfigError(f"{key}.network: {net['network']!r} is a network of the {cls.family} family, not {family}")
+        if family not in fam["names"]:
+            raise ConfigError(f"{key}: {family!r} is not in families.names ({', '.join(fam['names']) or 'none'})")
+        if family in fam["own_addt"]:
+            raise ConfigError(f"{key}: fine-tuning {net['network']} with ADDT is not supported yet; leave {family!r} "
+                              "out of families.own_addt (its _addt defense then purifies with the addt weights)")
 
 
 def _attack_defenses_checks(cfg: dict[str, Any]) -> None:
@@ -276,7 +298,8 @@ def _purifier_checks(cfg: dict[str, Any]) -> None:
 
 def unpinned_entries(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """``(config key, its download section)`` of every sha256 or hub revision left null in the
-    download sections of the data, classifier and diffusion model that the config uses.
+    download sections of the data, classifier, diffusion model and families' own networks that the
+    config uses.
     Torch-free (Snakemake and the CLI call it)."""
     out: list[tuple[str, dict[str, Any]]] = []
     sections = []
@@ -285,6 +308,9 @@ def unpinned_entries(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for name in ("classifier", "diffusion"):
         if cfg.get(name, {}).get("source") == "download":
             sections.append((f"{name}.download", cfg[name].get("download")))
+    for fam, net in (cfg.get("families", {}).get("networks") or {}).items():
+        if fam in cfg.get("families", {}).get("names", []):
+            sections.append((f"families.networks.{fam}.download", net.get("download")))
     for where, dl in sections:
         if not isinstance(dl, dict):
             continue

@@ -80,7 +80,13 @@ def _diffusion_layout(path: Path) -> tuple[Path, Path]:
 def load_diffusion(path: str | Path, scheduler_overrides: dict[str, Any] | None = None
                    ) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load ``(unet, scheduler)`` from a local diffusers folder (layout of ``save_diffusion``
-    or the flat hub layout of ``google/ddpm-cifar10-32``), safetensors only, no network."""
+    or the flat hub layout of ``google/ddpm-cifar10-32``), safetensors only, no network.  A
+    family's own network folder (:func:`dbprepro.models.networks.save_network_dir`) gives its
+    registered network in place of the UNet."""
+    from .networks import is_network_dir, load_network_dir
+
+    if is_network_dir(path):
+        return load_network_dir(path, scheduler_overrides)
     unet_dir, sched_dir = _diffusion_layout(Path(path))
     unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)

@@ -20,6 +20,8 @@ A registered class owns:
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -63,3 +65,47 @@ class EpsNetwork(nn.Module):
 def network_names(family: str | None = None) -> tuple[str, ...]:
     """Registered network names (of one purifier ``family``, if given)."""
     return tuple(n for n, c in NETWORKS.items() if family is None or c.family == family)
+
+
+#: the file that marks a family's own network folder and says what it holds
+NETWORK_FILE = "network.json"
+
+
+def save_network_dir(path: str | Path, name: str, config: dict[str, Any], weights: str | Path,
+                     sha256: str, scheduler) -> None:
+    """The model folder of a family's own network (rule download_network): ``network.json``
+    (registered ``name``, its ``config`` overrides, the official ``weights`` file - left where it
+    was downloaded, never converted: its licence forbids redistributing derived tensors - and
+    that file's ``sha256``) and ``scheduler/``, the DDPM noise schedule the continuous purifiers
+    map noise levels with.  Written atomically."""
+    from ..io import atomic_dir
+
+    network_class(name)  # a ValueError naming the registered ones
+    rel = os.path.relpath(Path(weights).resolve(), Path(path).resolve())  # the folder moves with results/
+    with atomic_dir(path) as tmp:
+        spec = {"network": name, "config": dict(config), "weights": rel, "sha256": sha256}
+        (tmp / NETWORK_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        scheduler.save_pretrained(tmp / "scheduler")
+
+
+def is_network_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a family's own network folder (:func:`save_network_dir`)."""
+    return (Path(path) / NETWORK_FILE).is_file()
+
+
+def load_network_dir(path: str | Path, scheduler_overrides: dict[str, Any] | None = None):
+    """``(network, scheduler)`` of a :func:`save_network_dir` folder: the weights file checked
+    against the recorded sha256, then read by the network's own safe loader (``load_state``)."""
+    from diffusers import DDPMScheduler
+
+    from .verification import verify_file
+
+    path = Path(path)
+    spec = json.loads((path / NETWORK_FILE).read_text())
+    weights = (path / spec["weights"]).resolve()
+    verify_file(weights, spec["sha256"])
+    net = network_class(spec["network"]).load_state(weights, spec["config"])
+    scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+    if scheduler_overrides:
+        scheduler = DDPMScheduler.from_config(scheduler.config, **scheduler_overrides)
+    return net.eval(), scheduler

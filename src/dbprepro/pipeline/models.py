@@ -67,7 +67,8 @@ def download_classifier(input, output, params, wildcards) -> None:
 
     clf = params.classifier
     dl = clf["download"]
-    raw = download_url(dl["url"], dl["sha256"], Path(output.raw), allow_unpinned=dl.get("allow_unpinned", False))
+    raw = download_url(dl["url"], dl["sha256"], Path(params.downloads) / dl["filename"],
+                       allow_unpinned=dl.get("allow_unpinned", False))
     model = build_classifier(clf["arch"], **clf["kwargs"])
     load_weights_into(model, load_state_dict(raw))
     save_classifier(model, clf["arch"], clf["kwargs"], output.model)
@@ -82,6 +83,24 @@ def download_diffusion(input, output, params, wildcards) -> None:
     download_hf(dl["repo_id"], dl["revision"], dl["files"], output.model,
                 allow_unpinned=dl.get("allow_unpinned", False))
     check_known_configs(dl["repo_id"], output.model)  # content check of its small, unhashed JSON files
+
+
+@stage
+def download_network(input, output, params, wildcards) -> None:
+    """A family's own network (``families.networks``): the official file fetched (or placed by
+    hand) and checked against its sha256, loaded once by the network's safe loader to prove it
+    fits, and its model folder written beside the base model's noise schedule."""
+    from ..io import sha256_file
+    from ..models.checkpoints import download_url
+    from ..models.diffusion import load_diffusion
+    from ..models.networks import network_class, save_network_dir
+
+    sec, dl = params.network, params.network["download"]
+    raw = download_url(dl["url"], dl["sha256"], Path(params.downloads) / dl["filename"],
+                       allow_unpinned=dl.get("allow_unpinned", False))
+    network_class(sec["network"]).load_state(raw, sec.get("config") or {})  # refuses a file that does not fit
+    _, scheduler = load_diffusion(input.base)
+    save_network_dir(output.model, sec["network"], sec.get("config") or {}, raw, sha256_file(raw), scheduler)
 
 
 @stage
