@@ -28,6 +28,18 @@ From the noise prediction:
 - VP score  ``score(x_vp, t) = -eps(x_vp, i(sigma(t))) / sigma_vp(t)``;
 - EDM denoiser with the standard VP preconditioning (Karras et al. 2022, Table 1: c_skip = 1,
   c_out = -sigma, c_in = 1 / sqrt(1 + sigma^2)): ``D(x; sigma) = x - sigma eps(x / sqrt(1 + sigma^2), i(sigma))``.
+
+At paper scale a family may instead run on its own network (issue 18): an
+:class:`~dbprepro.models.networks.EpsNetwork` such as Score SDE's DDPM++ (``ddpmpp``, the VP-SDE's)
+or EDM's SongUNet behind EDMPrecond (``edm_songunet``, EDM's).  :meth:`ContinuousPurifier.eps` then
+calls ``EpsNetwork.eps(x_vp, sigma)`` at the same EDM noise level, and the network maps sigma to its
+own conditioning (DDPM++: label ``999 t`` of the continuous VP time with the network's beta_min,
+beta_max; EDM: its preconditioning, ``c_in`` and ``c_noise = ln(sigma) / 4``); the timestep map
+only labels the trajectory then.  Every network call of the purifiers (the score, the EDM denoiser, the adjoint's
+drift, the checkpointed steps) goes through ``eps``, so randomness, gradient modes and trajectories
+are the same on either network.  On EDM's network the denoiser above is EDMPrecond's own
+``D(x; sigma)``, since ``EpsNetwork.eps`` is defined as ``(x - D(x; sigma)) / sigma``.  The scheduler
+is still needed: it keys the forward noise (``t_start``) and derives EDM's ``sigma_max=None``.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..models.networks import EpsNetwork
 from ..randomness import Randomness, Stream
 from .base import ReverseChain, Trajectory, start_timestep
 
@@ -126,7 +139,11 @@ class ContinuousPurifier(ReverseChain):
 
     # -- the network ---------------------------------------------------------------------------
     def eps(self, x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
-        """eps_theta at the VP state ``x_vp`` of EDM noise level ``sigma`` (timestep by noise level)."""
+        """eps_theta at the VP state ``x_vp`` of EDM noise level ``sigma``: a family's own network
+        by :meth:`EpsNetwork.eps <dbprepro.models.networks.EpsNetwork.eps>` (its own conditioning),
+        a diffusers ``UNet2DModel`` at the timestep of that noise level (module docstring)."""
+        if isinstance(self.unet, EpsNetwork):
+            return self.unet.eps(x_vp, sigma)
         t = self.net_time(sigma)
         dtype = torch.float32 if self.net_time.mode == "interpolate" else torch.long
         tt = torch.full((x_vp.shape[0],), t, device=x_vp.device, dtype=dtype)

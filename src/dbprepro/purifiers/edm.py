@@ -33,7 +33,9 @@ class EDMPurifier(ContinuousPurifier):
     """EDM purification: Heun sampler with stochastic churn (see the module docstring).
 
     Args:
-        unet, scheduler: the epsilon-prediction network (VP preconditioning) and its scheduler.
+        unet, scheduler: the epsilon-prediction network (a diffusers ``UNet2DModel`` with the VP
+            preconditioning, or the family's own :class:`~dbprepro.models.networks.EpsNetwork`, e.g.
+            EDM's SongUNet) and the discrete DDPM scheduler.
         t_star: diffusion strength; keys the forward noise and, with ``sigma_max=None``, sets the
             starting noise level to the DDPM's at t_start.
         sigma_max: starting noise level (paper 1: 0.5) or None (derived from t*).
@@ -79,7 +81,8 @@ class EDMPurifier(ContinuousPurifier):
         self.timesteps: list[int] = list(range(self.steps))
 
     def denoiser(self, x: torch.Tensor, sigma: float, eps_fn: Callable | None = None) -> torch.Tensor:
-        """D(x; sigma) = x - sigma eps(x / sqrt(1 + sigma^2), i(sigma)) (VP preconditioning)."""
+        """D(x; sigma) = x - sigma eps(x / sqrt(1 + sigma^2), i(sigma)) (VP preconditioning; on EDM's
+        own network, EDMPrecond's denoiser: see :mod:`dbprepro.purifiers.continuous`)."""
         return x - sigma * (eps_fn or self.eps)(x / math.sqrt(1 + sigma * sigma), sigma)
 
     def diffuse(self, x01, ids, draws):

@@ -51,7 +51,8 @@ class VPSDEPurifier(ContinuousPurifier):
     """DiffPure's VP-SDE purification (see the module docstring).
 
     Args:
-        unet, scheduler: the epsilon-prediction network and its discrete DDPM scheduler.
+        unet, scheduler: the epsilon-prediction network (a diffusers ``UNet2DModel`` or the family's
+            own :class:`~dbprepro.models.networks.EpsNetwork`, e.g. DDPM++) and the discrete DDPM scheduler.
         t_star: diffusion time in (0, 1] of the continuous VP-SDE (0.1 in both papers).
         steps: Euler-Maruyama steps from t* to 0 (DiffPure: dt = 1e-3, i.e. 100 at t* = 0.1).
         beta_min, beta_max: the continuous VP-SDE (Score SDE / DiffPure: 0.1, 20).
