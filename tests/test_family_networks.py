@@ -113,3 +113,13 @@ def test_a_weights_file_changed_after_download_is_refused(tiny_diffusion, tmp_pa
     weights.write_bytes(weights.read_bytes() + b"\0")
     with pytest.raises(CheckpointError):
         load_network_dir(tmp_path / "ddpmpp")
+
+
+def test_the_networks_name_their_image_shape_as_a_unet_config_does():
+    from dbprepro.models.edm_net import EDMSongUNet
+
+    ddpmpp = DDPMpp.from_config(TINY)
+    assert (ddpmpp.config.in_channels, ddpmpp.config.sample_size) == (3, 8)
+    edm = EDMSongUNet.from_config({"img_resolution": 8, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+                                   "attn_resolutions": [4]})
+    assert (edm.config.in_channels, edm.config.sample_size) == (3, 8)

@@ -259,6 +259,10 @@ class DDPMpp(EpsNetwork):
         assert next(mods, None) is None and not hs, "DDPM++: every module and skip is used once"
         return out(self.act(norm(h)))
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self.num_channels, self.image_size
+
     def eps(self, x_vp: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         """The noise prediction at the VP state ``x_vp`` of EDM noise level ``sigma`` (a float or one
         value per sample): the network at label 999 t, t = :func:`vp_time` (sigma) (Score SDE's

@@ -356,6 +356,10 @@ class EDMSongUNet(EpsNetwork):
         f = self.model((c_in * x).to(dtype), c_noise.to(dtype)).to(x.dtype)
         return c_skip * x + c_out * f
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self.img_channels, self.img_resolution
+
     def eps(self, x_vp: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         """The noise prediction at the VP state ``x_vp`` of EDM noise level ``sigma``:
         x = x_vp sqrt(1 + sigma^2), eps = (x - D(x; sigma)) / sigma.  Computed in the equal form

@@ -56,6 +56,20 @@ class EpsNetwork(nn.Module):
     def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None) -> "EpsNetwork":
         raise NotImplementedError
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(channels, side) of the images the network takes."""
+        raise NotImplementedError
+
+    @property
+    def config(self):
+        """``in_channels`` and ``sample_size``, named as diffusers' ``UNet2DModel.config`` names them
+        (what the CLI and the landscape read for the image shape)."""
+        from types import SimpleNamespace
+
+        c, side = self.image_shape
+        return SimpleNamespace(in_channels=c, sample_size=side)
+
     def eps(self, x_vp: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         """The noise prediction at the VP state ``x_vp`` (= x_edm / sqrt(1 + sigma^2), [-1, 1] data
         scale) of EDM noise level ``sigma`` (a float or one value per sample)."""
