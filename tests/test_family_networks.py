@@ -123,3 +123,37 @@ def test_the_networks_name_their_image_shape_as_a_unet_config_does():
     edm = EDMSongUNet.from_config({"img_resolution": 8, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
                                    "attn_resolutions": [4]})
     assert (edm.config.in_channels, edm.config.sample_size) == (3, 8)
+
+
+def test_the_cost_model_prices_a_family_on_its_own_network():
+    """count_calls marks the jobs that run on a family's network; estimate prices their UNet calls
+    with that network's unit costs, the other jobs' with the diffusion section's."""
+    from dbprepro.config import load_configs
+    from dbprepro.cost import count_calls
+    from dbprepro.cost.report import estimate
+
+    jobs = {j.job: j for j in count_calls(load_configs(["config/cifar10.yaml"]))}
+    assert jobs["attack/vpsde/linf/dwbox/pgd"].network == "ddpmpp"
+    assert jobs["evaluate_clean/edm"].network == "edm_songunet"
+    assert jobs["attack/vpsde_addt/linf/dwbox/pgd"].network is None and jobs["attack/vanilla/linf/dwbox/pgd"].network is None
+    unit = {k: 1.0 for k in ("unet_fwd", "unet_grad", "unet_train", "clf_fwd", "clf_grad", "clf_train")}
+    unit["networks"] = {"ddpmpp": {"unet_fwd": 3.0, "unet_grad": 5.0, "unet_train": 1.0}}
+    pair = [jobs["attack/vpsde/linf/dwbox/pgd"], jobs["attack/vpsde_addt/linf/dwbox/pgd"]]
+    df = estimate(pair, unit).set_index("job")
+    c = pair[0].calls
+    assert df.loc[pair[0].job, "device_hours"] * 3600 == pytest.approx(
+        3 * c.unet_fwd + 5 * c.unet_grad + c.unet_train + c.clf_fwd + c.clf_grad + c.clf_train)
+    c = pair[1].calls
+    assert df.loc[pair[1].job, "device_hours"] * 3600 == pytest.approx(sum(c.as_dict().values()))
+
+
+def test_unit_costs_are_measured_on_each_familys_network():
+    from dbprepro.cost.measure import measure_unit_costs
+
+    tiny = {**TINY, "num_channels": 1, "ch_mult": [1], "attn_resolutions": []}  # the digits' 1x8x8 images
+    sec = net_section()
+    sec["config"] = tiny
+    cfg = validate_config({"name": "t", "families": {"names": ["vpsde"], "own_addt": [], "networks": {"vpsde": sec}}})
+    unit = measure_unit_costs(cfg, device="cpu", batch_size=2, repeats=1)
+    net = unit["networks"]["ddpmpp"]
+    assert net["unet_fwd"] > 0 and net["unet_grad"] > 0 and "parameters" in net["name"]

@@ -26,6 +26,7 @@ class Job:
     note: str = ""
     upper_bound: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    network: str | None = None  # a family's own network its UNet calls run on (None: the diffusion section's)
 
 
 def network_calls(purification: dict, num_train_timesteps: int = 1000) -> int:
@@ -118,7 +119,7 @@ def count_calls(cfg: dict) -> list[Job]:
     for d in [*defenses, *fam, *exp.vote_defenses]:  # a vote: V purifications per random draw
         V = exp.defense(d).votes or 1
         per = Calls(clf_fwd=1) + defended_forward(chain(d)) * (V * ev["random_draws"] + ev["fixed_configs"])
-        jobs.append(Job(f"evaluate_clean/{d}", "tables/clean_accuracy.csv", per * n_test,
+        jobs.append(Job(f"evaluate_clean/{d}", "tables/clean_accuracy.csv", per * n_test, network=exp.defense(d).network,
                         note=f"{n_test} images x ({ev['random_draws']} random + {ev['fixed_configs']} fixed)"))
 
     # attacks
@@ -137,6 +138,7 @@ def count_calls(cfg: dict) -> list[Job]:
         else:
             target = "tables/p1_table_main.csv"
         jobs.append(Job(f"attack/{d}/{tm}/{s}/{atk}", target, per * n_d, upper_bound=bound,
+                        network=None if d == UNDEFENDED else exp.defense(d).network,
                         note=f"{n_d} images" + (" (upper bound: every image through every sub-attack)"
                                                   if bound else "")))
 

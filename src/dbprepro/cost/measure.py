@@ -1,12 +1,15 @@
 """Measuring: seconds per image of each kind of network call, timed on this device with randomly
 initialised networks of the configured architectures (CIFAR-10: google/ddpm-cifar10-32's
-UNet2DModel and the WRN-28-10; digits: the configured digits UNet and small CNN)."""
+UNet2DModel and the WRN-28-10; digits: the configured digits UNet and small CNN), and the UNet calls
+of each family's own network (``families.networks``: DDPM++, EDM's SongUNet) apart."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from ..config import Experiment
+from ..models.networks import network_class
 from .count import image_shape
 
 
@@ -49,6 +52,29 @@ def _time(fn, repeats: int, sync, clock) -> float:
         sync()
         best = min(best, clock() - t0)
     return best
+
+
+def frozen_network(net):
+    """``net`` in eval mode without parameter gradients (as a purifier holds it)."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+def net_fwd(net, x, sigma) -> None:
+    """One timed forward of a family's own network (its ``eps``, as the purifiers call it)."""
+    import torch
+
+    with torch.no_grad():
+        net.eps(x, sigma)
+
+
+def net_grad(net, x, sigma) -> None:
+    """One timed input gradient through a family's own network."""
+    import torch
+
+    xi = x.detach().requires_grad_(True)
+    torch.autograd.grad(net.eps(xi, sigma).square().sum(), xi)
 
 
 def default_batch_size(cfg: dict) -> int:
@@ -133,6 +159,16 @@ def measure_unit_costs(cfg: dict, device=None, batch_size: int | None = None, re
     frozen(unet, True), frozen(clf, True)
     out["unet_train"] = _time(unet_train, repeats, sync, clock) / B
     out["clf_train"] = _time(clf_train, repeats, sync, clock) / B
+    out["networks"] = {}
+    for name, sec in Experiment.from_config(cfg).networks.items():  # the families' own networks (issue 18)
+        net = frozen_network(network_class(name).from_config(sec.get("config") or {}).to(device))
+        sigma = torch.full((B,), 0.5, device=device)
+        out["networks"][name] = {
+            "unet_fwd": _time(lambda: net_fwd(net, x, sigma), repeats, sync, clock) / B,
+            "unet_grad": _time(lambda: net_grad(net, x, sigma), repeats, sync, clock) / B,
+            "unet_train": out["unet_train"],  # no ADDT on these networks yet: never used
+            "name": f"{name} ({sum(p.numel() for p in net.parameters()):,} parameters)"}
+        del net
     torch.set_num_threads(old_threads)
     if device.type == "cuda":
         dev = f"cuda: {torch.cuda.get_device_name(device)}"

@@ -10,13 +10,16 @@ from .measure import measure_unit_costs
 
 
 def estimate(jobs: list[Job], unit: dict[str, float]):
-    """A DataFrame: one row per job with its calls and device-hours, then a ``TOTAL`` row."""
+    """A DataFrame: one row per job with its calls and device-hours, then a ``TOTAL`` row.  A job
+    on a family's own network (``Job.network``) prices its UNet calls with that network's unit
+    costs (``unit["networks"][name]``)."""
     import pandas as pd
 
     rows = []
     for j in jobs:
         c = j.calls.as_dict()
-        seconds = sum(c[k] * float(unit[k]) for k in KINDS)
+        u = {**unit, **unit.get("networks", {}).get(j.network, {})} if j.network else unit
+        seconds = sum(c[k] * float(u[k]) for k in KINDS)
         rows.append({"job": j.job, "target": j.target, **{f"calls_{k}": c[k] for k in KINDS},
                      "device_hours": seconds / 3600.0, "upper_bound": j.upper_bound, "note": j.note})
     df = pd.DataFrame(rows)
@@ -38,6 +41,8 @@ def format_report(df, unit: dict[str, Any], config_name: str) -> str:
              f"measured on {meta['device']} (torch {meta['torch']}, batch {meta['batch_size']}, "
              f"best of {meta['repeats']}; {meta['clock']}; load average {meta['load_average']:.1f})",
              f"  UNet: {meta['unet']}", f"  classifier: {meta['classifier']}",
+             *[f"  family network: {n['name']}: UNet calls " + ", ".join(f"{k} {n[k]:.3g}" for k in ("unet_fwd", "unet_grad"))
+               + " s per image" for n in unit.get("networks", {}).values()],
              f"  purification chain: {int(df.attrs.get('chain_steps', 0)) or '?'} UNet steps per purification",
              "seconds per image: " + ", ".join(f"{k} {unit[k]:.3g}" for k in KINDS),
              "GPU throughput differs: run this command on the node that will run the DAG.", ""]
