@@ -104,8 +104,8 @@ rule table_p1_ablation:
         ),
         md=f"{RESULTS}/tables/p1_table_ablation.md",
     params:
-        defenses=EVAL_DEFENSES,
-        families={d: EXPERIMENT.defense(d).sampler for d in EVAL_DEFENSES},
+        defenses=[*DEFENSES, *FAMILY_DEFENSES],  # the vote defense is no ADDT ablation row (it is in the waterfall)
+        families={d: EXPERIMENT.defense(d).sampler for d in [*DEFENSES, *FAMILY_DEFENSES]},
         threat=config["addt"]["attack_threat_models"][0],
         **RUNTIME,
     log:
