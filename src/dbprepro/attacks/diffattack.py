@@ -39,7 +39,6 @@ returns its best point (highest EOT-mean loss); PGD its last iterate.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -48,7 +47,8 @@ import torch.nn.functional as F
 
 from ..calls import Calls, defended_grad, purify
 from ..randomness import Stream
-from .base import AttackResult, ascent_direction, evaluation_calls, perturbation_norms
+from .apgd import apgd, apgd_checkpoints  # noqa: F401 (apgd_checkpoints: re-exported)
+from .base import AttackResult, evaluation_calls, perturbation_norms
 from .pgd import PGD
 from .protocols import evaluate_draws, is_fixed, summarise_evaluations
 from .registry import register_attack
@@ -56,18 +56,6 @@ from .registry import register_attack
 REFERENCES = ("forward", "clean")
 STEP_WEIGHTS = ("uniform", "unit")
 OPTIMIZERS = ("pgd", "apgd")
-APGD_MOMENTUM, APGD_RHO = 0.75, 0.75
-
-
-def apgd_checkpoints(steps: int) -> list[int]:
-    """APGD's checkpoints w_j = ceil(p_j * steps) (Croce & Hein 2020, Sec. 3.2), w_0 = 0 excluded."""
-    p, out = [0.0, 0.22], []
-    while p[-1] < 1:
-        w = math.ceil(p[-1] * steps - 1e-9)  # 0.41 * 100 is 41.000000000000007 in floating point
-        if 0 < w < steps and (not out or w > out[-1]):
-            out.append(w)
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return out
 
 
 @register_attack
@@ -196,46 +184,21 @@ class DiffAttack(PGD):
             self._clean, self._clean_states = None, {}
 
     def _apgd(self, x, y, ids) -> AttackResult:
-        """APGD (Croce & Hein 2020, Alg. 1) on L, one draw set per iterate as PGD's schedule."""
-        B, view = x.shape[0], (-1, *([1] * (x.ndim - 1)))
+        """APGD (:func:`~dbprepro.attacks.apgd.apgd`) on L, one draw set per iterate as PGD's schedule."""
         delta = torch.zeros_like(x)
         if self.random_start:  # as PGD's: keyed by (seed, id, restart 0)
             u = self.model.purifier.randomness.uniform(ids, torch.zeros_like(ids), Stream.ATTACK, 0, x.shape[1:],
                                                        device=x.device) * 2 - 1
             delta = self._project(x, u * self.eps)
-        checkpoints = set(apgd_checkpoints(self.steps))
-        eta = torch.full((B,), 2 * self.eps, device=x.device)
-        hist = np.zeros((B, self.steps + 1), dtype=np.float64)
-        track = np.zeros((min(self.track, B), self.steps + 1, x[0].numel()), dtype=np.float32)
-        prev = delta
-        for s in range(self.steps + 1):
-            loss, grad = self.loss_and_grad(x + delta, y, ids, self.draws(0, s))
-            hist[:, s] = loss.cpu().numpy()
+        track = np.zeros((min(self.track, x.shape[0]), self.steps + 1, x[0].numel()), dtype=np.float32)
+
+        def loss_and_grad(s, d):
             if track.shape[0]:
-                track[:, s] = delta[: track.shape[0]].flatten(1).cpu().numpy()
-            if s == 0:
-                best, best_delta, best_grad = loss.clone(), delta.clone(), grad.clone()
-                ck_eta, ck_best, ck_last, increases = eta.clone(), best.clone(), 0, torch.zeros(B, device=x.device)
-            else:
-                increases += (loss > last_loss).float()
-                up = loss > best
-                best = torch.where(up, loss, best)
-                best_delta[up], best_grad[up] = delta[up], grad[up]
-            last_loss = loss
-            if s == self.steps:
-                break
-            if s in checkpoints:
-                reduce = (increases < APGD_RHO * (s - ck_last)) | ((eta == ck_eta) & (best == ck_best))
-                eta = torch.where(reduce, eta / 2, eta)
-                r = reduce.view(view)  # restart from the best point, without momentum
-                delta, prev, grad = torch.where(r, best_delta, delta), torch.where(r, best_delta, prev), \
-                    torch.where(r, best_grad, grad)
-                last_loss = torch.where(reduce, best, last_loss)
-                ck_eta, ck_best, ck_last, increases = eta.clone(), best.clone(), s, torch.zeros_like(increases)
-            z = self._project(x, delta + eta.view(view) * ascent_direction(grad, self.norm))
-            if s > 0:
-                a = APGD_MOMENTUM
-                z = self._project(x, delta + a * (z - delta) + (1 - a) * (delta - prev))
-            prev, delta = delta, z
+                track[:, s] = d[: track.shape[0]].flatten(1).cpu().numpy()
+            return self.loss_and_grad(x + d, y, ids, self.draws(0, s))
+
+        best_delta, best, hist = apgd(loss_and_grad, x, delta, eps=self.eps, norm=self.norm, steps=self.steps,
+                                      project=self._project)
+        hist = torch.stack(hist, 1).cpu().numpy().astype(np.float64)
         return AttackResult((x + best_delta).detach(), hist, track if self.track else None,
                             extra={"loss_adv": best.cpu().numpy()})

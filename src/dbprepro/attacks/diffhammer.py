@@ -53,28 +53,12 @@ import torch.nn.functional as F
 
 from ..calls import Calls, defended_grad
 from .base import NORMS, Attack, AttackResult, Norm, ascent_direction, evaluation_calls, perturbation_norms, project
+from .losses import LOSSES, attack_loss, margin_loss  # noqa: F401 (re-exported)
 from .pgd import step_draws
 from .protocols import Setting, _check_randomness, base_setting, evaluate_draws, summarise_evaluations
 from .registry import register_attack
 
 ESTEPS = ("paper", "official", "uniform")
-LOSSES = ("cw", "ce")
-
-
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """CW margin max_{j != y} z_j - z_y per sample (> 0: misclassified)."""
-    true = logits.gather(1, y[:, None])[:, 0]
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return other - true
-
-
-def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-sample attack loss: ``cw`` (margin) or ``ce`` (cross-entropy)."""
-    if loss == "cw":
-        return margin_loss(logits, y)
-    if loss == "ce":
-        return F.cross_entropy(logits, y, reduction="none")
-    raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
 
 
 def _dir(g: torch.Tensor, norm: Norm) -> torch.Tensor:
