@@ -148,3 +148,19 @@ def test_exact_spearman_null_rate():
     rng = np.random.default_rng(6)
     ps = np.array([stats.exact_spearman(rng.standard_normal(6), rng.standard_normal(6)).p_value for _ in range(400)])
     assert np.mean(ps < ALPHA) <= _rate_bound(400)
+
+
+def test_sign_flip_monte_carlo_keeps_its_plus_one_correction():
+    # 40 units all +1: no Monte Carlo sign pattern (other than all +) reaches |mean| = 1, so the uncorrected
+    # estimate would be ~0; with the +1 correction it is (1 + hits) / (1 + resamples), never 0
+    d = np.ones(40)
+    for resamples in (99, 999):
+        p = stats.sign_flip_p(d, resamples=resamples, seed=3)
+        assert p > 0
+        assert p == pytest.approx(1 / (1 + resamples), abs=1e-15)
+    # and beyond the extreme: the estimate counts the hits plus one, over resamples plus one
+    rng = np.random.default_rng(0)
+    d = rng.normal(0.0, 1.0, size=30)
+    p = stats.sign_flip_p(d, resamples=499, seed=1)
+    k = round(p * 500)
+    assert abs(p * 500 - k) < 1e-9 and 1 <= k <= 500
