@@ -25,8 +25,9 @@ import yaml
 from .io import atomic_path
 
 #: the robustness waterfall's columns shown (the stage, its runs, alone and with every stage before it, cost)
-WATERFALL_COLUMNS = ("defense", "threat", "stage", "runs", "n_images", "stage_robust_accuracy", "ensemble_robust_accuracy",
-                     "ci_low", "ci_high", "removed", "steps", "calls_per_image", "ensemble_network_calls")
+WATERFALL_COLUMNS = ("defense", "threat", "stage", "runs", "n_images", "stage_robust_accuracy",
+                     "ensemble_robust_accuracy", "ci_low", "ci_high", "removed", "steps", "calls_per_image",
+                     "ensemble_network_calls")
 #: the headline: each waterfall defense's robust accuracy against all attacks (the waterfall's last point)
 #: beside the strongest single run on the same images
 ALL_ATTACKS_COLUMNS = ("defense", "threat", "evaluation", "n_images", "n_runs", "ensemble_robust_accuracy", "ci_low",
