@@ -222,9 +222,41 @@ def test_the_default_grid_runs_the_three_protocols_separately():
 
     runs = Experiment.from_config(load_configs([Path(__file__).parents[1] / "config.yaml"])).attack_runs()
     aa_runs = [(r.defense, r.setting, r.attack) for r in runs if r.attack.startswith("aa_")]
-    assert aa_runs == [("vanilla", "dwbox", "aa_standard_dwbox"), ("vanilla", "whitebox", "aa_standard_multieval"),
-                       ("vanilla", "whitebox_eot", "aa_rand")]
+    protocols = [("dwbox", "aa_standard_dwbox"), ("whitebox", "aa_standard_multieval"), ("whitebox_eot", "aa_rand")]
+    assert aa_runs == [(d, s, a) for d in ("vanilla", "addt") for s, a in protocols]  # autoattack.defenses
     assert attack_names()[2:5] == ("aa_standard_dwbox", "aa_standard_multieval", "aa_rand")
+
+
+def _config(**autoattack):
+    from dbprepro.config import deep_merge, load_yaml, validate_config
+
+    raw = load_yaml(Path(__file__).parents[1] / "config.yaml")
+    raw["attacks"]["autoattack"].pop("defenses")
+    return validate_config(deep_merge(raw, {"attacks": {"autoattack": autoattack}}))
+
+
+def test_defenses_put_every_protocol_on_the_listed_defenses_and_default_to_vanilla():
+    from dbprepro.config import Experiment
+
+    for defenses, expected in ((None, {"vanilla"}), (["vanilla", "addt"], {"vanilla", "addt"}),
+                               (["vanilla", "addt", "ddim"], {"vanilla", "addt", "ddim"})):
+        cfg = _config() if defenses is None else _config(defenses=defenses)
+        runs = Experiment.from_config(cfg).attack_runs()
+        by = {a: {r.defense for r in runs if r.attack == a} for a in ("aa_standard_dwbox", "aa_standard_multieval",
+                                                                        "aa_rand")}
+        assert by == dict.fromkeys(by, expected)  # the three protocols share the section
+        assert len(runs) == len(set(runs))
+
+
+def test_an_unknown_defense_is_refused_and_where_it_runs_stays_out_of_the_runs_params():
+    from dbprepro.config import ConfigError, Experiment
+
+    with pytest.raises(ConfigError, match=r"attacks\.autoattack\.defenses: \['vote'\]"):
+        _config(defenses=["vanilla", "vote"])
+    a, b = Experiment.from_config(_config()), Experiment.from_config(_config(defenses=["vanilla", "addt"]))
+    for setting, attack in (("dwbox", "aa_standard_dwbox"), ("whitebox_eot", "pgd"), ("dwbox", "pgd")):
+        pa, pb = a.attacks("vanilla", setting, attack), b.attacks("vanilla", setting, attack)
+        assert pa == pb and "defenses" not in pa["autoattack"]  # listing ADDT reruns none of vanilla's runs
 
 
 def test_the_old_name_is_a_deprecated_alias_outside_the_grid():

@@ -103,24 +103,29 @@ def test_the_snapshot_is_refused_for_tables_of_another_run_and_copied_for_the_re
     assert tables_hash(snap) == tables_hash(tables) and render_results(snap, tables_hash(tables)) == text
 
 
-def test_the_strongest_attack_and_adaptive_claim_sections_keep_only_their_rows(tmp_path):
+def test_the_all_attacks_and_adaptive_claim_sections_keep_only_their_rows(tmp_path):
+    from dbprepro.paper1.waterfall import ALL_ATTACKS, PGD_ONLY
     from dbprepro.results_doc import ADAPTIVE_WHERE
 
-    pd.DataFrame([dict(defense=d, threat="linf", evaluation=ev, stage=st, from_stage="DW-box" if st != "BPDA" else "",
-                       attack="pgd", setting="dwbox", n_images=64, robust_accuracy=f"0.{k}{i}{j}77",
-                       ci_low=0.1, ci_high=0.3)
-                  for k, d in enumerate(("vanilla", "addt")) for i, ev in enumerate(("single", "worst"))
-                  for j, st in enumerate(("BPDA", "strongest known"))]).to_csv(tmp_path / "waterfall.csv", index=False)
+    last = {"vanilla": ALL_ATTACKS, "addt": ALL_ATTACKS, "ddim": PGD_ONLY}
+    pd.DataFrame([dict(defense=d, threat="linf", evaluation=ev, stage=st if st else last[d], runs="pgd/dwbox",
+                       n_images=64, n_runs=1, ensemble_robust_accuracy=f"0.{k}{i}{j}77", ci_low=0.1, ci_high=0.3,
+                       strongest_run="pgd/dwbox" if not st else "", strongest_robust_accuracy=f"0.{k}{i}{j}55",
+                       images_dropped=192)
+                  for k, d in enumerate(("vanilla", "addt", "ddim")) for i, ev in enumerate(("single", "worst"))
+                  for j, st in enumerate(("DW-box", None))]).to_csv(tmp_path / "waterfall.csv", index=False)
     pd.DataFrame([dict(claim_id="p1_a", where="Table 1", claim="x", verdict="holds"),
                   dict(claim_id="p1_addt_gain_ensemble_dwbox_linf", where=ADAPTIVE_WHERE[1], claim="y",
                        verdict="not significant")]).to_csv(tmp_path / "claims.csv", index=False)
     text = render_results(tmp_path, "0" * 32 + ".dir")
-    strongest = text.split("## The strongest known attack")[1].split("\n## ")[0]
-    assert strongest.count("| vanilla ") == strongest.count("| addt ") == 2  # single and worst
-    # only the minimum rows (j = 1), of both evaluations (i) and defenses (k)
-    assert {c for c in ("0.00177", "0.01177", "0.10177", "0.11177") if c in strongest} == {
-        "0.00177", "0.01177", "0.10177", "0.11177"}
-    assert not any(c in strongest for c in ("0.00077", "0.01077", "0.10077", "0.11077"))
+    headline = text.split("## Robust accuracy against all attacks")[1].split("\n## ")[0]
+    assert headline.count("| vanilla ") == headline.count("| addt ") == 2  # single and worst
+    assert "| ddim " not in headline  # PGD runs only: no claim about every attack
+    # only the last rows (j = 1) of both evaluations (i) and waterfall defenses (k), with the strongest single run
+    assert all(f"0.{k}{i}177" in headline and f"0.{k}{i}155" in headline for k in (0, 1) for i in (0, 1))
+    assert not any(f"0.{k}{i}077" in headline for k in (0, 1) for i in (0, 1))
     adaptive = text.split("## Does ADDT's gain")[1].split("\n## ")[0]
     assert "p1_addt_gain_ensemble_dwbox_linf" in adaptive and "| p1_a " not in adaptive
     assert "| p1_a " in text.split("## Every testable claim")[1].split("\n## ")[0]
+    single = text.split("## Robustness waterfall: robust against every attack so far")[1].split("\n## ")[0]
+    assert "0.00077" in single and "0.01077" not in single  # the waterfall's one-shot rows only

@@ -1,35 +1,155 @@
-"""The robustness waterfall (issue 17): the table from synthetic p1_table_main rows, the runs' costs
-from the cost model, and the figure's files."""
+"""The robustness waterfall (issue 23): the per-image ensemble table from synthetic records with a
+known answer, the runs' costs from the cost model, and the figure drawn from a table."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from dbprepro.paper1.waterfall import (STAGES, STRONGEST, run_costs, stage_of, waterfall_table,
+from dbprepro.paper1.waterfall import (ALL_ATTACKS, PGD_ONLY, STAGES, run_costs, stage_of, waterfall_table,
                                        write_waterfall_table)
 
 
-def _row(defense, setting, attack, evaluation, acc, n=64, threat="linf"):
-    return dict(defense=defense, threat=threat, norm="linf", eps=0.2, setting=setting, attack=attack,
-                evaluation=evaluation, n_images=n, clean_accuracy=0.95, robust_accuracy=acc,
-                ci_low=max(0.0, acc - 0.1), ci_high=min(1.0, acc + 0.1), mean_linf=0.2, mean_l2=1.0)
+def _run(defense, setting, attack, single, worst=None, extra=0, threat="linf"):
+    """One run's records: images 0..len(single)-1 with the given outcomes, then ``extra`` more images
+    (all robust) that only this run attacked."""
+    single = list(single) + [1] * extra
+    worst = list(single if worst is None else list(worst) + [1] * extra)
+    n = len(single)
+    return pd.DataFrame(dict(id=np.arange(n), label=0, correct_single=np.array(single, float),
+                             correct_mean=np.array(single, float), correct_worst=np.array(worst, float),
+                             correct_vote=np.array(single, float), defense=defense, threat=threat, setting=setting,
+                             attack=attack, norm="linf", eps=0.2))
 
 
-def _main() -> pd.DataFrame:
-    rows = []
-    for ev, shift in (("single", 0.0), ("worst", -0.2), ("mean", 0.05), ("vote", 0.01)):
-        rows += [_row("undefended", "none", "pgd", ev, 0.0)]
-        rows += [_row("vanilla", "whitebox_eot", "lowfreq", ev, max(0.0, 0.32 + shift)),  # out of order
-                 _row("vanilla", "whitebox_eot", "diffhammer", ev, max(0.0, 0.30 + shift)),
-                 _row("vanilla", "whitebox_eot", "bpda", ev, max(0.0, 0.60 + shift)),
-                 _row("vanilla", "whitebox", "pgd", ev, max(0.0, 0.50 + shift)),
-                 _row("vanilla", "whitebox_eot", "pgd", ev, max(0.0, 0.40 + shift)),
-                 _row("vanilla", "dwbox", "pgd", ev, 0.20, n=256),
-                 _row("vanilla", "dwbox", "aa_standard_dwbox", ev, max(0.0, 0.25 + shift)),
-                 _row("vanilla", "whitebox_eot", "aa_rand", ev, max(0.0, 0.35 + shift)),
-                 _row("vanilla", "dwbox_c1", "pgd", ev, 0.01),  # paper 2's fixed configuration: no stage
-                 _row("addt", "whitebox_eot", "pgd", ev, max(0.0, 0.45 + shift)),
-                 _row("addt", "dwbox", "pgd", ev, 0.45, n=256)]
-    return pd.DataFrame(rows)
+#: vanilla: 8 shared images; pgd/dwbox attacked 8 more (dropped); the stages' known answer below
+VANILLA = [
+    _run("vanilla", "whitebox_eot", "diffhammer", [1, 1, 1, 1, 1, 1, 1, 1]),  # removes nothing; out of order
+    _run("vanilla", "whitebox_eot", "pgd", [1, 1, 1, 1, 1, 1, 0, 0], worst=[0, 1, 1, 1, 1, 1, 0, 0]),
+    _run("vanilla", "dwbox", "pgd", [1, 1, 1, 1, 0, 0, 1, 0], extra=8),
+    _run("vanilla", "dwbox", "aa_standard_dwbox", [1, 1, 1, 0, 1, 1, 1, 1]),
+    _run("vanilla", "whitebox_eot", "aa_rand", [1, 1, 0, 1, 1, 1, 1, 1]),
+    _run("vanilla", "dwbox_c1", "pgd", [0] * 8),  # paper 2's fixed configuration: no stage
+]
+FAMILY = [_run("ddim", "dwbox", "pgd", [1, 0, 1, 0])]  # PGD runs only
+
+COSTS = [dict(defense="vanilla", threat="linf", setting=s, attack=a, steps=st, calls_per_image=c,
+              unet_calls_per_image=c - 10, calls_upper_bound=a.startswith("aa"))
+         for s, a, st, c in (("whitebox_eot", "pgd", 20, 1610.0), ("dwbox", "pgd", 20, 154.0),
+                             ("dwbox", "aa_standard_dwbox", 10, 1106.0), ("whitebox_eot", "aa_rand", 10, 500.0),
+                             ("whitebox_eot", "diffhammer", 10, 900.0))]
+
+
+def _table(runs=None, **kw):
+    return waterfall_table(pd.concat(VANILLA + FAMILY if runs is None else runs, ignore_index=True), COSTS,
+                           defenses=["vanilla"], **kw)
+
+
+def _cells(t, defense="vanilla", evaluation="single"):
+    return t[(t["defense"] == defense) & (t["evaluation"] == evaluation)].set_index("stage")
+
+
+def test_the_known_answer_stage_by_stage():
+    v = _cells(_table())
+    assert list(v.index) == ["White-box-EOT", "DW-box", "AutoAttack", "DiffHammer", ALL_ATTACKS]
+    assert list(v["stage_index"]) == sorted(v["stage_index"])
+    assert list(v["stage_robust_accuracy"]) == [6 / 8, 5 / 8, 6 / 8, 1.0, 2 / 8]
+    assert list(v["ensemble_robust_accuracy"]) == [6 / 8, 4 / 8, 2 / 8, 2 / 8, 2 / 8]
+    assert list(v["removed"]) == [2, 2, 2, 0, 6]  # DiffHammer removes nothing; the last row: all removed
+    aa = v.loc["AutoAttack"]  # both protocols count: an image must survive each
+    assert aa["runs"] == "aa_standard_dwbox/dwbox;aa_rand/whitebox_eot" and aa["n_runs"] == 2
+    assert v.loc[ALL_ATTACKS, "n_runs"] == 5 and bool(v.loc[ALL_ATTACKS, "adaptive"])
+    assert "dwbox_c1" not in ";".join(v["runs"])  # a run no stage holds is left out
+
+
+def test_the_curve_never_rises_and_ends_at_the_per_image_and_of_every_run():
+    rng = np.random.default_rng(3)
+    for trial in range(5):
+        runs = []
+        for s, a in (("whitebox", "pgd"), ("whitebox_eot", "pgd"), ("dwbox", "pgd"), ("whitebox_eot", "bpda"),
+                     ("whitebox_eot", "diffattack"), ("dwbox", "diffattack"), ("whitebox_eot", "surrogate")):
+            n = int(rng.integers(20, 40))
+            runs.append(_run("vanilla", s, a, rng.random(n) < 0.7, worst=rng.random(n) < 0.5))
+        t = _table(runs, resamples=300, seed=trial)
+        n_shared = min(len(r) for r in runs)
+        for ev, col in (("single", "correct_single"), ("worst", "correct_worst")):
+            c = t[t["evaluation"] == ev]
+            assert (np.diff(c["ensemble_robust_accuracy"].to_numpy(float)) <= 0).all()
+            expected = np.min([r[col].to_numpy(float)[:n_shared] for r in runs], axis=0).mean()
+            last = c.iloc[-1]
+            assert last["stage"] == ALL_ATTACKS and last["ensemble_robust_accuracy"] == pytest.approx(expected)
+            assert (c["n_images"] == n_shared).all()
+            assert (c["ci_low"] <= c["ensemble_robust_accuracy"] + 1e-12).all()
+            assert (c["ensemble_robust_accuracy"] <= c["ci_high"] + 1e-12).all()
+            assert (c["stage_ci_low"] <= c["stage_robust_accuracy"] + 1e-12).all()
+            assert (c["stage_robust_accuracy"] <= c["stage_ci_high"] + 1e-12).all()
+            assert c["removed"].iloc[:-1].sum() == c["removed"].iloc[-1]  # the stages' removals add up
+            assert (np.diff(c["ci_high"].to_numpy(float)) <= 1e-12).all()  # same draws: the bounds fall too
+
+
+def test_runs_on_different_image_counts_are_intersected_and_recorded(caplog):
+    with caplog.at_level("INFO", logger="dbprepro.paper1.waterfall"):
+        v = _cells(_table())
+    assert (v["n_images"] == 8).all() and (v["images_dropped"] == 8).all()
+    assert (v["trimmed_runs"] == "pgd/dwbox").all()
+    assert "8 images dropped" in caplog.text and "pgd/dwbox" in caplog.text
+    # pgd/dwbox alone on its own 16 images: 13/16; on the shared images: 5/8
+    assert v.loc["DW-box", "stage_robust_accuracy"] == 5 / 8
+
+
+def test_the_strongest_single_run_is_computed_on_the_shared_images():
+    last = _cells(_table()).loc[ALL_ATTACKS]
+    assert last["strongest_run"] == "pgd/dwbox" and last["strongest_robust_accuracy"] == 5 / 8  # not 13/16
+    assert last["strongest_ci_low"] <= 5 / 8 <= last["strongest_ci_high"]
+    assert last["ensemble_robust_accuracy"] < last["strongest_robust_accuracy"]  # the union is stronger
+
+
+def test_single_and_worst_are_kept_apart():
+    t = _table()
+    w = _cells(t, evaluation="worst")
+    assert w.loc["White-box-EOT", "stage_robust_accuracy"] == 5 / 8  # worst of N: image 0 falls too
+    assert w.loc[ALL_ATTACKS, "ensemble_robust_accuracy"] == 1 / 8
+    assert _cells(t).loc[ALL_ATTACKS, "ensemble_robust_accuracy"] == 2 / 8
+
+
+def test_a_defense_with_pgd_runs_only_is_marked_not_claimed_against_every_attack():
+    t = _table()
+    d = _cells(t, "ddim")
+    assert list(d.index) == ["DW-box", PGD_ONLY] and not d["adaptive"].any()
+    assert ALL_ATTACKS not in set(t.loc[t["defense"] == "ddim", "stage"])
+    assert d.loc[PGD_ONLY, "ensemble_robust_accuracy"] == 0.5
+    assert list(dict.fromkeys(t["defense"])) == ["vanilla", "ddim"]
+
+
+def test_costs_are_summed_per_stage_and_accumulated():
+    v = _cells(_table())
+    aa = v.loc["AutoAttack"]
+    assert aa["calls_per_image"] == 1606.0 and aa["network_calls"] == 1606.0 * 8 and aa["steps"] == 10
+    assert aa["calls_upper_bound"] == True  # noqa: E712 - object column
+    assert v.loc["DW-box", "network_calls"] == 154.0 * 16  # the run's own 16 images: what it cost
+    total = 1610.0 * 8 + 154.0 * 16 + 1606.0 * 8 + 900.0 * 8
+    assert v.loc[ALL_ATTACKS, "network_calls"] == v.loc[ALL_ATTACKS, "ensemble_network_calls"] == total
+    assert v.loc["DiffHammer", "ensemble_network_calls"] == total
+    t = waterfall_table(pd.concat(VANILLA, ignore_index=True), COSTS[1:])  # no cost row for pgd/whitebox_eot
+    w = _cells(t).loc["White-box-EOT"]
+    assert pd.isna(w["calls_per_image"]) and pd.isna(w["steps"])  # left empty, not guessed
+
+
+def test_the_bootstrap_is_seeded():
+    a, b, c = _table(seed=1), _table(seed=1), _table(seed=2)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["ci_low"].equals(c["ci_low"]) or not a["ci_high"].equals(c["ci_high"])
+
+
+def test_stage_map():
+    assert stage_of("pgd", "whitebox_eot") == "White-box-EOT"
+    assert stage_of("pgd", "dwbox") == "DW-box"
+    assert stage_of("pgd", "none") == "white-box"
+    assert {stage_of(a, "dwbox") for a in ("aa_standard_dwbox", "aa_standard_multieval", "aa_rand")} == {"AutoAttack"}
+    assert stage_of("bpda", "dwbox") == "BPDA" and stage_of("surrogate", "whitebox_eot") == "surrogate"
+    assert stage_of("lowfreq", "whitebox_eot") == stage_of("lowfreq", "dwbox") == "low-frequency"
+    assert stage_of("pgd", "dwbox_c3") is None
+    assert STAGES.index("BPDA") < STAGES.index("DW-box") < STAGES.index("AutoAttack") < STAGES.index("DiffHammer") \
+        < STAGES.index("low-frequency") == len(STAGES) - 1
 
 
 @pytest.fixture
@@ -44,84 +164,6 @@ def default_config():
     cfg.setdefault("attacks", {}).setdefault("diffhammer", {})["enabled"] = True
     cfg["attacks"].setdefault("lowfreq", {})["enabled"] = True
     return validate_config(cfg)
-
-
-COSTS = [dict(defense="vanilla", threat="linf", setting="dwbox", attack="pgd", steps=20, calls_per_image=154.0,
-              unet_calls_per_image=132.0, calls_upper_bound=False),
-         dict(defense="vanilla", threat="linf", setting="dwbox", attack="aa_standard_dwbox", steps=10,
-              calls_per_image=1106.0, unet_calls_per_image=948.0, calls_upper_bound=True)]
-
-
-def _cells(t, defense, evaluation):
-    return t[(t["defense"] == defense) & (t["evaluation"] == evaluation)]
-
-
-def test_stage_order_and_absent_stages():
-    t = waterfall_table(_main(), COSTS, defenses=["vanilla", "addt"])
-    assert list(dict.fromkeys(t["defense"])) == ["vanilla", "addt", "undefended"]  # others after, in table order
-    assert set(t["evaluation"]) == {"single", "worst"}  # mean and vote are not in the waterfall
-    v = _cells(t, "vanilla", "single")
-    assert list(v["stage"]) == ["BPDA", "white-box", "White-box-EOT", "DW-box", "AutoAttack", "DiffHammer",
-                                "low-frequency", STRONGEST]
-    assert list(v["stage_index"]) == sorted(v["stage_index"])
-    a = _cells(t, "addt", "worst")
-    assert list(a["stage"]) == ["White-box-EOT", "DW-box", STRONGEST]  # no BPDA, AutoAttack, ... rows
-    assert "DiffAttack" not in set(t["stage"]) and "surrogate" not in set(t["stage"])
-    assert "dwbox_c1" not in set(t["setting"])  # a run no stage holds is left out
-    assert STAGES.index("BPDA") < STAGES.index("DW-box") < STAGES.index("AutoAttack") < STAGES.index("DiffHammer") \
-        < STAGES.index("low-frequency") == len(STAGES) - 1
-
-
-def test_stage_map():
-    assert stage_of("pgd", "whitebox_eot") == "White-box-EOT"
-    assert stage_of("pgd", "dwbox") == "DW-box"
-    assert stage_of("pgd", "none") == "white-box"
-    assert {stage_of(a, "dwbox") for a in ("aa_standard_dwbox", "aa_standard_multieval", "aa_rand")} == {"AutoAttack"}
-    assert stage_of("bpda", "dwbox") == "BPDA" and stage_of("surrogate", "whitebox_eot") == "surrogate"
-    assert stage_of("lowfreq", "whitebox_eot") == stage_of("lowfreq", "dwbox") == "low-frequency"
-    assert stage_of("pgd", "dwbox_c3") is None
-
-
-def test_strongest_known_is_the_minimum_and_names_its_attack():
-    t = waterfall_table(_main(), COSTS)
-    s = _cells(t, "vanilla", "single")
-    best = s[s["stage"] == STRONGEST].iloc[0]
-    stages = s[s["stage"] != STRONGEST]
-    assert best["robust_accuracy"] == stages["robust_accuracy"].min() == 0.20
-    assert (best["attack"], best["setting"], best["from_stage"]) == ("pgd", "dwbox", "DW-box")
-    w = _cells(t, "vanilla", "worst")
-    best_w = w[w["stage"] == STRONGEST].iloc[0]
-    assert best_w["robust_accuracy"] == pytest.approx(0.05)  # worst of N: the AutoAttack protocol aa_standard_dwbox (0.25 - 0.2)
-    assert (best_w["attack"], best_w["from_stage"]) == ("aa_standard_dwbox", "AutoAttack")
-    # a tie goes to the earliest stage: addt is 0.45 under White-box-EOT and DW-box (single)
-    a = _cells(t, "addt", "single")
-    assert a[a["stage"] == STRONGEST].iloc[0]["from_stage"] == "White-box-EOT"
-
-
-def test_single_and_worst_kept_apart_and_stage_keeps_its_strongest_run():
-    t = waterfall_table(_main(), COSTS)
-    aa = t[(t["defense"] == "vanilla") & (t["stage"] == "AutoAttack")].set_index("evaluation")
-    assert aa.loc["single", "robust_accuracy"] == 0.25 and aa.loc["worst", "robust_accuracy"] == pytest.approx(0.05)
-    assert aa.loc["single", "attack"] == "aa_standard_dwbox" and aa.loc["single", "runs"] == 2
-    wb = t[(t["defense"] == "undefended") & (t["stage"] == "white-box")].set_index("evaluation")
-    assert wb.loc["single", "setting"] == "none" and wb.loc["single", "runs"] == 1  # the classifier's PGD
-    v = _cells(t, "vanilla", "single").set_index("stage")
-    assert v.loc["white-box", "drop_from_previous"] == pytest.approx(0.10)  # BPDA 0.60 -> white-box 0.50
-    assert pd.isna(v.loc["BPDA", "drop_from_previous"])
-
-
-def test_intervals_images_steps_and_calls_are_carried():
-    main = _main()
-    t = waterfall_table(main, COSTS)
-    dw = t[(t["defense"] == "vanilla") & (t["stage"] == "DW-box") & (t["evaluation"] == "single")].iloc[0]
-    src = main[(main["defense"] == "vanilla") & (main["setting"] == "dwbox") & (main["attack"] == "pgd")
-               & (main["evaluation"] == "single")].iloc[0]
-    assert (dw["n_images"], dw["ci_low"], dw["ci_high"]) == (256, src["ci_low"], src["ci_high"])
-    assert (dw["steps"], dw["calls_per_image"], dw["network_calls"]) == (20, 154.0, 154.0 * 256)
-    aa = t[(t["stage"] == "AutoAttack") & (t["evaluation"] == "worst")].iloc[0]
-    assert aa["calls_upper_bound"] == True and aa["steps"] == 10  # noqa: E712 - object column
-    addt = t[(t["defense"] == "addt") & (t["stage"] == "DW-box")].iloc[0]
-    assert pd.isna(addt["calls_per_image"]) and pd.isna(addt["steps"])  # no cost row: left empty, not guessed
 
 
 def test_run_costs_come_from_the_cost_model(default_config):
@@ -144,19 +186,53 @@ def test_run_costs_come_from_the_cost_model(default_config):
         assert c["calls_per_image"] == sum(calls.as_dict().values()) > 0 and c["calls_upper_bound"] == bound
 
 
-def test_table_and_figure_files(tmp_path):
-    from dbprepro.paper1.waterfall_figure import fig_waterfall
+def test_the_default_attacks_both_waterfall_defenses_with_autoattack(default_config):
+    from dbprepro.config import Experiment
 
-    main_csv = tmp_path / "p1_table_main.csv"
-    _main().to_csv(main_csv, index=False)
+    runs = Experiment.from_config(default_config).attack_runs()
+    aa = {(r.defense, r.attack) for r in runs if r.attack.startswith("aa_")}
+    assert aa == {(d, a) for d in ("vanilla", "addt") for a in ("aa_standard_dwbox", "aa_standard_multieval",
+                                                                  "aa_rand")}
+
+
+def _write_records(tmp_path, runs):
+    paths = []
+    for k, r in enumerate(runs):
+        p = tmp_path / f"r{k}.parquet"
+        r.to_parquet(p)
+        paths.append(p)
+    return paths
+
+
+def test_table_and_figure_files(tmp_path, monkeypatch):
+    from dbprepro.paper1 import waterfall_figure
+
     csv, md = tmp_path / "waterfall.csv", tmp_path / "waterfall.md"
-    written = write_waterfall_table(main_csv, csv, md, COSTS, ["vanilla", "addt"])
+    written = write_waterfall_table(_write_records(tmp_path, VANILLA + FAMILY), csv, md, COSTS, ["vanilla"],
+                                    resamples=200)
     back = pd.read_csv(csv)
-    assert len(back) == len(written) and list(back["stage"])[:2] == ["BPDA", "white-box"]
-    assert "strongest known" in md.read_text()
+    assert len(back) == len(written) and list(back["stage"])[:2] == ["White-box-EOT", "DW-box"]
+    assert ALL_ATTACKS in md.read_text()
     png, pdf = tmp_path / "waterfall.png", tmp_path / "waterfall.pdf"
-    fig_waterfall(csv, png, pdf, confidence=0.95)
+    waterfall_figure.fig_waterfall(csv, png, pdf, confidence=0.95)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+
+    drawn = {}
+
+    def keep(fig, png, pdf):
+        drawn["titles"] = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+        drawn["texts"] = [t.get_text() for ax in fig.axes for t in ax.texts]
+        drawn["steps"] = {ln.get_label(): ln.get_ydata() for ax in fig.axes[:1] for ln in ax.get_lines()}
+        waterfall_figure.plt.close(fig)
+
+    monkeypatch.setattr(waterfall_figure, "save", keep)
+    waterfall_figure.fig_waterfall(csv, png, pdf)
+    assert drawn["titles"] == ["vanilla (linf, n=8)", "ddim (linf, n=4) - PGD runs only"]
+    removed = [t for t in drawn["texts"] if t.startswith("\u2212")]
+    # vanilla single 2, 2, 2 and worst 3, 2, 2; ddim 2 in both; a stage that removed nothing is not annotated
+    assert removed.count("\u22122") == 3 + 2 + 2 and removed.count("\u22123") == 1 and "\u22120" not in removed
+    staircase = drawn["steps"]["one-shot (single): every stage so far"]
+    assert list(staircase) == [0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25]  # a falling staircase
 
 
 def test_the_stages_come_from_the_attack_registry(monkeypatch):

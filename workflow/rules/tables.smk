@@ -149,19 +149,21 @@ rule table_p1_families:
 
 rule table_waterfall:
     input:
-        main=f"{RESULTS}/tables/p1_table_main.csv",
+        records=merged_attack_records(),  # per image: the ensemble of every run of a defense
     output:
         csv=report(
             f"{RESULTS}/tables/waterfall.csv",
             caption="../report/waterfall.rst",
             category="Overview",
             subcategory="Robustness waterfall",
-            labels={"result": "Robustness waterfall: weakest to strongest attack"},
+            labels={"result": "Robustness waterfall: robust accuracy against every attack so far, per image"},
         ),
         md=f"{RESULTS}/tables/waterfall.md",
     params:
         costs=waterfall_run_costs(),
         defenses=EVAL_DEFENSES,
+        confidence=config["evaluation"]["confidence"],
+        resamples=config["claims"]["resamples"],
         **RUNTIME,
     log:
         f"{LOGS}/table_waterfall.log",

@@ -4,8 +4,9 @@ For every attack run that vanilla and ADDT share beyond paper 1's PGD (DiffAttac
 process, DiffHammer, the low-frequency attack, AutoAttack, BPDA), a row "ADDT > vanilla under that
 attack" on the images both runs attacked; and rows for the *ensemble*: an image counts as robust only
 if it survives every run both defenses share on the threat model (each run's one-shot evaluation; the
-same attacks on both sides, so neither faces more), the per-image form of the "strongest known" attack, compared on the
-images every one of those runs attacked.  The ensemble is formed three times: over every shared run,
+same attacks on both sides, so neither faces more), the per-image worst case over the attacks
+(:mod:`.ensemble`, shared with the robustness waterfall), compared on the images every one of those
+runs attacked.  The ensemble is formed three times: over every shared run,
 over the fixed-randomness runs (settings ``dwbox*``: does ADDT's DW-box gain survive the strongest
 attack on the deterministic purifier?) and over the stochastic ones (the others: does its EOT gain
 survive the strongest attack on the stochastic purifier?); a split ensemble needs two runs or more
@@ -21,6 +22,7 @@ import pandas as pd
 
 from . import stats
 from .base import Claim, RunData, paired_runs
+from .ensemble import shared_ids, survives_all
 
 COLUMN = "correct_single"
 
@@ -39,19 +41,11 @@ def _shared(data: RunData, threat: str, a: str, b: str) -> list[tuple[str, str]]
 
 def _ensemble(data: RunData, defense: str, threat: str, runs, ids: pd.Index) -> np.ndarray:
     """Per image of ``ids``: 1 if it survives every run of ``runs`` of ``defense`` on ``threat``."""
-    out = np.ones(len(ids))
-    for setting, attack in runs:
-        out = np.minimum(out, data.run(defense, threat, setting, attack).loc[ids, COLUMN].to_numpy(float))
-    return out
+    return survives_all((data.run(defense, threat, setting, attack) for setting, attack in runs), COLUMN, ids)
 
 
 def _common_ids(data: RunData, threat: str, defenses: tuple[str, ...], runs) -> pd.Index:
-    ids = None
-    for d in defenses:
-        for setting, attack in runs:
-            idx = data.run(d, threat, setting, attack).index
-            ids = idx if ids is None else ids.intersection(idx)
-    return ids.sort_values() if ids is not None else pd.Index([])
+    return shared_ids(data.run(d, threat, setting, attack) for d in defenses for setting, attack in runs)
 
 
 #: the ensembles: suffix of the claim id -> (what the runs are, which shared (setting, attack) runs)

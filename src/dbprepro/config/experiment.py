@@ -168,12 +168,17 @@ class Experiment:
         and ``attack``: the section of the defense's other runs.  The section leaves out
         ``dwbox_n_images`` (resolved into ``n_images``), so the params of the runs it does not
         concern are unchanged by it; likewise the :func:`private_sections` go to their own
-        attack's runs only."""
+        attack's runs only, and no attack's section carries where it runs (``defenses``,
+        ``n_images``: the grid's business), so listing a further defense changes no run's params."""
+        from ..attacks.registry import ATTACKS
+
         private = private_sections()
         section = {k: v for k, v in self.cfg["attacks"].items()
                    if k != "dwbox_n_images" and (k not in private or private[k] == attack)}
-        for k in set(section) & set(private):  # where it runs is the grid's business, not the run's
-            section[k] = {kk: vv for kk, vv in section[k].items() if kk not in ("defenses", "n_images")}
+        own = {cls.config_section for cls in ATTACKS.values() if cls.config_section}
+        for k in set(section) & own:  # where it runs is the grid's business, not the run's
+            if isinstance(section[k], dict):
+                section[k] = {kk: vv for kk, vv in section[k].items() if kk not in ("defenses", "n_images")}
         return {**section, "n_images": self.attack_n_images(name, setting, attack)}
 
     def attack_n_images(self, name: str, setting: str | None = None, attack: str | None = None) -> int:

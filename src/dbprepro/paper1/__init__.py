@@ -6,9 +6,10 @@
 * :mod:`.figures`: paper 1's figures (attack trajectories, loss landscape, robustness bars, RBGM);
   import it as ``dbprepro.paper1.figures`` (it is not loaded with this package, so the analysis
   stages do not load matplotlib).
-* :mod:`.waterfall`: the robustness waterfall (issue 17) - each defense's robust accuracy from the
-  weakest attack to the strongest (stage order :data:`~.waterfall.STAGE_ORDER`), the strongest
-  known attack, steps and network calls per cell; :mod:`.waterfall_figure` draws it.
+* :mod:`.waterfall`: the robustness waterfall - each defense's robust accuracy against every attack
+  so far, per image, from the weakest attack to the strongest (stage order
+  :data:`~.waterfall.STAGE_ORDER`), ending at its robust accuracy against all attacks, beside the
+  strongest single run; :mod:`.waterfall_figure` draws it.
 """
 
 from .landscape import compute_landscapes, grid_axis, landscape_for_image, loss_landscape, plane_directions

@@ -1,8 +1,10 @@
-"""The robustness waterfall figure (issue 17) from ``waterfall.csv``
-(:mod:`dbprepro.paper1.waterfall`): one panel per defense x threat model, robust accuracy as a
-step line across the stages present, weakest attack first, with its confidence interval; the
-``single`` and ``worst`` evaluations as two series, each one's strongest known level a dashed
-line labelled with the attack that reached it."""
+"""The robustness waterfall figure from ``waterfall.csv`` (:mod:`dbprepro.paper1.waterfall`): one
+panel per defense x threat model, the stages it was attacked in on the x axis, weakest first.
+
+Per evaluation (``single`` blue, ``worst`` of N red): the ensemble - robust against every stage so
+far, per image - as a falling staircase with its bootstrap band; each stage alone as a faint point
+behind it; beside each step, the images that stage removed from the ensemble ("−k"); and, dashed,
+the single strongest run on the same images.  A defense with PGD runs only says so in its title."""
 
 from __future__ import annotations
 
@@ -12,32 +14,46 @@ import numpy as np
 import pandas as pd
 
 from ..plotting import plt, save, theme  # pyplot from plotting: loaded after the Agg backend is set
-from .waterfall import EVALUATIONS, STAGES, STRONGEST
+from .waterfall import ALL_ATTACKS, EVALUATIONS, PGD_ONLY, STAGES
 
 SERIES = {"single": ("tab:blue", "one-shot (single)"), "worst": ("tab:red", "worst of N")}
+LAST = (ALL_ATTACKS, PGD_ONLY)
+
+
+def _steps(x: np.ndarray, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A staircase through levels ``ys`` at ``x``: each level spans x - 0.5 .. x + 0.5, the drops vertical."""
+    edges = np.repeat(x, 2) + np.tile([-0.5, 0.5], len(x))
+    return (edges, *(np.repeat(y, 2) for y in ys))
 
 
 def _panel(ax, sub: pd.DataFrame) -> None:
-    """One defense x threat: the stages it has on the x axis, a staircase per evaluation (a
-    level per stage, joined by the drop to the next), the strongest known level dashed."""
+    """One defense x threat model: the stages it has on the x axis, a staircase per evaluation."""
     stages = [s for s in STAGES if s in set(sub["stage"])]
     x_of = {s: i for i, s in enumerate(stages)}
     for k, ev in enumerate(EVALUATIONS):
-        rows = sub[(sub["evaluation"] == ev) & (sub["stage"] != STRONGEST)]
+        rows = sub[(sub["evaluation"] == ev) & ~sub["stage"].isin(LAST)]
         if rows.empty:
             continue
         color, label = SERIES.get(ev, ("grey", ev))
-        x = np.array([x_of[s] for s in rows["stage"]], dtype=float) + (k - 0.5) * 0.12
-        y = rows["robust_accuracy"].to_numpy(float)
-        err = np.vstack([y - rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float) - y])
-        ax.plot(np.repeat(x, 2) + np.tile([-0.5, 0.5], len(x)), np.repeat(y, 2), color=color, lw=1.5, label=label)
-        ax.errorbar(x, y, yerr=err, fmt="o", ms=4, color=color, capsize=3, lw=1)
-        best = sub[(sub["evaluation"] == ev) & (sub["stage"] == STRONGEST)]
-        if not best.empty:
-            b = best.iloc[0]
-            ax.axhline(float(b["robust_accuracy"]), color=color, ls="--", lw=1, alpha=0.7)
-            ax.text(0.02, 0.97 - 0.08 * k, f"{ev}: {float(b['robust_accuracy']):.2f} by {b['attack']} ({b['setting']})",
-                    transform=ax.transAxes, ha="left", va="top", fontsize=7, color=color)
+        x = np.array([x_of[s] for s in rows["stage"]], dtype=float)
+        y, lo, hi = (rows[c].to_numpy(float) for c in ("ensemble_robust_accuracy", "ci_low", "ci_high"))
+        ax.scatter(x + (k - 0.5) * 0.16, rows["stage_robust_accuracy"].to_numpy(float), s=14, color=color, alpha=0.3,
+                   marker="D", lw=0, label=f"{label}: stage alone")
+        edges, ys, los, his = _steps(x, y, lo, hi)
+        ax.fill_between(edges, los, his, color=color, alpha=0.15, lw=0)
+        ax.plot(edges, ys, color=color, lw=1.6, label=f"{label}: every stage so far")
+        ax.plot(x, y, "o", ms=3.5, color=color)
+        for xi, yi, removed in zip(x, y, rows["removed"]):
+            if pd.notna(removed) and int(removed) > 0:
+                ax.annotate(f"\u2212{int(removed)}", (xi, yi), xytext=(4, 3 if k == 0 else -8),
+                            textcoords="offset points", fontsize=6, color=color)
+        last = sub[(sub["evaluation"] == ev) & sub["stage"].isin(LAST)]
+        if not last.empty and pd.notna(last.iloc[0]["strongest_robust_accuracy"]):
+            b = last.iloc[0]
+            ax.axhline(float(b["strongest_robust_accuracy"]), color=color, ls="--", lw=0.8, alpha=0.6)
+            ax.text(0.98, 0.97 - 0.07 * k, f"{ev}: all {float(b['ensemble_robust_accuracy']):.2f}, best single "
+                    f"{float(b['strongest_robust_accuracy']):.2f} ({b['strongest_run']})", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=6, color=color)
     ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right")
     ax.set_xlim(-0.7, len(stages) - 0.3)
     ax.set_ylim(0, 1.05)
@@ -53,21 +69,23 @@ def fig_waterfall(table_csv, png, pdf, confidence: float | None = None) -> None:
     panels = list(dict.fromkeys(zip(t["defense"], t["threat"])))
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows + 0.6), squeeze=False, sharey=True)
     for ax, (d, tm) in zip(axes.flat, panels):
         sub = t[(t["defense"] == d) & (t["threat"] == tm)]
         _panel(ax, sub)
-        ns = sorted({int(v) for v in sub["n_images"]})
-        n_txt = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
-        ax.set_title(f"{d} ({tm}, {n_txt})", fontsize=9)
+        pgd_only = (sub["stage"] == PGD_ONLY).any()
+        ax.set_title(f"{d} ({tm}, n={int(sub['n_images'].iloc[0])}){' - PGD runs only' if pgd_only else ''}",
+                     fontsize=9)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("robust accuracy")
     ci = f"{confidence:.0%}" if confidence is not None else "the table's"
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", fontsize=8)
-    fig.suptitle("Robustness waterfall: weakest to strongest attack per defense "
-                 f"(error bars: {ci} Wilson CI; dashed: strongest known)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    height = 3.2 * nrows + 0.6
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle("Robustness waterfall: robust against every attack so far, per image\n"
+                 f"(bands: {ci} bootstrap CI over images; faint: each stage alone; \u2212k: images the stage removed; "
+                 "dashed: the strongest single run on the same images)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))  # the suptitle: tight_layout makes room for it
     save(fig, png, pdf)

@@ -52,5 +52,6 @@ def table_p1_families(input, output, params, wildcards) -> None:
 def table_waterfall(input, output, params, wildcards) -> None:
     from ..paper1.waterfall import write_waterfall_table
 
-    write_waterfall_table(input.main, output.csv, output.md, costs=list(params.costs),
-                          defenses=list(params.defenses))
+    write_waterfall_table(list(input.records), output.csv, output.md, costs=list(params.costs),
+                          defenses=list(params.defenses), confidence=params.confidence, resamples=params.resamples,
+                          seed=params.seed)
