@@ -1,0 +1,115 @@
+"""Every registered attack in every gradient mode (issue 23): each (attack, grad_mode) that
+validate-config accepts runs one tiny attack batch through the DAG's entry point
+(``run_batch`` of the registered class, on the config's own sections); each one that cannot work is
+refused by validate-config before any job, with a message naming the attack, the defense, its family
+and the mode."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dbprepro.attacks import ATTACKS, settings_randomness
+from dbprepro.config import ConfigError, Experiment, deep_merge, load_yaml, validate_config
+from dbprepro.config.experiment import threat_model
+from dbprepro.models.classifiers import SmallCNN
+from dbprepro.purifiers import DefendedClassifier, build_purifier
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("exact", "autograd", "checkpoint", "budget", "adjoint")
+#: the only combinations that cannot work: DiffAttack reads the chain states, the adjoint has no per-step gradient
+REFUSED = {("diffattack", "adjoint")}
+OPTIONAL = {"bpda": {"enabled": False}, "diffattack": {"enabled": False}, "surrogate": {"enabled": False},
+            "diffhammer": {"enabled": False}, "lowfreq": {"enabled": False}, "autoattack": {"protocols": []}}
+#: the overlay of ``attacks`` that switches each registered attack on, at toy budgets
+ON = {"pgd": {},
+      "bpda": {"bpda": {"enabled": True}},
+      "aa_standard_dwbox": {"autoattack": {"protocols": ["standard_dwbox"]}},
+      "aa_standard_multieval": {"autoattack": {"protocols": ["standard_multieval"]}},
+      "aa_rand": {"autoattack": {"protocols": ["rand"]}},
+      "diffattack": {"diffattack": {"enabled": True, "steps": 1, "eot": 2, "step_interval": 2}},
+      "diffhammer": {"diffhammer": {"enabled": True, "steps": 1, "draws": 2}},
+      "lowfreq": {"lowfreq": {"enabled": True, "steps": 1, "eot": 2}},
+      "surrogate": {"surrogate": {"enabled": True, "coarsen": 5, "steps": 1, "eot": 2}}}  # 2 steps
+
+
+def config(attack: str, mode: str, **purification) -> dict:
+    """config.yaml with tiny budgets, only ``attack`` on (with PGD, always on), the main purifier in
+    ``mode`` (the VP-SDE for the adjoint, the only family that offers it; else DDPM) and a budget that
+    keeps part of the chain; no families, no vote."""
+    sampler = "vpsde" if mode == "adjoint" else "ddpm"
+    over = {"purification": {"sampler": sampler, "grad_mode": mode, "num_inference_steps": 50,  # 6 steps
+                             "vpsde": {"steps": 4}, **purification},
+            "families": {"names": [], "n_images": None}, "vote": {"enabled": False, "n_images": None},
+            "analysis": {"n_images": None},
+            "attacks": deep_merge({**OPTIONAL, "n_images": 2, "dwbox_n_images": None, "batch_size": 2, "shards": 1,
+                                   "eval_draws": 2,
+                                   "pgd": {"steps": 1, "eot": 2},
+                                   "autoattack": {"n_eval": 1, "apgd_steps": 1, "eot_iter": 1, "fab_steps": 1,
+                                                  "square_queries": 2, "n_target_classes": 1}}, ON[attack])}
+    if mode == "budget":
+        over["purification"].setdefault("activation_budget_mb", 1.2)  # ~0.13 MiB per image and step
+    return deep_merge(load_yaml(ROOT / "config.yaml"), over)
+
+
+def test_every_registered_attack_is_covered():
+    assert set(ON) == set(ATTACKS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("attack", list(ON))
+def test_attack_runs_in_every_mode_validate_config_accepts(tiny_diffusion, attack, mode):
+    cfg = config(attack, mode)
+    if (attack, mode) in REFUSED:
+        with pytest.raises(ConfigError) as e:
+            validate_config(cfg)
+        for word in (f"attack {attack}", "defense 'vanilla'", f"family '{cfg['purification']['sampler']}'",
+                     f"grad_mode '{mode}'"):
+            assert word in str(e.value)
+        return
+    cfg = validate_config(cfg)
+    exp, att = Experiment.from_config(cfg), cfg["attacks"]
+    cls = ATTACKS[attack]
+    runs = [r for r in exp.attack_runs() if r.attack == attack and r.defense == "vanilla"]
+    assert runs, f"{attack} has no run in the grid"
+    setting = runs[0].setting
+    pur = exp.purification("vanilla")
+    torch.manual_seed(0)
+    clf = SmallCNN(width=8, hidden=16).eval()
+    p = build_purifier(*tiny_diffusion, pur, randomness=settings_randomness(setting, cfg["seed"], att["fixed_draw"]))
+    assert p.grad_mode == mode
+    if mode == "budget":  # part of the chain kept, part recomputed, at the attacks' batch of 2 images x 2 draws
+        x4 = torch.zeros(4, 1, 8, 8)
+        ids4, draws4 = torch.arange(4), torch.zeros(4, dtype=torch.long)
+        assert 0 < p.budget_kept_steps(p.diffuse(x4, ids4, draws4), ids4, draws4) < p.num_steps
+    model = DefendedClassifier(clf, p, pur)
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 1, 8, 8, generator=g).clamp(0.05, 0.95)
+    y, ids = torch.tensor([3, 7]), torch.tensor([100, 101])
+    tm = threat_model(att, runs[0].threat)
+    cols, res = cls.run_batch(model, x, y, ids, setting=setting, threat=tm, attacks=exp.attacks("vanilla", setting, attack),
+                              seed=cfg["seed"])
+    assert cols["id"].tolist() == [100, 101] and set(np.unique(cols["correct_single"])) <= {0.0, 1.0}
+    assert bool(torch.isfinite(res.x_adv).all()) and res.x_adv.shape == x.shape
+    assert float((res.x_adv - x).abs().max()) <= tm["eps"] + 1e-6 and 0 <= float(res.x_adv.min())
+    assert float(res.x_adv.max()) <= 1
+
+
+def test_refusals_name_the_attack_the_defense_its_family_and_the_mode():
+    """The other ways a grad mode cannot work, refused before any job: a family defense whose
+    family does not offer the main mode, and the surrogate's own process."""
+    cfg = deep_merge(config("pgd", "adjoint"), {"families": {"names": ["ddpm"]}})
+    with pytest.raises(ConfigError, match="'adjoint' is not offered by defense 'ddpm' \\(family 'ddpm'"):
+        validate_config(cfg)
+    cfg = config("surrogate", "exact")
+    with pytest.raises(ConfigError, match="surrogate process of attack surrogate on defense 'vanilla' "
+                                          "\\(family 'ddpm' offers"):
+        validate_config(deep_merge(cfg, {"attacks": {"surrogate": {"purification": {"grad_mode": "adjoint"}}}}))
+    with pytest.raises(ConfigError, match="attacks.surrogate.purification.activation_budget_mb: grad_mode budget of "
+                                          "the surrogate process of attack surrogate on defense 'vanilla'"):
+        validate_config(deep_merge(cfg, {"attacks": {"surrogate": {"purification": {"grad_mode": "budget"}}}}))
+    ok = {"attacks": {"surrogate": {"purification": {"grad_mode": "budget", "activation_budget_mb": 1}}}}
+    assert validate_config(deep_merge(cfg, ok))["attacks"]["surrogate"]["purification"]["grad_mode"] == "budget"
+    # DiffAttack off, or on a defense its mode serves: the adjoint config runs
+    assert validate_config(config("pgd", "adjoint"))["purification"]["grad_mode"] == "adjoint"
