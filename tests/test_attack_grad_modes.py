@@ -113,3 +113,33 @@ def test_refusals_name_the_attack_the_defense_its_family_and_the_mode():
     assert validate_config(deep_merge(cfg, ok))["attacks"]["surrogate"]["purification"]["grad_mode"] == "budget"
     # DiffAttack off, or on a defense its mode serves: the adjoint config runs
     assert validate_config(config("pgd", "adjoint"))["purification"]["grad_mode"] == "adjoint"
+
+
+def test_smoke_config_runs_diffattack_and_diffhammer_in_budget_mode_on_part_of_the_chain(tmp_path):
+    """config/smoke.yaml validates with grad_mode budget; its DAG (dry run) holds the DiffAttack and
+    DiffHammer runs, and at their batch (batch_size x EOT draws) on the smoke UNet the budget keeps
+    some of the chain's steps and recomputes the others."""
+    from smoke import snakemake
+
+    from dbprepro.models.diffusion import build_scheduler, build_unet
+    from dbprepro.randomness import Randomness
+
+    cfg = validate_config(deep_merge(load_yaml(ROOT / "config.yaml"), load_yaml(ROOT / "config" / "smoke.yaml")))
+    pur, att, u = cfg["purification"], cfg["attacks"], cfg["diffusion"]["unet"]
+    assert pur["grad_mode"] == "budget"
+    runs = {r.attack: r for r in Experiment.from_config(cfg).attack_runs() if r.setting == "whitebox_eot"}
+    assert {"diffattack", "diffhammer"} <= set(runs)
+    torch.manual_seed(0)
+    unet = build_unet(8, 1, u["block_out_channels"], layers_per_block=u["layers_per_block"], attention=u["attention"],
+                      norm_num_groups=u["norm_num_groups"])
+    p = build_purifier(unet, build_scheduler(**cfg["diffusion"]["schedule"]), Experiment.from_config(cfg).purification(
+        "vanilla"), randomness=Randomness(0, "fixed"))
+    for batch in (att["batch_size"] * att["diffattack"]["eot"], att["batch_size"] * att["diffhammer"]["draws"]):
+        x, ids = torch.zeros(batch, 1, 8, 8), torch.arange(batch)
+        draws = torch.zeros(batch, dtype=torch.long)
+        assert 0 < p.budget_kept_steps(p.diffuse(x, ids, draws), ids, draws) < p.num_steps
+    r = snakemake(tmp_path, "-n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for attack in ("diffattack", "diffhammer"):
+        for defense in att[attack]["defenses"]:
+            assert f"results/attacks/{defense}/linf/whitebox_eot/{attack}/" in r.stdout + r.stderr, (attack, defense)
