@@ -4,6 +4,7 @@ validate-config accepts runs one tiny attack batch through the DAG's entry point
 refused by validate-config before any job, with a message naming the attack, the defense, its family
 and the mode."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,40 @@ def test_smoke_config_runs_diffattack_and_diffhammer_in_budget_mode_on_part_of_t
     for attack in ("diffattack", "diffhammer"):
         for defense in att[attack]["defenses"]:
             assert f"results/attacks/{defense}/linf/whitebox_eot/{attack}/" in r.stdout + r.stderr, (attack, defense)
+
+
+@pytest.mark.parametrize("votes", [1, 3])
+def test_defenses_deliver_the_chain_states_of_their_purifications(tiny_diffusion, votes):
+    """forward_states gives forward's logits (a vote defense's log mean softmax over its V draws) and
+    the chain states of the batch it purifies (chain_batch: V rows per image), with forward's input
+    gradient plus the states' (grad_mode budget, half of the chain kept)."""
+    from dbprepro.purifiers.vote import VoteDefense
+
+    torch.manual_seed(0)
+    clf = SmallCNN(width=8, hidden=16).eval().to(torch.float64)
+    unet = copy.deepcopy(tiny_diffusion[0]).to(torch.float64)
+    p = build_purifier(unet, tiny_diffusion[1], {"t_star": 0.1, "num_inference_steps": 50, "grad_mode": "budget"},
+                       randomness=settings_randomness("whitebox_eot", 0))
+    model = VoteDefense(clf, p, votes=votes)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ids, draws, y = torch.tensor([4, 9]), torch.tensor([0, 5]), torch.tensor([3, 7])
+    xr, idr, dr = model.chain_batch(x, ids, draws)
+    assert xr.shape[0] == idr.numel() == dr.numel() == 2 * votes and idr.tolist()[:votes] == [4] * votes
+    step = p.step_activation_bytes(p.diffuse(xr, idr, dr), idr, dr)
+    model.purifier.activation_budget_mb = 3 * step / 2**20  # 3 of the 6 steps kept
+    keep = [1, 4]
+    xx = x.clone().requires_grad_(True)
+    logits, states = model.forward_states(xx, ids, draws, keep)
+    assert len(states) == 2 and states[0].shape == xr.shape
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    (g_ce,) = torch.autograd.grad(ce, xx, retain_graph=True)
+    (g_all,) = torch.autograd.grad(ce + states[0].square().sum() + states[1].sum(), xx)
+    ref = x.clone().requires_grad_(True)
+    ref_logits = model(ref, ids, draws)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-12)
+    (g_ref,) = torch.autograd.grad(torch.nn.functional.cross_entropy(ref_logits, y, reduction="sum"), ref)
+    torch.testing.assert_close(g_ce, g_ref, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():
+        _, plain = p.purify_states(xr, idr, dr, keep)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(states, plain))
+    assert float((g_all - g_ce).abs().max()) > 1e-6  # the states' loss reaches the input
