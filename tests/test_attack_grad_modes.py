@@ -101,7 +101,8 @@ def test_refusals_name_the_attack_the_defense_its_family_and_the_mode():
     """The other ways a grad mode cannot work, refused before any job: a family defense whose
     family does not offer the main mode, and the surrogate's own process."""
     cfg = deep_merge(config("pgd", "adjoint"), {"families": {"names": ["ddpm"]}})
-    with pytest.raises(ConfigError, match="'adjoint' is not offered by defense 'ddpm' \\(family 'ddpm'"):
+    with pytest.raises(ConfigError, match="purification.grad_mode: 'adjoint' is not offered by defense 'ddpm' "
+                                          "\\(families.names\\) \\(family 'ddpm'"):
         validate_config(cfg)
     cfg = config("surrogate", "exact")
     with pytest.raises(ConfigError, match="surrogate process of attack surrogate on defense 'vanilla' "

@@ -272,17 +272,17 @@ def _purifier_checks(cfg: dict[str, Any]) -> None:
 def _grad_mode_checks(cfg: dict[str, Any]) -> None:
     """Every defense purifies with ``purification.grad_mode`` (the section with its family's sampler,
     :meth:`~dbprepro.config.Experiment.purification`): its family must offer the mode (``grad_modes``;
-    ``budget`` with an ``activation_budget_mb``); an attack that reads the chain states with gradients
-    (``needs_chain_states``) runs only on defenses whose family delivers them in that mode
-    (``state_grad_modes``); the surrogate attack's own process (the defense's section overlaid,
+    ``budget`` with an ``activation_budget_mb``); an attack run that reads the chain states with
+    gradients (``needs_chain_states``) needs a defense whose family delivers them in that mode
+    (``state_grad_modes``); the surrogate's own process (the defense's section overlaid,
     :func:`~dbprepro.attacks.surrogate.surrogate_purification`) passes the same checks and its
     family's ``check_config``.  Messages name the attack, the defense, its family and the mode."""
     from ..attacks.registry import ATTACKS
     from ..attacks.surrogate import surrogate_purification
     from ..purifiers import purifier_class
-    from .experiment import Experiment
+    from .experiment import UNDEFENDED, Experiment
 
-    exp, att = Experiment.from_config(cfg), cfg["attacks"]
+    exp, sur = Experiment.from_config(cfg), cfg["attacks"]["surrogate"]
 
     def offered(pur: dict[str, Any], key: str, who: str) -> None:
         cls, gm = purifier_class(pur["sampler"]), pur["grad_mode"]
@@ -293,28 +293,25 @@ def _grad_mode_checks(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"config key {key}.activation_budget_mb: grad_mode budget of {who} needs a budget "
                               "(MiB >= 0; 0 = exact)")
 
-    for name in exp.defenses:
-        offered(exp.purification(name), "purification", f"defense {name!r}")
-    for attack, cls in ATTACKS.items():
-        if not any(cls.settings(att, tm["name"]) for tm in att["threat_models"]):
-            continue
-        for name in [d for d in cls.defenses(att) if d in exp.defenses]:
-            pur, who = exp.purification(name), f"attack {attack} on defense {name!r}"
-            if attack == "surrogate":
-                pur, sec = surrogate_purification(pur, att["surrogate"]), att["surrogate"]
-                offered(pur, "attacks.surrogate.purification", f"the surrogate process of {who}")
-                try:
-                    purifier_class(pur["sampler"]).check_config({**cfg, "purification": pur})
-                except ValueError as e:
-                    raise ConfigError(f"config key attacks.surrogate: the surrogate process of {who} (coarsen "
-                                      f"{sec['coarsen']}, overlay {sec['purification']}) fails its family's "
-                                      f"check: {e}") from None
-            states = purifier_class(pur["sampler"]).state_grad_modes
-            if cls.needs_chain_states and pur["grad_mode"] not in states:
-                raise ConfigError(f"config key purification.grad_mode: {who} (family {pur['sampler']!r}) reads the "
-                                  f"chain states with gradients, which grad_mode {pur['grad_mode']!r} does not deliver "
-                                  f"(it does in {', '.join(states)}); choose one of those, or leave {name!r} out "
-                                  f"of attacks.{cls.config_section}.defenses")
+    for name, d in exp.defenses.items():  # a family defense is named after its family
+        offered(exp.purification(name), "purification", f"defense {name!r}" + (" (families.names)" * d.family))
+    for attack, name in dict.fromkeys((r.attack, r.defense) for r in exp.attack_runs() if r.defense != UNDEFENDED):
+        cls, pur, who = ATTACKS[attack], exp.purification(name), f"attack {attack} on defense {name!r}"
+        if attack == "surrogate":
+            pur = surrogate_purification(pur, sur)
+            offered(pur, "attacks.surrogate.purification", f"the surrogate process of {who}")
+            try:
+                purifier_class(pur["sampler"]).check_config({**cfg, "purification": pur})
+            except ValueError as e:
+                raise ConfigError(f"config key attacks.surrogate: the surrogate process of {who} (coarsen "
+                                  f"{sur['coarsen']}, overlay {sur['purification']}) fails its family's check: {e}"
+                                  ) from None
+        states = purifier_class(pur["sampler"]).state_grad_modes
+        if cls.needs_chain_states and pur["grad_mode"] not in states:
+            raise ConfigError(f"config key purification.grad_mode: {who} (family {pur['sampler']!r}) reads the "
+                              f"chain states with gradients, which grad_mode {pur['grad_mode']!r} does not deliver "
+                              f"(it does in {', '.join(states)}); choose one of those, or leave {name!r} out of "
+                              f"attacks.{cls.config_section}.defenses")
 
 
 def unpinned_entries(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
