@@ -171,3 +171,81 @@ def test_a_frozen_weight_saved_by_reference_is_not_counted():
     counted = sum(c for _, c in seen)
     assert counted == x.numel() * 4  # the input only
     assert sum(n for n, _ in seen) == counted + conv.weight.numel() * 4  # the weight was saved, by reference
+
+
+# -- the chain states with gradients (purify_states, DiffAttack's deviation loss) -------------------
+STATE_FAMILIES = {
+    "ddpm": (Purifier, dict(num_inference_steps=100)),  # 11 steps
+    "ddim": (DDIMPurifier, dict(num_inference_steps=100, eta=0.5)),  # 11 steps, reverse noise on
+    "vpsde": (VPSDEPurifier, dict(steps=6)),
+    "vpsde_pc": (VPSDEPurifier, dict(steps=5, corrector=True)),
+    "edm": (EDMPurifier, dict(steps=5, s_max=0.3)),  # churn on the first steps, the last one Euler
+}
+
+
+def state_purifier(tiny_diffusion, family, mode):
+    cls, kw = STATE_FAMILIES[family]
+    unet, sch = tiny_diffusion
+    return cls(copy.deepcopy(unet).to(torch.float64), sch, t_star=0.1, randomness=Randomness(0, "fixed"),
+               grad_mode=mode, clip_output=False, **kw)
+
+
+def states_gradient(p, x, ids, keep):
+    """d/dx of sum(w * out) + sum_k sum(v_k * state_k) through purify_states (one fixed draw), and
+    the bytes autograd saved for it (as :func:`gradient_and_saved_bytes` counts them)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    vs = [torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in keep]
+    total, frozen = [0], frozen_storages(p)
+
+    def pack(t):
+        total[0] += saved_nbytes(t, frozen)
+        return t
+
+    xx = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, states = p.purify_states(xx, ids, torch.zeros_like(ids), keep)
+        loss = (out * w).sum() + sum((s * v).sum() for s, v in zip(states, vs))
+    (grad,) = torch.autograd.grad(loss, xx)
+    return grad, total[0], out.detach(), [s.detach() for s in states]
+
+
+@pytest.mark.parametrize("family", list(STATE_FAMILIES))
+def test_purify_states_gradient_is_exacts_in_every_state_mode(tiny_diffusion, family):
+    """The gradient of a loss on the output AND on kept states is exact's in autograd, checkpoint and
+    budget, including budgets whose kept/recomputed boundary falls between kept states, and budget
+    keeps no more activations than its budget (the recomputed steps' states as in exact on top)."""
+    x, _, ids = problem()
+    p = state_purifier(tiny_diffusion, family, "exact")
+    n = p.num_steps
+    keep = [0, 1, n // 2, n - 2, n - 1]  # the last one is the output's state
+    assert len(set(keep)) == len(keep) == 5
+    ref, saved_exact, out_ref, states_ref = states_gradient(p, x, ids, keep)
+    assert ref.abs().sum() > 0 and len(states_ref) == len(keep)
+    torch.testing.assert_close(states_ref[-1], out_ref * 2 - 1)  # clip_output off: out = (state + 1) / 2
+    for mode in ("autograd", "checkpoint"):
+        g, *_ = states_gradient(p.with_grad_mode(mode), x, ids, keep)
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-13)
+    per_step = step_bytes(p, x, ids)
+    splits = []
+    for kept_steps in (0, 1, n - keep[2] - 1, n - keep[2], n - 1, n):  # the boundary before/after kept states
+        q = p.with_grad_mode("budget", kept_steps * per_step / MIB)
+        g, saved, out, states = states_gradient(q, x, ids, keep)
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-13)
+        assert torch.equal(out, out_ref) and all(torch.equal(a, b) for a, b in zip(states, states_ref))
+        assert saved <= saved_exact + kept_steps * per_step, (family, kept_steps)
+        draws = torch.zeros_like(ids)
+        splits.append(q.budget_kept_steps(q.diffuse(x, ids, draws), ids, draws))
+    assert splits == [0, 1, n - keep[2] - 1, n - keep[2], n - 1, n]
+
+
+def test_purify_states_is_refused_where_no_step_has_a_gradient(tiny_diffusion):
+    x, _, ids = problem()
+    p = state_purifier(tiny_diffusion, "vpsde", "adjoint")
+    assert "adjoint" in p.grad_modes and "adjoint" not in p.state_grad_modes
+    for q in (p, p.with_grad_mode("bpda")):
+        with pytest.raises(ValueError, match=f"grad_mode '{q.grad_mode}' has no per-step gradient"):
+            q.purify_states(x.clone().requires_grad_(True), ids, torch.zeros_like(ids), [0])
+    with torch.no_grad():  # no gradient asked for: the states of one plain run
+        _, states = p.purify_states(x, ids, torch.zeros_like(ids), [0])
+    assert states[0].shape == x.shape

@@ -77,6 +77,8 @@ class Attack:
     waterfall_stages: ClassVar[tuple[tuple[str, str | None], ...]] = ()
     #: where its stages stand among the attacks' (ascending: the weaker evaluations first)
     waterfall_rank: ClassVar[int] = 1000
+    #: whether it reads the chain's intermediate states with gradients (``purifier.purify_states``)
+    needs_chain_states: ClassVar[bool] = False
 
     @classmethod
     def settings(cls, attacks: dict[str, Any], threat: str) -> list[str]:

@@ -73,6 +73,7 @@ class DiffAttack(PGD):
     private_section = True
     waterfall_stages = (("DiffAttack", None),)
     waterfall_rank = 40
+    needs_chain_states = True
 
     # -- the registered attack ------------------------------------------------------------------
     @classmethod

@@ -251,49 +251,67 @@ def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:
                           f"({att['shards']}) batches of {att['batch_size']}")
 
 
-def _surrogate_checks(cfg: dict[str, Any]) -> None:
-    """An enabled surrogate attack's purification (the main section overlaid, steps coarsened) passes
-    its family's checks (e.g. a DDPM/DDIM grid that holds t*)."""
-    sur = cfg["attacks"]["surrogate"]
-    if not sur["enabled"]:
-        return
-    from ..attacks.surrogate import surrogate_purification
-    from ..purifiers import purifier_class
-
-    att = surrogate_purification(cfg["purification"], sur)
-    try:
-        purifier_class(att["sampler"]).check_config({**cfg, "purification": att})
-    except ValueError as e:
-        raise ConfigError(f"config key attacks.surrogate: the surrogate's purification (coarsen {sur['coarsen']}, "
-                          f"overlay {sur['purification']}) fails its family's check: {e}") from None
-
-
 def _purifier_checks(cfg: dict[str, Any]) -> None:
     """The checks of every purifier family the config uses (the registered class's ``check_config``),
-    and whether the main sampler offers ``purification.grad_mode`` (with its
-    ``activation_budget_mb`` if that is ``budget``)."""
+    then the gradient modes (:func:`_grad_mode_checks`)."""
     from ..purifiers import purifier_class
 
     pur, fam = cfg["purification"], cfg["families"]
-    main = purifier_class(pur["sampler"])
-    gm = pur["grad_mode"]
-    modes = getattr(main, "grad_modes", ())
     try:
         for name in dict.fromkeys([pur["sampler"], *fam["names"]]):
             purifier_class(name).check_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _surrogate_checks(cfg)
-    if gm not in modes:
-        raise ConfigError(f"config key purification.grad_mode: {gm!r} is not offered by sampler {pur['sampler']!r} "
-                          f"(it offers {', '.join(modes)})")
-    if gm == "budget" and pur.get("activation_budget_mb") is None:
-        raise ConfigError("config key purification.activation_budget_mb: grad_mode budget needs a budget "
-                          "(MiB >= 0; 0 = exact)")
+    _grad_mode_checks(cfg)
     own = [f for f in fam["own_addt"] if purifier_class(f).loss_family == "ddpm"]
     if own:
         raise ConfigError(f"config key families.own_addt: {own} fine-tune with the DDPM loss, which the addt weights "
                           "already are; list only families with an ADDT loss of their own")
+
+
+def _grad_mode_checks(cfg: dict[str, Any]) -> None:
+    """Every defense purifies with ``purification.grad_mode`` (the section with its family's sampler,
+    :meth:`~dbprepro.config.Experiment.purification`): its family must offer the mode (``grad_modes``;
+    ``budget`` with an ``activation_budget_mb``); an attack run that reads the chain states with
+    gradients (``needs_chain_states``) needs a defense whose family delivers them in that mode
+    (``state_grad_modes``); the surrogate's own process (the defense's section overlaid,
+    :func:`~dbprepro.attacks.surrogate.surrogate_purification`) passes the same checks and its
+    family's ``check_config``.  Messages name the attack, the defense, its family and the mode."""
+    from ..attacks.registry import ATTACKS
+    from ..attacks.surrogate import surrogate_purification
+    from ..purifiers import purifier_class
+    from .experiment import UNDEFENDED, Experiment
+
+    exp, sur = Experiment.from_config(cfg), cfg["attacks"]["surrogate"]
+
+    def offered(pur: dict[str, Any], key: str, who: str) -> None:
+        cls, gm = purifier_class(pur["sampler"]), pur["grad_mode"]
+        if gm not in cls.grad_modes:
+            raise ConfigError(f"config key {key}.grad_mode: {gm!r} is not offered by {who} (family "
+                              f"{pur['sampler']!r} offers {', '.join(cls.grad_modes)})")
+        if gm == "budget" and pur.get("activation_budget_mb") is None:
+            raise ConfigError(f"config key {key}.activation_budget_mb: grad_mode budget of {who} needs a budget "
+                              "(MiB >= 0; 0 = exact)")
+
+    for name, d in exp.defenses.items():  # a family defense is named after its family
+        offered(exp.purification(name), "purification", f"defense {name!r}" + (" (families.names)" * d.family))
+    for attack, name in dict.fromkeys((r.attack, r.defense) for r in exp.attack_runs() if r.defense != UNDEFENDED):
+        cls, pur, who = ATTACKS[attack], exp.purification(name), f"attack {attack} on defense {name!r}"
+        if attack == "surrogate":
+            pur = surrogate_purification(pur, sur)
+            offered(pur, "attacks.surrogate.purification", f"the surrogate process of {who}")
+            try:
+                purifier_class(pur["sampler"]).check_config({**cfg, "purification": pur})
+            except ValueError as e:
+                raise ConfigError(f"config key attacks.surrogate: the surrogate process of {who} (coarsen "
+                                  f"{sur['coarsen']}, overlay {sur['purification']}) fails its family's check: {e}"
+                                  ) from None
+        states = purifier_class(pur["sampler"]).state_grad_modes
+        if cls.needs_chain_states and pur["grad_mode"] not in states:
+            raise ConfigError(f"config key purification.grad_mode: {who} (family {pur['sampler']!r}) reads the "
+                              f"chain states with gradients, which grad_mode {pur['grad_mode']!r} does not deliver "
+                              f"(it does in {', '.join(states)}); choose one of those, or leave {name!r} out of "
+                              f"attacks.{cls.config_section}.defenses")
 
 
 def unpinned_entries(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -2,7 +2,8 @@
 and exact gradients.
 
 - ``base.py``: :class:`ReverseChain` (the chain, its gradient modes, draws normalisation) and the
-  class-level contract every family fulfils;
+  class-level contract every family fulfils; ``recompute.py``: the chain differentiated by per-step
+  recomputation, and its intermediate states with gradients in every exact mode;
 - ``ddpm.py``: DDPM (ancestral) and DDIM; ``vpsde.py``: DiffPure's VP-SDE; ``edm.py``: EDM's Heun
   sampler with churn; ``continuous.py``: what VP-SDE and EDM share;
 - ``registry.py``: :data:`PURIFIERS`, the factory :func:`build_purifier` and :func:`load_defense`;

@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..randomness import Randomness
+from .recompute import STATE_GRAD_MODES, chain_states, exact_chain
 
 GradMode = Literal["exact", "autograd", "checkpoint", "bpda", "budget"]
 GRAD_MODES = ("exact", "autograd", "checkpoint", "bpda", "budget")
@@ -88,6 +89,8 @@ class ReverseChain(nn.Module):
     config_section: ClassVar[str | None] = None
     #: the gradient modes it offers (``grad_mode``)
     grad_modes: ClassVar[tuple[str, ...]] = GRAD_MODES
+    #: those of its modes in which :meth:`purify_states` delivers the chain states with gradients
+    state_grad_modes: ClassVar[tuple[str, ...]] = STATE_GRAD_MODES
 
     randomness: Randomness
     grad_mode: str
@@ -232,31 +235,19 @@ class ReverseChain(nn.Module):
         the unclamped output), differentiable under the configured ``grad_mode``.
 
         For attacks whose loss reads the intermediate states (DiffAttack's deviated-reconstruction
-        loss).  ``exact``: one recomputation pass as in :meth:`forward`, whose backward adds each
-        kept state's gradient to the running vector when it reaches that state's step (DiffAttack's
-        segment-wise backward); ``autograd`` / ``checkpoint``: the graph holds the states.  ``bpda``
-        and ``adjoint`` have no per-step gradient and are refused.  :meth:`forward` never takes this
-        path, so a plain purification costs what it did."""
+        loss), in the modes of :attr:`state_grad_modes` (:func:`~dbprepro.purifiers.recompute.chain_states`):
+        ``exact`` and the recomputed steps of ``budget`` add each kept state's gradient to the running
+        vector when the backward pass reaches that state's step (DiffAttack's segment-wise backward);
+        in ``autograd``, ``checkpoint`` and the kept steps of ``budget`` the graph holds the states.
+        ``bpda`` and ``adjoint`` have no per-step gradient and are refused.  :meth:`forward` never
+        takes this path, so a plain purification costs what it did."""
         ids, draws = self.ids_and_draws(x, ids, draws)
         keep = tuple(sorted({int(k) for k in keep}))
         if keep and not 0 <= keep[0] <= keep[-1] < self.num_steps:
             raise ValueError(f"kept steps must lie in [0, {self.num_steps}), got {list(keep)}")
-        x_t = self.diffuse(x, ids, draws)
-        kept: list[torch.Tensor] = []
-        if not (torch.is_grad_enabled() and x_t.requires_grad):
-            with torch.no_grad():
-                out = self._run_chain(x_t, ids, draws, keep_states=kept)
-            states = [kept[k + 1] if k + 1 < len(kept) else out for k in keep]
-        elif self.grad_mode == "exact":
-            out, *states = _ExactChainStates.apply(x_t, self, ids, draws, keep)
-        elif self.grad_mode in ("autograd", "checkpoint"):
-            eps_fn = self._eps_checkpointed if self.grad_mode == "checkpoint" else None
-            out = self._run_chain(x_t, ids, draws, eps_fn=eps_fn, keep_states=kept)
-            states = [kept[k + 1] if k + 1 < len(kept) else out for k in keep]
-        else:
-            raise ValueError(f"grad_mode {self.grad_mode!r} has no per-step gradient for the chain states")
+        out, states = chain_states(self, self.diffuse(x, ids, draws), ids, draws, keep)
         out = (out + 1) / 2
-        return (out.clamp(0, 1) if self.clip_output else out), list(states)
+        return (out.clamp(0, 1) if self.clip_output else out), states
 
     @property
     def num_steps(self) -> int:
@@ -273,7 +264,7 @@ class ReverseChain(nn.Module):
             with torch.no_grad():
                 return self._run_chain(x_t, ids, draws)
         if self.grad_mode == "exact":
-            return _ExactChain.apply(x_t, self, ids, draws, self.timesteps)
+            return exact_chain(self, x_t, ids, draws, self.timesteps)
         if self.grad_mode == "budget":
             return self._budget_chain(x_t, ids, draws)
         if self.grad_mode == "adjoint":
@@ -285,10 +276,10 @@ class ReverseChain(nn.Module):
         raise ValueError(f"grad_mode 'adjoint' is not available for {type(self).__name__}")
 
     def _budget_chain(self, x_t, ids, draws):
-        """grad_mode ``"budget"``: the first steps recomputed (:class:`_ExactChain`), the last
-        ``budget_kept_steps`` under plain autograd; the composition's gradient is the exact one."""
+        """grad_mode ``"budget"``: the first steps recomputed (:class:`~.recompute.ExactChain`), the
+        last ``budget_kept_steps`` under plain autograd; the composition's gradient is the exact one."""
         split = self.num_steps - self.budget_kept_steps(x_t, ids, draws)
-        x = _ExactChain.apply(x_t, self, ids, draws, self.timesteps[:split]) if split else x_t
+        x = exact_chain(self, x_t, ids, draws, self.timesteps[:split]) if split else x_t
         return self._run_chain(x, ids, draws, timesteps=self.timesteps[split:])
 
     def _run_chain(self, x, ids, draws, eps_fn=None, keep_states: list | None = None, timesteps=None):
@@ -307,67 +298,6 @@ class Trajectory(NamedTuple):
     phase: list[str]
     t: list[int]
     states: list[torch.Tensor]
-
-
-class _ExactChain(torch.autograd.Function):
-    """Exact gradient of the reverse chain (or of its steps ``timesteps``, a prefix in grad_mode
-    ``"budget"``) by per-step recomputation (see module docstring).
-
-    The chain states are saved with ``save_for_backward`` (no copies: the tensors the forward
-    pass made anyway), so autograd owns their lifetime: a plain backward frees them, as the
-    graph; ``backward(retain_graph=True)`` keeps them and a second backward (torchattacks' FAB
-    does two) recomputes the same gradient; a second backward without retain_graph gets
-    autograd's own "backward through the graph a second time" error."""
-
-    @staticmethod
-    def forward(ctx, x_t, purifier: ReverseChain, ids, draws, timesteps):
-        states: list[torch.Tensor] = []
-        with torch.no_grad():
-            out = purifier._run_chain(x_t.detach(), ids, draws, keep_states=states, timesteps=timesteps)
-        ctx.purifier, ctx.ids, ctx.draws, ctx.timesteps = purifier, ids, draws, list(timesteps)
-        ctx.save_for_backward(*states)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        p: ReverseChain = ctx.purifier
-        g = grad_out
-        for t, x in zip(reversed(ctx.timesteps), reversed(ctx.saved_tensors)):
-            with torch.enable_grad():
-                xi = x.detach().requires_grad_(True)
-                out = p.reverse_step(xi, t, ctx.ids, ctx.draws)
-                (g,) = torch.autograd.grad(out, xi, g)
-        return g, None, None, None, None
-
-
-class _ExactChainStates(torch.autograd.Function):
-    """:class:`_ExactChain` that also outputs the states after the reverse steps ``keep``: the
-    backward walks the steps from the last to the first and, before back-propagating through step
-    k, adds the gradient of the state after step k (zero for the unused ones)."""
-
-    @staticmethod
-    def forward(ctx, x_t, purifier: ReverseChain, ids, draws, keep: tuple[int, ...]):
-        states: list[torch.Tensor] = []
-        with torch.no_grad():
-            out = purifier._run_chain(x_t.detach(), ids, draws, keep_states=states)
-        ctx.purifier, ctx.ids, ctx.draws, ctx.keep = purifier, ids, draws, keep
-        ctx.save_for_backward(*states)
-        # copies: an output must not be another output (the last state is the chain's output)
-        return (out, *[(states[k + 1] if k + 1 < len(states) else out).clone() for k in keep])
-
-    @staticmethod
-    def backward(ctx, grad_out, *grad_states):
-        p: ReverseChain = ctx.purifier
-        extra = dict(zip(ctx.keep, grad_states))
-        g = grad_out
-        for k in reversed(range(len(p.timesteps))):
-            if extra.get(k) is not None:
-                g = g + extra[k]
-            with torch.enable_grad():
-                xi = ctx.saved_tensors[k].detach().requires_grad_(True)
-                out = p.reverse_step(xi, p.timesteps[k], ctx.ids, ctx.draws)
-                (g,) = torch.autograd.grad(out, xi, g)
-        return g, None, None, None, None
 
 
 def default_ids(x: torch.Tensor, ids) -> torch.Tensor:

@@ -48,6 +48,27 @@ class DefendedClassifier(nn.Module):
         draws = self._draws if draws is None else draws
         return self.classifier(self.purifier(x, ids=ids, draws=draws))
 
+    def chain_batch(self, x: torch.Tensor, ids=None, draws=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The images, sample ids and purifier draws that one forward pass purifies (bound ids and
+        draws as in :meth:`forward`, defaults as the purifier's): ``x`` itself here, the V-fold batch
+        of a vote defense."""
+        ids = self._ids if ids is None else ids
+        draws = self._draws if draws is None else draws
+        ids, draws = self.purifier.ids_and_draws(x, ids, draws)
+        return x, ids, draws
+
+    def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        """The defense's logits [B, C] from the classifier's logits of :meth:`chain_batch`'s images."""
+        return logits
+
+    def forward_states(self, x: torch.Tensor, ids=None, draws=None, keep=()) -> tuple[torch.Tensor, list]:
+        """:meth:`forward`'s logits and the chain states after the reverse steps ``keep`` of the
+        purifications it makes (:meth:`~dbprepro.purifiers.base.ReverseChain.purify_states`: with
+        gradients in the purifier's ``state_grad_modes``), one row per image of :meth:`chain_batch`."""
+        xr, idr, dr = self.chain_batch(x, ids, draws)
+        out, states = self.purifier.purify_states(xr, idr, dr, keep)
+        return self.combine(self.classifier(out), x.shape[0]), states
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
         """Predicted labels [B] (the argmax of the logits; a vote defense votes instead)."""
