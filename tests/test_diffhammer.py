@@ -196,7 +196,8 @@ def test_an_image_far_from_every_fooled_draw_still_moves():
     x, _, ids = data(2)
     y = torch.zeros(2, dtype=torch.long)
     model = DrawDefense([-40.0, -50.0])
-    res = DiffHammer(model, "whitebox_eot", "linf", EPS, ALPHA, steps=2, draws=2, schedule="pgd", losses="cw")(x, y, ids)
+    res = DiffHammer(model, "whitebox_eot", "linf", EPS, ALPHA, steps=2, draws=2, schedule="pgd", losses="cw")(
+        x, y, ids)
     assert ((res.x_adv - x).abs().flatten(1).amax(1) > 0).all()
     assert (res.extra["estep_guarded"] == 2).all()  # both E-steps of both images
 
