@@ -9,7 +9,7 @@
   DiffAttack (CE + deviated-reconstruction loss on the chain states, PGD or APGD; off by default);
   ``surrogate.py``: Lee & Kim's PGD-EOT through a surrogate purification process (off by default);
 - ``diffhammer.py``: DiffHammer's EM attack over the K draws of each step (off by default,
-  ``attacks.diffhammer``); ``lowfreq.py``: DiffBreak-style PGD in the lowest DCT frequencies (off by
+  ``attacks.diffhammer``), its E-step and in-loop scoring in ``diffhammer_em.py``; ``lowfreq.py``: DiffBreak-style PGD in the lowest DCT frequencies (off by
   default, ``attacks.lowfreq``);
 - ``registry.py``: :data:`ATTACKS`, read by the attack grid, the DAG, the cost model, API and CLI;
 - ``runner.py``: one attack on one shard of the test set (the DAG's attack stage) and the merge.

@@ -160,6 +160,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
                           "(or set families.addt: false)")
     _vote_checks(cfg, names)
     _attack_defenses_checks(cfg)
+    _diffhammer_checks(cfg["attacks"]["diffhammer"])
     _network_checks(cfg)
     an = cfg["analysis"]
     if an["threat_model"] is not None and an["threat_model"] not in names:
@@ -249,6 +250,21 @@ def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:
     if att["shards"] > -(-n // att["batch_size"]):
         raise ConfigError(f"config key attacks.dwbox_n_images: {n} images are fewer than attacks.shards "
                           f"({att['shards']}) batches of {att['batch_size']}")
+
+
+def _diffhammer_checks(dh: dict[str, Any]) -> None:
+    """``attacks.diffhammer``: one restart per entry of ``losses`` (``restarts``, if set, says how many;
+    the attack reads ``losses``); ``eval_draws`` only in the ``final`` protocol (in ``inloop`` every
+    iterate is scored by its own ``draws``)."""
+    n = len(dh["losses"])
+    if dh["restarts"] is not None and dh["restarts"] != n:
+        raise ConfigError(f"config key attacks.diffhammer.restarts: {dh['restarts']} restarts but "
+                          f"attacks.diffhammer.losses names {n} ({', '.join(dh['losses'])}); one loss per restart "
+                          "(set restarts: null, or list the loss of every restart)")
+    if dh["protocol"] == "inloop" and dh["eval_draws"] is not None:
+        raise ConfigError(f"config key attacks.diffhammer.eval_draws: {dh['eval_draws']} fresh evaluation draws are "
+                          "read by the final protocol only; with protocol: inloop every iterate is scored by its own "
+                          "attacks.diffhammer.draws (set eval_draws: null, or protocol: final)")
 
 
 def _purifier_checks(cfg: dict[str, Any]) -> None:
