@@ -12,7 +12,8 @@ One iteration:
 - DiffHammer: ``DiffHammer.per_draw(x, y, ids, draws)`` with K = 1 draw (its E-step adds no network call).
 
 Measured in a fresh child process per (attack, grad_mode, batch, K), the first iteration (``run.run_child``):
-- ``seconds``: its wall time, torch on ``THREADS`` threads;
+- ``seconds``: its wall time, torch on ``THREADS`` threads; ``cpu_seconds`` the process's CPU time (all threads),
+  less sensitive to other processes on a shared machine (``load1``: the 1-minute load average at its start);
 - ``peak_mib``: growth of the process's peak resident set (Linux VmHWM, reset right before the iteration, as
   ``run.peak_reset``; torch's CPU allocations are invisible to tracemalloc): everything the iteration allocates;
 - ``saved_mib``: the most bytes autograd held for backward at once (``saved_tensors_hooks``, ``run.count_saved``;
@@ -108,21 +109,23 @@ def constructor_kwargs(cls, section: dict) -> dict:
 def child_adaptive(h, attack: str, mode: str, model: str, batch: int, k: int, budget_mib_per_image: float,
                    threads: int = THREADS) -> dict:
     """Time, peak memory and saved bytes of one iteration, in this (fresh) process."""
+    import os
     import time
 
     import torch
 
     torch.set_num_threads(threads)
     step, p, net, (x, ids, draws) = build_iteration(h, attack, mode, model, batch, k, budget_mib_per_image)
+    load1 = os.getloadavg()[0]
     rss0 = h.rss_bytes()
     h.peak_reset()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         with h.count_saved(p, net) as live:
             _, grad = step()
     except ValueError as e:  # a combination this build refuses (e.g. chain states in budget mode)
         return dict(status=UNSUPPORTED, error=str(e))
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = h.peak_bytes(rss0)
     assert torch.isfinite(grad).all()
     xd = x.repeat_interleave(draws.numel(), dim=0)
@@ -131,8 +134,8 @@ def child_adaptive(h, attack: str, mode: str, model: str, batch: int, k: int, bu
         x_t = p.diffuse(xd, idd, dd)
     step_bytes = p.step_activation_bytes(x_t, idd, dd)
     kept = p.budget_kept_steps(x_t, idd, dd) if mode == "budget" else (k if mode == "autograd" else 0)
-    return dict(status="measured", seconds=seconds, peak_bytes=peak, saved_bytes=live["peak"],
-                step_saved_bytes=step_bytes, kept_steps=kept, threads=threads)
+    return dict(status="measured", seconds=seconds, cpu_seconds=cpu_seconds, load1=load1, peak_bytes=peak,
+                saved_bytes=live["peak"], step_saved_bytes=step_bytes, kept_steps=kept, threads=threads)
 
 
 def bench_adaptive(h, q: bool, out: Path) -> tuple[list[dict], list[dict]]:
@@ -177,7 +180,7 @@ def table(raw: list[dict], g: dict):
             rows += [dict(r, fit_ks="") for r in db.to_dict("records")]
             if full_k in set(db.K):
                 continue
-            fit = {c: np.polyfit(db.K, db[c], 1) for c in ("seconds", "peak_bytes", "saved_bytes")}
+            fit = {c: np.polyfit(db.K, db[c], 1) for c in ("seconds", "cpu_seconds", "peak_bytes", "saved_bytes")}
             last = db.iloc[-1].to_dict()
             rows.append(dict(last, K=full_k, status="extrapolated", fit_ks="/".join(map(str, db.K)),
                              kept_steps=full_k if mode == "autograd" else last["kept_steps"],
@@ -197,20 +200,22 @@ def table(raw: list[dict], g: dict):
     df["diffbreak_stated_gb"] = DIFFBREAK_GB
     df["target_gib"] = np.where(df.grad_mode == "budget", TARGET_GIB, np.nan)
     df["meets_target"] = [("yes" if v <= TARGET_GIB else "no") if m == "budget" and s != UNSUPPORTED else
-                          ("no" if m == "budget" else "") for m, s, v in zip(df.grad_mode, df.status, df.gib_at_batch32)]
+                          ("no" if m == "budget" else "")
+                          for m, s, v in zip(df.grad_mode, df.status, df.gib_at_batch32)]
     df["memory_measure"] = MEMORY_MEASURE
     df["model"] = g["model"]
     first = ["attack", "grad_mode", "batch", "K", "status", "fit_ks", "budget_mib", "kept_steps", "seconds",
-             "seconds_per_image", "peak_mib", "saved_mib", "mib_per_image", "gib_at_batch32", "gib_at_batch32_fit",
-             "diffbreak_stated_gb", "target_gib", "meets_target"]
+             "cpu_seconds", "seconds_per_image", "peak_mib", "saved_mib", "mib_per_image", "gib_at_batch32",
+             "gib_at_batch32_fit", "diffbreak_stated_gb", "target_gib", "meets_target"]
     return df[[c for c in first if c in df] + [c for c in df if c not in first]]
 
 
 def markdown(df, g: dict) -> str:
     """The K = ``full_k`` rows (and the refused combinations) as the markdown table of docs/performance.md."""
     d = df[(df.K == g["full_k"]) | (df.status == UNSUPPORTED)] if "K" in df else df
-    lines = ["| attack | grad_mode | batch | K = %d | budget (MiB) | kept steps | s / iteration | peak MiB | "
-             "MiB / image | GiB at batch 32 (per image; line) | DiffBreak stated | <= %g GiB |" % (g["full_k"], TARGET_GIB),
+    lines = ["| attack | grad_mode | batch | K = %d | budget (MiB) | kept steps | s / iteration (wall; CPU) | "
+             "peak MiB | MiB / image | GiB at batch 32 (per image; line) | DiffBreak stated | <= %g GiB |"
+             % (g["full_k"], TARGET_GIB),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d.to_dict("records"):
         if r["status"] == UNSUPPORTED:
@@ -222,7 +227,7 @@ def markdown(df, g: dict) -> str:
             f"| {r['attack']}", r["grad_mode"], str(int(r["batch"])),
             r["status"] + (f" (K = {r['fit_ks']})" if r["fit_ks"] else ""),
             "-" if r["grad_mode"] != "budget" else f"{r['budget_mib']:.4g}", str(int(r["kept_steps"])),
-            f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['mib_per_image']:.0f}",
+            f"{r['seconds']:.1f}; {r['cpu_seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['mib_per_image']:.0f}",
             f"{r['gib_at_batch32']:.2f}; " + ("-" if fit != fit else f"{fit:.2f}"),
             f">= {DIFFBREAK_GB:g} GB", r["meets_target"] or "-"]) + " |")
     return "\n".join(lines)
@@ -233,7 +238,8 @@ def targets(df, g: dict) -> list[dict]:
     out = []
     for attack in ATTACKS:
         d = df[(df.attack == attack) & (df.grad_mode == "budget")]
-        name = f"{attack}: one budget-mode iteration (EOT 1, K={g['full_k']}, {g['model']}) <= {TARGET_GIB:g} GiB at batch 32"
+        name = (f"{attack}: one budget-mode iteration (EOT 1, K={g['full_k']}, {g['model']}) "
+                f"<= {TARGET_GIB:g} GiB at batch 32")
         if d.empty or (d.status == UNSUPPORTED).any():
             out.append(dict(comparison="adaptive", target=name, measured=UNSUPPORTED, met=False,
                             why=(d.error.iloc[0] if not d.empty and "error" in d else "not run")))
