@@ -105,7 +105,7 @@ def test_adaptive_benchmark_iteration_on_a_tiny_unet():
     full = df[df.K == g["full_k"]]
     assert set(full.status) == {"extrapolated"} and set(full.fit_ks) == {"3/6"}
     assert (full.kept_steps[full.grad_mode == "autograd"] == g["full_k"]).all()
-    assert "| diffhammer | budget | 2 |" in am.markdown(df, g)
+    assert "| diffhammer | budget | 2 |" in am.markdown(df, g["full_k"])
 
 
 def test_adaptive_table_extrapolates_in_k_and_batch():
