@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run.py --quick         # seconds-long smoke of every comparison (CI)
     .venv/bin/python benchmarks/run.py --only gradients,overhead
     .venv/bin/python benchmarks/run.py --only budget   # grad_mode budget at 3 budgets (benchmarks/gradient_budget.py)
+    .venv/bin/python benchmarks/run.py --only adaptive # DiffAttack / DiffHammer iteration at paper scale (adaptive_memory.py)
     .venv/bin/python benchmarks/run.py --dag smoke     # also time a cold DAG run (smoke or default)
 
 Writes ``results/benchmarks/suite/<comparison>.csv`` and ``results/benchmarks/suite/summary.md`` (each target,
@@ -27,6 +28,7 @@ weights' values).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARISONS = ("gradients", "budget", "randomness", "eot", "overhead", "scaling", "dag", "cost")
+COMPARISONS = ("gradients", "budget", "adaptive", "randomness", "eot", "overhead", "scaling", "dag", "cost")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -146,19 +148,19 @@ def set_grad_mode(p, mode: str) -> None:
         p.grad_mode = mode
 
 
-def child_gradient(model: str, k: int, mode: str, batch: int, grad_file: str) -> dict:
-    """Peak memory and live saved-activation bytes of one gradient, in a fresh process."""
-    import numpy as np
+@contextlib.contextmanager
+def count_saved(*modules):
+    """Count the bytes autograd saves for backward passes inside the block, while autograd holds
+    them (freed with their graph): yields ``{"now", "peak"}``, ``peak`` the most alive at once.
+    Tensors sharing a storage of ``modules``' weights (frozen, saved by reference) count 0."""
     import torch
 
     from dbprepro.purifiers.base import frozen_storages, saved_nbytes
 
-    torch.set_num_threads(1)
-    p, step = gradient_problem(model, k, batch, mode)
     live = {"now": 0, "peak": 0}
-    frozen = frozen_storages(p)  # the UNet's weights, saved by reference: no memory of their own
+    frozen = frozen_storages(*modules)
 
-    class Saved:  # a saved tensor, counted while autograd holds it (freed with its graph)
+    class Saved:  # a saved tensor, counted while autograd holds it
         def __init__(self, t):
             self.t, self.n = t, saved_nbytes(t, frozen)
             live["now"] += self.n
@@ -167,10 +169,21 @@ def child_gradient(model: str, k: int, mode: str, batch: int, grad_file: str) ->
         def __del__(self):
             live["now"] -= self.n
 
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        yield live
+
+
+def child_gradient(model: str, k: int, mode: str, batch: int, grad_file: str) -> dict:
+    """Peak memory and live saved-activation bytes of one gradient, in a fresh process."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    p, step = gradient_problem(model, k, batch, mode)
     # the first call is the measured one (a warm-up would leave allocator caches behind)
     rss0 = rss_bytes()
     peak_reset()
-    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+    with count_saved(p) as live:
         g = step()
     peak = peak_bytes(rss0)
     np.save(grad_file, g.numpy())
@@ -226,7 +239,8 @@ def child_noise(approach: str, T: int, B: int, shape: list[int], steps: int) -> 
     return {"peak_bytes": peak_bytes(rss0), "seconds": seconds, "checksum": checksum}
 
 
-CHILDREN = {"gradient": child_gradient, "noise": child_noise}
+CHILDREN = {"gradient": child_gradient, "noise": child_noise,
+            "adaptive": lambda **kw: __import__("adaptive_memory").child_adaptive(sys.modules[__name__], **kw)}
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -583,6 +597,7 @@ def main(argv=None) -> int:
     runners = {
         "gradients": lambda: bench_gradients(args.quick, out),
         "budget": lambda: __import__("gradient_budget").bench_budget(sys.modules[__name__], args.quick, out),
+        "adaptive": lambda: __import__("adaptive_memory").bench_adaptive(sys.modules[__name__], args.quick, out),
         "randomness": lambda: bench_randomness(args.quick, out),
         "eot": lambda: bench_eot(args.quick, out, Path(args.models)),
         "overhead": lambda: bench_overhead(args.quick, out),
