@@ -62,7 +62,16 @@ def all_targets():
         f"{RESULTS}/tables/paper_vs_reproduced.csv",  # workflow/rules/report.smk
         f"{RESULTS}/tables/paper_vs_reproduced.md",
         *([f"{RESULTS}/tables/claims.csv", f"{RESULTS}/tables/claims.md"] if config["claims"]["enabled"] else []),
+        *sanity_targets(),
     ]
+
+
+def sanity_targets():
+    """The sanity battery's table and figure (workflow/rules/sanity.smk) when sanity.enabled."""
+    if not config["sanity"]["enabled"]:
+        return []
+    return [f"{RESULTS}/tables/sanity.csv", f"{RESULTS}/tables/sanity.md", f"{RESULTS}/figures/sanity.png",
+            f"{RESULTS}/figures/sanity.pdf"]
 
 
 def figure_targets():

@@ -160,6 +160,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
                           "(or set families.addt: false)")
     _vote_checks(cfg, names)
     _attack_defenses_checks(cfg)
+    _sanity_checks(cfg, names)
     _network_checks(cfg)
     an = cfg["analysis"]
     if an["threat_model"] is not None and an["threat_model"] not in names:
@@ -233,6 +234,16 @@ def _attack_defenses_checks(cfg: dict[str, Any]) -> None:
                 and att["shards"] > -(-min(n, att["n_images"]) // att["batch_size"]):
             raise ConfigError(f"config key attacks.{cls.config_section}.n_images: {n} images are fewer than "
                               f"attacks.shards ({att['shards']}) batches of {att['batch_size']}")
+
+
+def _sanity_checks(cfg: dict[str, Any], names: list[str]) -> None:
+    """``sanity``: its defenses, threat models, epsilon factors, images, transfer sources and the
+    reference runs its checks compare with (:func:`dbprepro.sanity.plan.config_problem`)."""
+    from ..sanity.plan import config_problem
+
+    problem = config_problem(cfg, names, possible_defenses())
+    if problem:
+        raise ConfigError(f"config key sanity.{problem}")
 
 
 def _dwbox_n_images_checks(att: dict[str, Any], n_test: int) -> None:

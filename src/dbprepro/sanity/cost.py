@@ -1,0 +1,52 @@
+"""The battery's network calls per job (the cost model's rows, :func:`dbprepro.cost.count_calls`):
+no network is built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..calls import Calls, defended_forward
+from ..config.experiment import Experiment
+from .plan import battery_jobs, transfer_sources
+
+
+def battery_calls(cfg: dict[str, Any], defense: str, threat: str) -> tuple[Calls, bool, str]:
+    """(calls per image, whether an upper bound, a note) of the battery job on ``defense`` /
+    ``threat``: every PGD run (the sweep's factors, the longer run, the unbounded run; each as the
+    attack grid prices PGD, with one evaluation draw), Square's queries (an upper bound: Square stops
+    on an image once it is misclassified) plus one evaluation forward, one forward per transferred
+    example."""
+    from ..cost.count import attack_run_calls, network_calls
+
+    san, att = cfg["sanity"], cfg["attacks"]
+    exp = Experiment.from_config(cfg)
+    pur = exp.purification(defense)
+    gm = cfg["purification"].get("grad_mode", "exact")
+    s, steps, k = san["pgd_setting"], att["pgd"]["steps"], san["iterations_factor"]
+
+    def pgd(n_steps: int) -> Calls:
+        sub = {**cfg, "attacks": {**att, "eval_draws": 1, "pgd": {**att["pgd"], "steps": n_steps}}}
+        return attack_run_calls(sub, defense, s, "pgd", pur, gm)[0]
+
+    runs = len(san["eps_factors"]) + 1  # the sweep and the unbounded run, at the default steps
+    total = pgd(steps) * runs + pgd(k * steps)
+    fwd = defended_forward(network_calls(pur, cfg["diffusion"]["schedule"]["num_train_timesteps"]))
+    votes = exp.defense(defense).votes or 1
+    for ss in san["square"]["settings"]:  # torchattacks: 2 forwards before the queries, then one evaluation
+        total = total + fwd * ((san["square"]["queries"] + 3) * (1 if ss.startswith("dwbox") else votes))
+    n_tr = len(transfer_sources(cfg, defense, threat))
+    total = total + fwd * (n_tr * votes)
+    note = (f"{san['n_images']} images x ({runs} PGD-{steps} + PGD-{k * steps} in {s}, "
+            f"Square {san['square']['queries']} queries x {len(san['square']['settings'])}, {n_tr} transfers)")
+    return total, bool(san["square"]["settings"]), note
+
+
+def battery_cost_rows(cfg: dict[str, Any]) -> list[tuple[str, Calls, bool, str, str | None]]:
+    """(job, calls of the whole job, upper bound, note, the defense's own network) of every
+    battery job."""
+    exp = Experiment.from_config(cfg)
+    out = []
+    for d, t in battery_jobs(cfg):
+        per, bound, note = battery_calls(cfg, d, t)
+        out.append((f"sanity/{d}/{t}", per * cfg["sanity"]["n_images"], bound, note, exp.defense(d).network))
+    return out
