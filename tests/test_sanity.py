@@ -155,6 +155,25 @@ def test_a_plain_differentiable_classifier_passes_every_check():
     assert unbounded_check(unb, eps=1.0).outcome == PASS
 
 
+def test_the_batched_sweep_is_each_radius_own_pgd(defended):
+    """The sweep's runs share their network passes; each row is still exactly PGD at its radius
+    (fixed and fresh randomness, random start: the draws are keyed by image id and step)."""
+    from dbprepro.attacks import PGD
+    from dbprepro.sanity.runner import BallsPGD
+
+    x, y, ids = toy_data(2)
+    radii = [0.05, 0.2, 1.0]
+    kw = dict(steps=2, random_start=True)
+    for setting in ("dwbox", "whitebox"):
+        model = defended(setting)
+        e = torch.tensor(radii).repeat_interleave(2)
+        joint = BallsPGD(model, setting, "linf", e, e / 4, **kw)(x.repeat(3, 1, 1, 1), y.repeat(3), ids.repeat(3))
+        for r, eps in enumerate(radii):
+            alone = PGD(model, setting, "linf", eps, eps / 4, **kw)(x, y, ids)
+            torch.testing.assert_close(joint.x_adv[2 * r:2 * r + 2], alone.x_adv, atol=1e-5, rtol=0)
+            assert (joint.x_adv[2 * r:2 * r + 2] - x).abs().max() <= eps + 1e-6
+
+
 # -- the battery stage, table and figure on the tiny fixtures -------------------------------------
 
 
@@ -181,7 +200,7 @@ def test_the_battery_stage_writes_records_that_the_table_and_figure_read(stage_i
     out = tmp_path / "records.parquet"
     run_battery(stage_inputs["classifier"], stage_inputs["diffusion"], stage_inputs["test"], stage_inputs["manifest"],
                 out, defense="vanilla", threat="linf", tm=cfg["attacks"]["threat_models"][0],
-                pgd={**cfg["attacks"]["pgd"], "steps": 2, "eot": 2}, fixed_draw=0, sanity=small_sanity(cfg),
+                pgd={**cfg["attacks"]["pgd"], "steps": 2, "eot": 1}, fixed_draw=0, sanity=small_sanity(cfg),
                 purification={**cfg["purification"], "num_inference_steps": 100}, variance_type="fixed_large",
                 batch_size=4, seed=0, comparisons=[("stochastic", "vanilla/linf/whitebox_eot/pgd", str(comp))],
                 transfers=[("undefended", str(adv))], device=torch.device("cpu"))

@@ -5,7 +5,7 @@
 from dbprepro.config import threat_model
 from dbprepro.sanity.plan import battery_jobs, comparison_runs, transfer_sources
 
-SANITY_JOBS = battery_jobs(config)
+SANITY_JOBS = battery_jobs(config, EXPERIMENT)
 
 
 def sanity_job_param():
@@ -20,20 +20,20 @@ def sanity_records():
 
 
 def sanity_comparison_records(wildcards):
-    return [f"{attack_dir(*r)}/records.parquet" for _, r in comparison_runs(config, wildcards.defense, wildcards.threat)]
+    return [f"{attack_dir(*r)}/records.parquet" for _, r in comparison_runs(config, EXPERIMENT, wildcards.defense, wildcards.threat)]
 
 
 def sanity_comparisons_param(wildcards):
     """(randomness class, run name) of each comparison record, in the order of the input."""
-    return [[c, "/".join(r)] for c, r in comparison_runs(config, wildcards.defense, wildcards.threat)]
+    return [[c, "/".join(r)] for c, r in comparison_runs(config, EXPERIMENT, wildcards.defense, wildcards.threat)]
 
 
 def sanity_transfer_advs(wildcards):
-    return [f"{attack_dir(*r)}/adv.npz" for _, r in transfer_sources(config, wildcards.defense, wildcards.threat)]
+    return [f"{attack_dir(*r)}/adv.npz" for _, r in transfer_sources(config, EXPERIMENT, wildcards.defense, wildcards.threat)]
 
 
 def sanity_transfer_param(wildcards):
-    return [s for s, _ in transfer_sources(config, wildcards.defense, wildcards.threat)]
+    return [s for s, _ in transfer_sources(config, EXPERIMENT, wildcards.defense, wildcards.threat)]
 
 
 rule sanity:

@@ -240,8 +240,9 @@ def _sanity_checks(cfg: dict[str, Any], names: list[str]) -> None:
     """``sanity``: its defenses, threat models, epsilon factors, images, transfer sources and the
     reference runs its checks compare with (:func:`dbprepro.sanity.plan.config_problem`)."""
     from ..sanity.plan import config_problem
+    from .experiment import Experiment
 
-    problem = config_problem(cfg, names, possible_defenses())
+    problem = config_problem(cfg, Experiment.from_config(cfg), names, possible_defenses())
     if problem:
         raise ConfigError(f"config key sanity.{problem}")
 

@@ -10,8 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing import NamedTuple
+
 from ..attacks.protocols import is_fixed, setting_fixed_draw
-from ..config.experiment import UNDEFENDED, AttackRun, Experiment
+
+#: the undefended classifier's runs (``dbprepro.config.UNDEFENDED``; this module imports nothing of
+#: ``dbprepro.config``, whose validation calls it: the experiment is passed in as ``exp``)
+UNDEFENDED = "undefended"
+
+
+class Run(NamedTuple):
+    """An attack run (equal to the grid's ``dbprepro.config.AttackRun`` of the same fields)."""
+
+    defense: str
+    threat: str
+    setting: str
+    attack: str
 
 #: registered attacks whose runs contain a gradient-free sub-attack (AutoAttack's standard suite
 #: ends with Square): not "gradient attacks" of the gradient-free check's reference ensemble
@@ -33,18 +47,19 @@ def battery_threats(cfg: dict[str, Any]) -> list[str]:
     return names if chosen is None else [t for t in names if t in chosen]
 
 
-def battery_defenses(cfg: dict[str, Any]) -> list[str]:
-    """``sanity.defenses`` that this configuration has (one it switches off, e.g. addt without
-    ADDT, is skipped, as the attacks' ``defenses`` are)."""
-    have = Experiment.from_config(cfg).defenses
+def battery_defenses(cfg: dict[str, Any], exp) -> list[str]:
+    """``sanity.defenses`` that the experiment ``exp`` (:class:`dbprepro.config.Experiment` of
+    ``cfg``) has (one it switches off, e.g. addt without ADDT, is skipped, as the attacks'
+    ``defenses`` are)."""
+    have = exp.defenses
     return [d for d in cfg["sanity"]["defenses"] if d in have]
 
 
-def battery_jobs(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+def battery_jobs(cfg: dict[str, Any], exp) -> list[tuple[str, str]]:
     """(defense, threat) of every battery job; [] when ``sanity.enabled`` is false."""
     if not cfg["sanity"]["enabled"]:
         return []
-    return [(d, t) for d in battery_defenses(cfg) for t in battery_threats(cfg)]
+    return [(d, t) for d in battery_defenses(cfg, exp) for t in battery_threats(cfg)]
 
 
 def own_pgd_class(cfg: dict[str, Any]) -> str:
@@ -52,13 +67,13 @@ def own_pgd_class(cfg: dict[str, Any]) -> str:
     return randomness_class(cfg["sanity"]["pgd_setting"])
 
 
-def comparison_runs(cfg: dict[str, Any], defense: str, threat: str) -> list[tuple[str, AttackRun]]:
+def comparison_runs(cfg: dict[str, Any], exp, defense: str, threat: str) -> list[tuple[str, Run]]:
     """(class, run) of every gradient-based attack run of the grid on ``defense`` and ``threat``:
     the fixed class holds only the runs against the configuration ``attacks.fixed_draw`` (the
     battery's DW-box runs attack it), i.e. ``dwbox``, not paper 2's other ``dwbox_c<k>``."""
     fixed_draw = cfg["attacks"]["fixed_draw"]
     out = []
-    for run in Experiment.from_config(cfg).attack_runs(fixed_configs=True):
+    for run in exp.attack_runs(fixed_configs=True):
         if run.defense != defense or run.threat != threat or run.attack in GRADIENT_FREE_ATTACKS:
             continue
         cls = randomness_class(run.setting)
@@ -69,17 +84,17 @@ def comparison_runs(cfg: dict[str, Any], defense: str, threat: str) -> list[tupl
     return out
 
 
-def transfer_sources(cfg: dict[str, Any], defense: str, threat: str) -> list[tuple[str, AttackRun]]:
+def transfer_sources(cfg: dict[str, Any], exp, defense: str, threat: str) -> list[tuple[str, Run]]:
     """(source name, run) of the adversarial examples transferred to ``defense``: the undefended
     classifier's PGD run (``sanity.transfer.undefended``) and the PGD runs in
     ``sanity.transfer.setting`` of the defenses ``sanity.transfer.sources[defense]`` that this
     configuration has."""
     tr = cfg["sanity"]["transfer"]
-    have = Experiment.from_config(cfg).defenses
-    out = [(UNDEFENDED, AttackRun(UNDEFENDED, threat, "none", "pgd"))] if tr["undefended"] else []
+    have = exp.defenses
+    out = [(UNDEFENDED, Run(UNDEFENDED, threat, "none", "pgd"))] if tr["undefended"] else []
     for src in (tr["sources"] or {}).get(defense, []):
         if src in have:
-            out.append((src, AttackRun(src, threat, tr["setting"], "pgd")))
+            out.append((src, Run(src, threat, tr["setting"], "pgd")))
     return out
 
 
@@ -94,7 +109,7 @@ def needed_classes(cfg: dict[str, Any]) -> list[str]:
     return [c for c in CLASSES if c in need]
 
 
-def config_problem(cfg: dict[str, Any], names: list[str], possible: set[str]) -> str | None:
+def config_problem(cfg: dict[str, Any], exp, names: list[str], possible: set[str]) -> str | None:
     """What is wrong with a validated config's ``sanity`` section (``<key>: <why>``), or None:
     defenses and transfer sources some configuration has (``possible``; not the undefended
     classifier), threat models of ``names``, ascending ``eps_factors`` holding 1; when enabled, at
@@ -105,7 +120,6 @@ def config_problem(cfg: dict[str, Any], names: list[str], possible: set[str]) ->
     bad = [d for d in [*san["defenses"], *srcs, *(s for v in srcs.values() for s in v)]
            if d not in possible or d == UNDEFENDED]
     if bad:
-        exp = Experiment.from_config(cfg)
         return f"defenses / transfer.sources: {bad} are not defenses (this configuration's: {', '.join(exp.defenses)})"
     bad = [t for t in san["threat_models"] or [] if t not in names]
     if bad:
@@ -115,17 +129,16 @@ def config_problem(cfg: dict[str, Any], names: list[str], possible: set[str]) ->
         return f"eps_factors: {san['eps_factors']} must be ascending, distinct and contain 1 (the default PGD)"
     if san["n_images"] > att["n_images"]:
         return f"n_images: {san['n_images']} exceeds attacks.n_images ({att['n_images']})"
-    exp = Experiment.from_config(cfg)
     grid = set(exp.attack_runs(fixed_configs=True))
-    for d, t in battery_jobs(cfg):
-        for _, run in transfer_sources(cfg, d, t):
+    for d, t in battery_jobs(cfg, exp):
+        for _, run in transfer_sources(cfg, exp, d, t):
             if run not in grid:
                 return (f"transfer: the source run {'/'.join(run)} of {d} is not in the attack grid (attack the "
                         "source in sanity.transfer.setting, or drop it)")
             n = exp.attack_n_images(run.defense, run.setting, run.attack)
             if san["n_images"] > n:
                 return f"n_images: {san['n_images']} exceeds the {n} images the transfer source {'/'.join(run)} attacked"
-        have = {c for c, _ in comparison_runs(cfg, d, t)} | {own_pgd_class(cfg)}
+        have = {c for c, _ in comparison_runs(cfg, exp, d, t)} | {own_pgd_class(cfg)}
         for cls in needed_classes(cfg):
             if cls not in have:
                 return (f"defenses: {d}/{t} has no gradient attack run in the {cls} randomness class to compare "

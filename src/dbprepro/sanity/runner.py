@@ -5,7 +5,9 @@ grid's records.
 Runs (column ``run``; ``kind`` names the check that reads it):
 
 ``pgd_eps_x{f}``     PGD (``attacks.pgd``: steps, EOT, restarts, random start) in
-                     ``sanity.pgd_setting`` at eps x f and alpha x f (``sanity.eps_factors``);
+                     ``sanity.pgd_setting`` at eps x f and alpha x f (``sanity.eps_factors``); the
+                     sweep's runs (and the unbounded one, for an L-inf threat model) share their
+                     network passes (:class:`BallsPGD`), each exactly its own PGD;
 ``pgd_steps_x{k}``   the same PGD at eps x 1 with k = ``sanity.iterations_factor`` times the steps;
 ``pgd_unbounded``    the same PGD, L-inf, eps = ``sanity.unbounded_eps`` (alpha scaled as eps);
 ``square_{setting}`` torchattacks' Square (margin loss, ``sanity.square``) on the defense in that
@@ -32,6 +34,7 @@ import pandas as pd
 import torch
 
 from ..attacks.autoattack import TA_NORM, IdTracker
+from ..attacks.base import project
 from ..attacks.pgd import PGD
 from ..attacks.protocols import evaluate_draws, settings_randomness
 from ..data import load_split
@@ -64,6 +67,44 @@ def pgd_correct(model, x, y, ids, *, setting, norm, eps, alpha, pgd: dict[str, A
         res = atk(x[sl], y[sl], ids[sl])
         out.append(_score(model, res.x_adv, y[sl], ids[sl], setting))
     return np.concatenate(out)
+
+
+class BallsPGD(PGD):
+    """:class:`~dbprepro.attacks.pgd.PGD` with a radius and step size per image (``eps``, ``alpha``:
+    tensors [B]): the epsilon sweep's runs as one batch (image i of run r is row r * n + i).  Every
+    row follows exactly the PGD of its own radius (the draws are keyed by image id and step, the
+    projection and step act per row); only the passes through the network are shared."""
+
+    def __init__(self, model, setting, norm, eps: torch.Tensor, alpha: torch.Tensor, **kw):
+        super().__init__(model, setting, norm, float(eps.max()), float(alpha.max()), **kw)
+        self.eps = eps.view(-1, 1, 1, 1)  # the random start and the step broadcast over pixels
+        self.alpha = alpha.view(-1, 1, 1, 1)
+
+    def _project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.norm == "linf":
+            delta = torch.maximum(torch.minimum(delta, self.eps), -self.eps)
+        else:
+            delta = project(delta, "l2", self.eps.view(-1))
+        return (x + delta).clamp(0, 1) - x
+
+
+def sweep_correct(model, x, y, ids, *, setting, norm, eps: list[float], alpha: list[float], pgd: dict[str, Any],
+                  steps: int, batch_size: int) -> np.ndarray:
+    """Per-image correctness [len(eps), n] after PGD at each radius ``eps[r]`` (step ``alpha[r]``),
+    the runs batched together (:class:`BallsPGD`; batches of at most ``batch_size`` rows, the memory of
+    one attack batch)."""
+    R, out = len(eps), []
+    for sl in _batches(len(ids), max(1, batch_size // R)):
+        xb, yb, ib = x[sl], y[sl], ids[sl]
+        n = len(ib)
+        e = torch.tensor(eps, dtype=x.dtype, device=x.device).repeat_interleave(n)
+        a = torch.tensor(alpha, dtype=x.dtype, device=x.device).repeat_interleave(n)
+        atk = BallsPGD(model, setting, norm, e, a, steps=steps, eot=pgd["eot"], random_start=pgd["random_start"],
+                       restarts=pgd["restarts"], eot_chunk=pgd.get("eot_chunk", 4096))
+        xr, yr, ir = xb.repeat(R, 1, 1, 1), yb.repeat(R), ib.repeat(R)
+        res = atk(xr, yr, ir)
+        out.append(_score(model, res.x_adv, yr, ir, setting).reshape(R, n))
+    return np.concatenate(out, axis=1)
 
 
 def square_correct(model, x, y, ids, *, setting, norm, eps, queries: int, p_init: float, seed: int,
@@ -137,22 +178,27 @@ def run_battery(classifier_dir, diffusion_dir, test_path, manifest, records_out,
     steps = int(pgd["steps"])
     frames, own = [], {}
     m = model(s)
-    for f in sanity["eps_factors"]:
-        c = pgd_correct(m, x, y, ids, setting=s, norm=norm, eps=eps * f, alpha=alpha * f, pgd=pgd, steps=steps,
-                        batch_size=batch_size)
-        frames.append(_rows(f"pgd_eps_x{f:g}", "eps_sweep", s, eps * f, f, steps, "", ids, c))
-        log.info("PGD eps x %g (%s): robust accuracy %.4f", f, s, c.mean())
+    factors, ue = [float(f) for f in sanity["eps_factors"]], float(sanity["unbounded_eps"])
+    joint = norm == "linf"  # the unbounded run (L-inf) joins the sweep's batch when the threat model is L-inf
+    radii = [eps * f for f in factors] + ([ue] if joint else [])
+    c = sweep_correct(m, x, y, ids, setting=s, norm=norm, eps=radii, alpha=[r * alpha / eps for r in radii], pgd=pgd,
+                      steps=steps, batch_size=batch_size)
+    c_unb = c[-1] if joint else None
+    for f, cf in zip(factors, c):
+        frames.append(_rows(f"pgd_eps_x{f:g}", "eps_sweep", s, eps * f, f, steps, "", ids, cf))
+        log.info("PGD eps x %g (%s): robust accuracy %.4f", f, s, cf.mean())
         if f == 1:
-            own[f"battery pgd_eps_x1 ({s})"] = c
+            own[f"battery pgd_eps_x1 ({s})"] = cf
     k = int(sanity["iterations_factor"])
     c = pgd_correct(m, x, y, ids, setting=s, norm=norm, eps=eps, alpha=alpha, pgd=pgd, steps=k * steps,
                     batch_size=batch_size)
     frames.append(_rows(f"pgd_steps_x{k}", "iterations", s, eps, 1.0, k * steps, "", ids, c))
     own[f"battery pgd_steps_x{k} ({s})"] = c
     log.info("PGD %dx steps (%s): robust accuracy %.4f", k, s, c.mean())
-    ue = float(sanity["unbounded_eps"])
-    c = pgd_correct(m, x, y, ids, setting=s, norm="linf", eps=ue, alpha=ue * alpha / eps, pgd=pgd, steps=steps,
-                    batch_size=batch_size)
+    if c_unb is None:
+        c_unb = sweep_correct(m, x, y, ids, setting=s, norm="linf", eps=[ue], alpha=[ue * alpha / eps], pgd=pgd,
+                              steps=steps, batch_size=batch_size)[0]
+    c = c_unb
     frames.append(_rows("pgd_unbounded", "unbounded", s, ue, ue / eps, steps, "", ids, c))
     log.info("PGD unbounded (L-inf eps %g, %s): robust accuracy %.4f", ue, s, c.mean())
     sq = sanity["square"]
