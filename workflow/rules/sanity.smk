@@ -2,38 +2,7 @@
 # The sanity battery (sanity section of the config): one job per (defense, threat model) runs the
 # battery's own attacks and reads the attack grid's gradient runs on that defense (the reference
 # ensembles) and the transfer sources' adversarial examples; then the table and the figure.
-from dbprepro.config import threat_model
-from dbprepro.sanity.plan import battery_jobs, comparison_runs, transfer_sources
-
-SANITY_JOBS = battery_jobs(config, EXPERIMENT)
-
-
-def sanity_job_param():
-    """The sanity keys a battery job reads (the table's decision keys and the job lists stay out, so
-    changing them reruns no attack)."""
-    keep = ("n_images", "pgd_setting", "eps_factors", "iterations_factor", "unbounded_eps", "square", "seed")
-    return {k: config["sanity"][k] for k in keep}
-
-
-def sanity_records():
-    return [f"{RESULTS}/sanity/{d}/{t}/records.parquet" for d, t in SANITY_JOBS]
-
-
-def sanity_comparison_records(wildcards):
-    return [f"{attack_dir(*r)}/records.parquet" for _, r in comparison_runs(config, EXPERIMENT, wildcards.defense, wildcards.threat)]
-
-
-def sanity_comparisons_param(wildcards):
-    """(randomness class, run name) of each comparison record, in the order of the input."""
-    return [[c, "/".join(r)] for c, r in comparison_runs(config, EXPERIMENT, wildcards.defense, wildcards.threat)]
-
-
-def sanity_transfer_advs(wildcards):
-    return [f"{attack_dir(*r)}/adv.npz" for _, r in transfer_sources(config, EXPERIMENT, wildcards.defense, wildcards.threat)]
-
-
-def sanity_transfer_param(wildcards):
-    return [s for s, _ in transfer_sources(config, EXPERIMENT, wildcards.defense, wildcards.threat)]
+# Helpers (sanity_*): workflow/rules/common.smk.
 
 
 rule sanity:
@@ -47,7 +16,7 @@ rule sanity:
         records=f"{RESULTS}/sanity/{{defense}}/{{threat}}/records.parquet",
     params:
         sanity=sanity_job_param(),
-        threat_model=lambda w: threat_model(config["attacks"], w.threat),
+        threat_model=sanity_threat_param,
         pgd=config["attacks"]["pgd"],
         fixed_draw=config["attacks"]["fixed_draw"],
         batch_size=config["attacks"]["batch_size"],
