@@ -37,7 +37,8 @@ def _runs_panel(ax, rows: pd.DataFrame) -> None:
     ref = rows["reference"].to_numpy(dtype=float)
     ok = np.isfinite(ref)
     ax.scatter(ref[ok], y[ok], marker="|", s=300, color="k", zorder=3, label="reference")
-    ax.set_yticks(y, [f"{c}: {s}" for c, s in zip(rows["check"], rows["setting"])], fontsize=7)
+    labels = [f"{c.split(' vs ')[0]} ({s})" for c, s in zip(rows["compared"], rows["setting"])]
+    ax.set_yticks(y, labels, fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_xlabel("robust accuracy (bar) vs reference (|)")
 
