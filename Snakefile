@@ -30,6 +30,7 @@ include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/paper2.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/sanity.smk"
 
 
 rule all:

@@ -61,7 +61,7 @@ def test_the_jobs_of_the_smoke_dag(jobs):
     assert "attack/vanilla/linf/dwbox_c0/pgd" not in attacks
     assert {j.split("/")[0] for j in jobs} == {"train_classifier", "train_diffusion", "train_addt", "evaluate_clean",
                                                "attack", "loss_landscape", "p2_lp_distances", "p2_randomness",
-                                               "p2_compression"}
+                                               "p2_compression", "sanity"}  # sanity: smoke.yaml's battery
 
 
 # Hand counts for the smoke config: S = 6 reverse steps (t* = 0.1 of a 50-step schedule),

@@ -40,6 +40,10 @@ CLAIM_COLUMNS = ("claim_id", "claim", "threat", "value_a", "value_b", "estimate"
 #: the ``where`` of the claims on ADDT's gain under the adaptive attacks (dbprepro.claims.adaptive)
 ADAPTIVE_WHERE = ("ADDT under adaptive attacks (issue 17)", "ADDT under the strongest known attack (issue 17)")
 
+#: sanity.csv's columns shown (the sanity battery, :mod:`dbprepro.sanity`)
+SANITY_COLUMNS = ("defense", "threat", "check", "compared", "setting", "n_images", "value", "reference", "estimate",
+                  "ci_low", "ci_high", "outcome", "detail")
+
 #: (heading, table file, columns shown (None: all), row filter: None, the ``evaluation`` to keep, or
 #: {column: the values to keep})
 SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | dict | None], ...] = (
@@ -68,6 +72,8 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | dict | None], ...]
     ("Paper 2, claim 4: compression rate and robustness, per image", "p2_compression_summary.csv", None, None),
     ("Paper 2, claim 4: compression rate and robustness, across defenses", "p2_compression_models.csv", None, None),
     ("The papers' numbers beside the reproduced ones", "paper_vs_reproduced.csv", None, None),
+    ("Sanity battery: checks that flag a weak evaluation (a flag is a finding, dbprepro.sanity)", "sanity.csv",
+     SANITY_COLUMNS, None),
 )
 
 STAMP = re.compile(r"results/tables` DVC hash `([0-9a-f]{32}\.dir)`")

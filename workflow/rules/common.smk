@@ -5,7 +5,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from dbprepro.attacks import attack_names
-from dbprepro.config import ConfigError, Experiment, check_dag_config, validate_config
+from dbprepro.config import ConfigError, Experiment, check_dag_config, threat_model, validate_config
+from dbprepro.sanity.plan import battery_jobs, comparison_runs, transfer_sources
 
 min_version("9.20")
 
@@ -26,6 +27,7 @@ FAMILY_DEFENSES = EXPERIMENT.family_defenses  # paper 1's other purifier familie
 VOTE_DEFENSES = EXPERIMENT.vote_defenses  # the majority-vote defense (vote.enabled: vanilla_vote)
 EVAL_DEFENSES = [*DEFENSES, *FAMILY_DEFENSES, *VOTE_DEFENSES]  # every defense with a clean evaluation
 OWN_ADDT = EXPERIMENT.own_addt  # family defenses fine-tuned with their own ADDT loss
+SANITY_JOBS = battery_jobs(config, EXPERIMENT)  # (defense, threat) of the sanity battery (sanity.enabled)
 
 # keys of every stage's params: runtime settings that change numbers
 RUNTIME = dict(seed=config["seed"], device=config["device"], deterministic=config["deterministic"])
@@ -62,7 +64,16 @@ def all_targets():
         f"{RESULTS}/tables/paper_vs_reproduced.csv",  # workflow/rules/report.smk
         f"{RESULTS}/tables/paper_vs_reproduced.md",
         *([f"{RESULTS}/tables/claims.csv", f"{RESULTS}/tables/claims.md"] if config["claims"]["enabled"] else []),
+        *sanity_targets(),
     ]
+
+
+def sanity_targets():
+    """The sanity battery's table and figure (workflow/rules/sanity.smk) when sanity.enabled."""
+    if not config["sanity"]["enabled"]:
+        return []
+    return [f"{RESULTS}/tables/sanity.csv", f"{RESULTS}/tables/sanity.md", f"{RESULTS}/figures/sanity.png",
+            f"{RESULTS}/figures/sanity.pdf"]
 
 
 def figure_targets():
@@ -192,3 +203,46 @@ def paper_vs_reproduced_inputs():
         tables += [f"{RESULTS}/tables/{name}.csv" for name in
                    ("p2_table_fixed_randomness", "p2_randomness_summary", "p2_lp_distances_summary")]
     return tables
+
+
+def sanity_job_param():
+    """The sanity keys a battery job reads (the table's decision keys and the job lists stay out, so
+    changing them reruns no attack)."""
+    keep = ("n_images", "pgd_setting", "eps_factors", "iterations_factor", "unbounded_eps", "square", "seed")
+    return {k: config["sanity"][k] for k in keep}
+
+
+def sanity_records():
+    return [f"{RESULTS}/sanity/{d}/{t}/records.parquet" for d, t in SANITY_JOBS]
+
+
+def sanity_comparisons(wildcards):
+    """(randomness class, run) of the attack grid's gradient runs a battery job compares with."""
+    return comparison_runs(config, EXPERIMENT, wildcards.defense, wildcards.threat)
+
+
+def sanity_comparison_records(wildcards):
+    return [f"{attack_dir(*r)}/records.parquet" for _, r in sanity_comparisons(wildcards)]
+
+
+def sanity_comparisons_param(wildcards):
+    """(randomness class, run name) of each comparison record, in the order of the input."""
+    return [[c, "/".join(r)] for c, r in sanity_comparisons(wildcards)]
+
+
+def sanity_transfers(wildcards):
+    """(source, run) of the adversarial examples a battery job transfers."""
+    return transfer_sources(config, EXPERIMENT, wildcards.defense, wildcards.threat)
+
+
+def sanity_transfer_advs(wildcards):
+    return [f"{attack_dir(*r)}/adv.npz" for _, r in sanity_transfers(wildcards)]
+
+
+def sanity_transfer_param(wildcards):
+    return [s for s, _ in sanity_transfers(wildcards)]
+
+
+def sanity_threat_param(wildcards):
+    """The attacks.threat_models entry of a battery job."""
+    return threat_model(config["attacks"], wildcards.threat)

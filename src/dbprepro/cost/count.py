@@ -175,6 +175,11 @@ def count_calls(cfg: dict) -> list[Job]:
             jobs.append(Job(f"p2_compression/{d}", "tables/p2_compression.csv", per_img * (n_cfg * n_a) + jac,
                             note=f"{n_cfg} configs x {n_a} images x ({comp['probes']} probes + 2); "
                                  f"Jacobian {min(comp['jacobian_images'], n_a)} x {D} rows"))
+    # the sanity battery (sanity.enabled): one job per defense and threat model
+    from ..sanity.cost import battery_cost_rows
+
+    for job, calls, bound, note, net in battery_cost_rows(cfg):
+        jobs.append(Job(job, "tables/sanity.csv", calls, note=note, upper_bound=bound, network=net))
     for j in jobs:
         j.extra["chain_steps"] = S
     return jobs
