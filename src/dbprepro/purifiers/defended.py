@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import torch
 from torch import nn
 
 from .base import ReverseChain
+
+
+class ChainForward(NamedTuple):
+    """The defense's forward with its chain states (:meth:`DefendedClassifier.forward_states`):
+    ``logits`` [B, C] exactly as ``forward`` returns them, and the kept ``states`` of the
+    purifications that made them, each [B * copies, ...] image-major (``copies`` purifications per
+    image: 1, or a vote's V), with the purifier ``ids`` and ``draws`` [B * copies] of those
+    purifications."""
+
+    logits: torch.Tensor
+    states: list[torch.Tensor]
+    ids: torch.Tensor
+    draws: torch.Tensor
+    copies: int
 
 
 class DefendedClassifier(nn.Module):
@@ -47,6 +63,19 @@ class DefendedClassifier(nn.Module):
         ids = self._ids if ids is None else ids
         draws = self._draws if draws is None else draws
         return self.classifier(self.purifier(x, ids=ids, draws=draws))
+
+    def forward_states(self, x: torch.Tensor, ids=None, draws=None, keep: Sequence[int] = ()) -> ChainForward:
+        """:meth:`forward` and the chain states after the reverse steps ``keep`` of the same
+        purification (:meth:`~dbprepro.purifiers.base.ReverseChain.purify_states`), for attacks whose
+        loss also reads the states (DiffAttack).  Without ``keep`` the logits are :meth:`forward`'s
+        own pass (no per-step state path)."""
+        ids = self._ids if ids is None else ids
+        draws = self._draws if draws is None else draws
+        ids, draws = self.purifier.ids_and_draws(x, ids, draws)
+        if not keep:
+            return ChainForward(self.forward(x, ids, draws), [], ids, draws, 1)
+        out, states = self.purifier.purify_states(x, ids, draws, keep)
+        return ChainForward(self.classifier(out), states, ids, draws, 1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:

@@ -37,7 +37,7 @@ import math
 import torch
 
 from .base import ReverseChain
-from .defended import DefendedClassifier
+from .defended import ChainForward, DefendedClassifier
 
 
 def vote_draws(draws: torch.Tensor, votes: int) -> torch.Tensor:
@@ -93,11 +93,27 @@ class VoteDefense(DefendedClassifier):
         logits = self.classifier(self.purifier(xr, ids=idr, draws=dr))
         return logits.view(x.shape[0], self.effective_votes, -1)
 
-    def forward(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
-        logits = self.draw_logits(x, ids, draws)
+    @staticmethod
+    def _vote_logits(logits: torch.Tensor) -> torch.Tensor:
+        """The attack objective's logits [B, C] of the draws' logits [B, V, C] (module docstring)."""
         if logits.shape[1] == 1:
             return logits[:, 0]
         return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=1) - math.log(logits.shape[1])
+
+    def forward(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
+        return self._vote_logits(self.draw_logits(x, ids, draws))
+
+    def forward_states(self, x: torch.Tensor, ids=None, draws=None, keep=()) -> ChainForward:
+        """:meth:`forward` and the kept chain states of its V purifications ([B * V, ...] image-major,
+        with their purifier ids and draws; V = 1 in fixed mode)."""
+        xr, idr, dr = self._inputs(x, ids, draws)
+        V = self.effective_votes
+        if not keep:
+            logits = self.classifier(self.purifier(xr, ids=idr, draws=dr))
+            return ChainForward(self._vote_logits(logits.view(x.shape[0], V, -1)), [], idr, dr, V)
+        out, states = self.purifier.purify_states(xr, idr, dr, keep)
+        logits = self.classifier(out).view(x.shape[0], V, -1)
+        return ChainForward(self._vote_logits(logits), states, idr, dr, V)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
