@@ -15,8 +15,10 @@ that round's adversarial example; an image that survives every round carries its
 point (the official code returns the clean image and counts it robust by its flag; our final
 evaluation re-evaluates the returned example with fresh draws, so it gets the attack's best point).
 Each round keeps its best point (the iterate with the highest EOT-mean L_r).  The records name the
-rounds (``rounds``) and the round whose check found each image misclassified (``round_fooled``, 0:
-none).  ``rounds: [ce]`` is the one-round attack, a named departure.
+rounds (``rounds``), the round whose check found each image misclassified (``round_fooled``, 0:
+none) and lambda (``dev_weight``); ``loss_start`` is round 1's L at the start, ``loss_end`` the best
+L of the last round that attacked the image; the trace holds every round's iterates (NaN where a round
+did not attack the image).  ``rounds: [ce]`` is the one-round attack, a named departure.
 
 x'_k is the chain state after reverse step k (model space) of the attacked input, from the defense's
 own forward (:meth:`~dbprepro.purifiers.defended.DefendedClassifier.forward_states`: the logits the

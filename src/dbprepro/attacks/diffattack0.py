@@ -27,6 +27,9 @@ class DiffAttackWeightZero(DiffAttack):
     private_section = True
     waterfall_stages = (("DiffAttack", None),)
     waterfall_rank = DiffAttack.waterfall_rank
+    #: without the deviation loss it reads no chain states: any gradient mode serves it (read by the
+    #: grad-mode check of config/validate.py where that exists)
+    needs_chain_states = False
 
     @classmethod
     def run_weight(cls, section: dict[str, Any]) -> float:
