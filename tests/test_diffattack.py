@@ -212,3 +212,20 @@ def test_grid_only_when_enabled():
     assert not [r for r in Experiment.from_config(cfg).attack_runs() if r.attack == "diffattack0"]  # off
     cfg = validate_config({"name": "t", "attacks": {"diffattack": {"enabled": True, "threat_models": ["l2"]}}})
     assert not [r for r in Experiment.from_config(cfg).attack_runs() if r.attack == "diffattack"]
+
+
+def test_apgd_paper_rule_condition_two_needs_an_unhalved_step():
+    """The paper's condition 2 halves the step only if it was not halved at the previous checkpoint: with
+    a scripted loss that rises at almost every step but stays below the start's (the best never improves),
+    the step is halved and the iterate reset at w_1 = 22 (condition 2), not again at w_2 = 41."""
+    from dbprepro.attacks.apgd import apgd
+
+    x, seen = torch.zeros(1, 1), {}
+
+    def loss_and_grad(s, d):
+        seen[s] = float(d)
+        return torch.tensor([10.0 if s == 0 else 0.01 * s]), torch.ones(1, 1)
+
+    apgd(loss_and_grad, x, torch.zeros(1, 1), eps=1.0, norm="linf", steps=100, project=lambda x, d: d)
+    assert seen[23] == pytest.approx(0.375 * 2.0)  # reset to the start, step halved to eps, no momentum
+    assert seen[42] - seen[41] == pytest.approx(1.0)  # the same step eps, no reset at 41
