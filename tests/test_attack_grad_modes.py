@@ -150,7 +150,7 @@ def test_smoke_config_runs_diffattack_and_diffhammer_in_budget_mode_on_part_of_t
 @pytest.mark.parametrize("votes", [1, 3])
 def test_defenses_deliver_the_chain_states_of_their_purifications(tiny_diffusion, votes):
     """forward_states gives forward's logits (a vote defense's log mean softmax over its V draws) and
-    the chain states of the batch it purifies (chain_batch: V rows per image), with forward's input
+    the chain states of the batch it purifies (V rows per image, with their ids and draws), with forward's input
     gradient plus the states' (grad_mode budget, half of the chain kept)."""
     from dbprepro.purifiers.vote import VoteDefense
 
@@ -162,13 +162,16 @@ def test_defenses_deliver_the_chain_states_of_their_purifications(tiny_diffusion
     model = VoteDefense(clf, p, votes=votes)
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ids, draws, y = torch.tensor([4, 9]), torch.tensor([0, 5]), torch.tensor([3, 7])
-    xr, idr, dr = model.chain_batch(x, ids, draws)
-    assert xr.shape[0] == idr.numel() == dr.numel() == 2 * votes and idr.tolist()[:votes] == [4] * votes
+    with torch.no_grad():
+        f0 = model.forward_states(x, ids, draws, [1])
+    idr, dr = f0.ids, f0.draws
+    xr = x.repeat_interleave(votes, dim=0)
+    assert f0.copies == votes and idr.numel() == dr.numel() == 2 * votes and idr.tolist()[:votes] == [4] * votes
     step = p.step_activation_bytes(p.diffuse(xr, idr, dr), idr, dr)
     model.purifier.activation_budget_mb = 3 * step / 2**20  # 3 of the 6 steps kept
     keep = [1, 4]
     xx = x.clone().requires_grad_(True)
-    logits, states = model.forward_states(xx, ids, draws, keep)
+    logits, states, *_ = model.forward_states(xx, ids, draws, keep)
     assert len(states) == 2 and states[0].shape == xr.shape
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
     (g_ce,) = torch.autograd.grad(ce, xx, retain_graph=True)

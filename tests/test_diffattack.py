@@ -1,6 +1,9 @@
-"""DiffAttack (issue 17): the known answers of /work/shared/reference/adaptive-attacks.md section 7 -
-lambda = 0 is PGD, the deviation loss's gradient is exact through the chain, the clean-reference
-deviation vanishes at delta = 0 - plus the attack grid, the APGD schedule and the call count."""
+"""DiffAttack (issues 17, 23): the known answers of /work/shared/reference/adaptive-attacks.md section 7 -
+lambda = 0 with one CE round is PGD, one DLR round at lambda = 0 is torchattacks' APGD-DLR, the
+deviation loss's gradient is exact through the chain, the clean-reference deviation vanishes at
+delta = 0 - the loss itself at a known state (its weights, sign and resolution scale), the rounds
+(round 2 attacks round 1's survivors only), the vote defense's forward, the attack grid (with the
+lambda = 0 run diffattack0), the APGD schedule and the call count."""
 
 import copy
 from pathlib import Path
@@ -10,7 +13,9 @@ import pytest
 import torch
 
 from dbprepro.attacks import ATTACKS, PGD, settings_randomness
+from dbprepro.attacks.apgd import autoattack_checkpoints
 from dbprepro.attacks.diffattack import DiffAttack, apgd_checkpoints
+from dbprepro.attacks.diffattack0 import DiffAttackWeightZero
 from dbprepro.config import Experiment, load_configs, validate_config
 from dbprepro.models.classifiers import SmallCNN
 from dbprepro.purifiers import DefendedClassifier, Purifier
@@ -38,11 +43,12 @@ def data(b=3, dtype=torch.float32):
 
 @pytest.mark.parametrize("setting", ["dwbox", "whitebox_eot"])
 def test_weight_zero_is_pgd(tiny_diffusion, setting):
-    """lambda = 0 with the pgd optimizer gives PGD's adversarial examples and losses exactly."""
+    """lambda = 0, one CE round and the pgd optimizer give PGD's adversarial examples and losses exactly."""
     x, y, ids = data()
     model = defended(tiny_diffusion, setting)
     ref = PGD(model, setting, "linf", EPS, ALPHA, steps=3, eot=2)(x, y, ids)
-    ours = DiffAttack(model, setting, "linf", EPS, ALPHA, steps=3, eot=2, weight=0.0, optimizer="pgd")(x, y, ids)
+    ours = DiffAttack(model, setting, "linf", EPS, ALPHA, steps=3, eot=2, weight=0.0, optimizer="pgd",
+                      rounds=["ce"])(x, y, ids)
     assert torch.equal(ours.x_adv, ref.x_adv)
     np.testing.assert_array_equal(ours.loss, ref.loss)
 
@@ -121,13 +127,21 @@ def test_apgd_checkpoints_are_the_papers():
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
 
 
+def test_autoattack_checkpoints_are_the_official_codes():
+    """Every k iterations, k = max(int(0.22 N), 1) shrinking by max(int(0.03 N), 1) to max(int(0.06 N), 1):
+    the paper's at N = 100, every iteration from the second at N = 10."""
+    assert autoattack_checkpoints(100) == apgd_checkpoints(100)
+    assert autoattack_checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert autoattack_checkpoints(50) == [11, 21, 30, 38, 45]
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
-@pytest.mark.parametrize("reference", ["forward", "clean"])
-def test_apgd_variant_stays_in_the_ball_and_keeps_its_best_point(tiny_diffusion, norm, eps, reference):
+@pytest.mark.parametrize("reference,rule", [("forward", "autoattack"), ("clean", "paper")])
+def test_apgd_variant_stays_in_the_ball_and_keeps_its_best_point(tiny_diffusion, norm, eps, reference, rule):
     x, y, ids = data()
     model = defended(tiny_diffusion, "dwbox")
     res = DiffAttack(model, "dwbox", norm, eps, eps / 4, steps=6, reference=reference, optimizer="apgd",
-                     random_start=True)(x, y, ids)
+                     random_start=True, rounds=["ce"], apgd_rule=rule)(x, y, ids)
     d = (res.x_adv - x).flatten(1)
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
     assert bool((size <= eps + 1e-6).all()) and 0 <= float(res.x_adv.min()) and float(res.x_adv.max()) <= 1
@@ -137,30 +151,45 @@ def test_apgd_variant_stays_in_the_ball_and_keeps_its_best_point(tiny_diffusion,
     assert (best > res.loss[:, 0]).any()
 
 
-def test_run_batch_records_pgds_columns_and_counts_its_calls(tiny_diffusion):
-    """The columns are PGD's; the UNet images the run passes through its network equal calls_per_image
-    (grad: the chain forward + per-step recomputation; clean: one chain per draw; the evaluation)."""
+@pytest.mark.parametrize("attack", ["diffattack", "diffattack0"])
+def test_run_batch_records_its_columns_and_counts_its_calls(tiny_diffusion, attack):
+    """The columns are PGD's plus the rounds, the round each image fell in and the weight; with one round
+    the UNet images the run passes through its network equal calls_per_image (grad: the chain forward +
+    per-step recomputation; clean: one chain per draw; the survivor check; the evaluation), with two rounds
+    they are at most its upper bound."""
     x, y, ids = data()
-    cfg = validate_config({"name": "t", "attacks": {"eval_draws": 2, "diffattack": {
-        "enabled": True, "steps": 2, "eot": 2, "reference": "clean", "step_interval": 3}}})
-    att, tm = cfg["attacks"], cfg["attacks"]["threat_models"][0]
-    for setting in ("whitebox_eot", "dwbox"):
-        model = defended(tiny_diffusion, setting)
-        seen = []
-        hook = model.purifier.unet.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
-        try:
-            cols, _ = ATTACKS["diffattack"].run_batch(model, x, y, ids, setting=setting, threat=tm, attacks=att, seed=0)
+    for rounds in (["ce"], ["ce", "dlr"]):
+        cfg = validate_config({"name": "t", "attacks": {"eval_draws": 2, "diffattack": {
+            "enabled": True, "steps": 2, "eot": 2, "reference": "clean", "step_interval": 3, "rounds": rounds,
+            "also_weight_zero": True}}})
+        att, tm = cfg["attacks"], cfg["attacks"]["threat_models"][0]
+        cls = ATTACKS[attack]
+        for setting in ("whitebox_eot", "dwbox"):
+            model = defended(tiny_diffusion, setting)
+            seen = []
+            hook = model.purifier.unet.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+            try:
+                cols, res = cls.run_batch(model, x, y, ids, setting=setting, threat=tm, attacks=att, seed=0)
+            finally:
+                hook.remove()
             ref, _ = PGD.run_batch(model, x, y, ids, setting=setting, threat=tm, attacks=att, seed=0)
-        finally:
-            hook.remove()
-        calls, bound = DiffAttack.calls_per_image(att, setting, model.purifier.num_steps, "exact")
-        pgd_calls, _ = PGD.calls_per_image(att, setting, model.purifier.num_steps, "exact")
-        assert not bound and set(cols) == set(ref)
-        assert sum(seen) == len(ids) * (calls.unet_fwd + calls.unet_grad + pgd_calls.unet_fwd + pgd_calls.unet_grad)
-        S, eot = model.purifier.num_steps, (2 if setting == "whitebox_eot" else 1)
-        passes = 3 * eot  # (steps + 1) x EOT
-        clean = passes if setting == "whitebox_eot" else 1  # dwbox: one draw, one clean chain
-        assert (calls.unet_fwd, calls.unet_grad) == (S * (passes + clean + eot), S * passes)
+            assert set(cols) == set(ref) | {"rounds", "round_fooled", "dev_weight"}
+            assert list(cols["rounds"]) == [",".join(rounds)] * 3
+            assert list(cols["dev_weight"]) == [0.0 if attack == "diffattack0" else 1.0] * 3
+            assert set(cols["round_fooled"]) <= set(range(len(rounds) + 1))
+            calls, bound = cls.calls_per_image(att, setting, model.purifier.num_steps, "exact")
+            assert bound == (len(rounds) > 1)
+            S, eot = model.purifier.num_steps, (2 if setting == "whitebox_eot" else 1)
+            passes = 3 * eot  # (steps + 1) x EOT
+            clean = (passes if setting == "whitebox_eot" else 1) * (attack == "diffattack")  # dwbox: one chain
+            per_round = (S * (passes + clean + 1), S * passes)  # + 1: the survivor check
+            evaluation = S * (2 if setting == "whitebox_eot" else 1)
+            assert (calls.unet_fwd, calls.unet_grad) == (len(rounds) * per_round[0] + evaluation,
+                                                         len(rounds) * per_round[1])
+            if len(rounds) == 1:
+                assert sum(seen) == len(ids) * (calls.unet_fwd + calls.unet_grad)
+            else:
+                assert sum(seen) <= len(ids) * (calls.unet_fwd + calls.unet_grad)
 
 
 def test_grid_only_when_enabled():
@@ -173,9 +202,30 @@ def test_grid_only_when_enabled():
                 if r.attack == "diffattack"}
         assert {("vanilla", "linf", "whitebox_eot"), ("addt", "linf", "dwbox")} <= runs
         assert {d for d, _, _ in runs} == {"vanilla", "addt"}
+        zero = {(r.defense, r.threat, r.setting) for r in Experiment.from_config(cfg).attack_runs()
+                if r.attack == "diffattack0"}
+        assert zero == runs  # also_weight_zero: the lambda = 0 run beside every DiffAttack run
     cfg = validate_config({"name": "t", "attacks": {"diffattack": {"enabled": True}}})
     runs = [r for r in Experiment.from_config(cfg).attack_runs() if r.attack == "diffattack"]
     assert [(r.defense, r.threat, r.setting) for r in runs] == [("vanilla", "linf", "whitebox_eot"),
                                                                 ("vanilla", "linf", "dwbox")]
+    assert not [r for r in Experiment.from_config(cfg).attack_runs() if r.attack == "diffattack0"]  # off
     cfg = validate_config({"name": "t", "attacks": {"diffattack": {"enabled": True, "threat_models": ["l2"]}}})
     assert not [r for r in Experiment.from_config(cfg).attack_runs() if r.attack == "diffattack"]
+
+
+def test_apgd_paper_rule_condition_two_needs_an_unhalved_step():
+    """The paper's condition 2 halves the step only if it was not halved at the previous checkpoint: with
+    a scripted loss that rises at almost every step but stays below the start's (the best never improves),
+    the step is halved and the iterate reset at w_1 = 22 (condition 2), not again at w_2 = 41."""
+    from dbprepro.attacks.apgd import apgd
+
+    x, seen = torch.zeros(1, 1), {}
+
+    def loss_and_grad(s, d):
+        seen[s] = float(d)
+        return torch.tensor([10.0 if s == 0 else 0.01 * s]), torch.ones(1, 1)
+
+    apgd(loss_and_grad, x, torch.zeros(1, 1), eps=1.0, norm="linf", steps=100, project=lambda x, d: d)
+    assert seen[23] == pytest.approx(0.375 * 2.0)  # reset to the start, step halved to eps, no momentum
+    assert seen[42] - seen[41] == pytest.approx(1.0)  # the same step eps, no reset at 41

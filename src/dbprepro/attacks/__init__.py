@@ -6,7 +6,8 @@
 - ``base.py``: :class:`Attack`, the contract of a registered attack, and the threat-model geometry;
 - ``pgd.py``: PGD with batched EOT; ``bpda.py``: BPDA; ``autoattack.py``: AutoAttack with paper 1's
   multi-evaluation (``aa_standard_dwbox``, ``aa_standard_multieval``, ``aa_rand``); ``diffattack.py``:
-  DiffAttack (CE + deviated-reconstruction loss on the chain states, PGD or APGD; off by default);
+  DiffAttack (APGD-CE then APGD-DLR on the survivors, + deviated-reconstruction loss on the chain
+  states; off by default), ``diffattack0`` the same at weight 0;
   ``surrogate.py``: Lee & Kim's PGD-EOT through a surrogate purification process (off by default);
 - ``diffhammer.py``: DiffHammer's EM attack over the K draws of each step (off by default,
   ``attacks.diffhammer``), its E-step and in-loop scoring in ``diffhammer_em.py``; ``lowfreq.py``: DiffBreak-style PGD in the lowest DCT frequencies (off by

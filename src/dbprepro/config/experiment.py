@@ -21,12 +21,25 @@ VOTE_DEFENSE = "vanilla_vote"  #: the majority-vote defense of the ``vote`` sect
 
 
 def private_sections() -> dict[str, str]:
-    """Sections of ``attacks`` read by one attack only (section -> attack; the registered classes
-    with ``private_section``): left out of the other runs' params, so that adding them changed no
-    existing run of the DAG."""
+    """Sections of ``attacks`` read only by the attacks whose own section they are (section -> the
+    first such attack; the registered classes with ``private_section``, :func:`reads_section`): left
+    out of the other runs' params, so that adding them changed no existing run of the DAG."""
     from ..attacks.registry import ATTACKS
 
-    return {cls.config_section: name for name, cls in ATTACKS.items() if cls.private_section}
+    out: dict[str, str] = {}
+    for name, cls in ATTACKS.items():  # a section several attacks read belongs to the first registered
+        if cls.private_section:
+            out.setdefault(cls.config_section, name)
+    return out
+
+
+def reads_section(attack: str | None, section: str) -> bool:
+    """Whether the registered ``attack`` reads the private ``section`` (its own ``config_section``:
+    e.g. ``diffattack0`` reads ``diffattack``)."""
+    from ..attacks.registry import ATTACKS
+
+    cls = ATTACKS.get(attack) if attack is not None else None
+    return cls is not None and cls.config_section == section
 
 
 class AttackRun(NamedTuple):
@@ -174,7 +187,7 @@ class Experiment:
 
         private = private_sections()
         section = {k: v for k, v in self.cfg["attacks"].items()
-                   if k != "dwbox_n_images" and (k not in private or private[k] == attack)}
+                   if k != "dwbox_n_images" and (k not in private or reads_section(attack, k))}
         own = {cls.config_section for cls in ATTACKS.values() if cls.config_section}
         for k in set(section) & own:  # where it runs is the grid's business, not the run's
             if isinstance(section[k], dict):

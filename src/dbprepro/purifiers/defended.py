@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import torch
 from torch import nn
 
 from .base import ReverseChain
+
+
+class ChainForward(NamedTuple):
+    """The defense's forward with its chain states (:meth:`DefendedClassifier.forward_states`):
+    ``logits`` [B, C] exactly as ``forward`` returns them, and the kept ``states`` of the
+    purifications that made them, each [B * copies, ...] image-major (``copies`` purifications per
+    image: 1, or a vote's V), with the purifier ``ids`` and ``draws`` [B * copies] of those
+    purifications."""
+
+    logits: torch.Tensor
+    states: list[torch.Tensor]
+    ids: torch.Tensor
+    draws: torch.Tensor
+    copies: int
 
 
 class DefendedClassifier(nn.Module):
@@ -48,26 +64,18 @@ class DefendedClassifier(nn.Module):
         draws = self._draws if draws is None else draws
         return self.classifier(self.purifier(x, ids=ids, draws=draws))
 
-    def chain_batch(self, x: torch.Tensor, ids=None, draws=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The images, sample ids and purifier draws that one forward pass purifies (bound ids and
-        draws as in :meth:`forward`, defaults as the purifier's): ``x`` itself here, the V-fold batch
-        of a vote defense."""
+    def forward_states(self, x: torch.Tensor, ids=None, draws=None, keep: Sequence[int] = ()) -> ChainForward:
+        """:meth:`forward` and the chain states after the reverse steps ``keep`` of the same
+        purification (:meth:`~dbprepro.purifiers.base.ReverseChain.purify_states`), for attacks whose
+        loss also reads the states (DiffAttack).  Without ``keep`` the logits are :meth:`forward`'s
+        own pass (no per-step state path)."""
         ids = self._ids if ids is None else ids
         draws = self._draws if draws is None else draws
         ids, draws = self.purifier.ids_and_draws(x, ids, draws)
-        return x, ids, draws
-
-    def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
-        """The defense's logits [B, C] from the classifier's logits of :meth:`chain_batch`'s images."""
-        return logits
-
-    def forward_states(self, x: torch.Tensor, ids=None, draws=None, keep=()) -> tuple[torch.Tensor, list]:
-        """:meth:`forward`'s logits and the chain states after the reverse steps ``keep`` of the
-        purifications it makes (:meth:`~dbprepro.purifiers.base.ReverseChain.purify_states`: with
-        gradients in the purifier's ``state_grad_modes``), one row per image of :meth:`chain_batch`."""
-        xr, idr, dr = self.chain_batch(x, ids, draws)
-        out, states = self.purifier.purify_states(xr, idr, dr, keep)
-        return self.combine(self.classifier(out), x.shape[0]), states
+        if not keep:
+            return ChainForward(self.forward(x, ids, draws), [], ids, draws, 1)
+        out, states = self.purifier.purify_states(x, ids, draws, keep)
+        return ChainForward(self.classifier(out), states, ids, draws, 1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:

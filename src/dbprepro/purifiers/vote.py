@@ -37,7 +37,7 @@ import math
 import torch
 
 from .base import ReverseChain
-from .defended import DefendedClassifier
+from .defended import ChainForward, DefendedClassifier
 
 
 def vote_draws(draws: torch.Tensor, votes: int) -> torch.Tensor:
@@ -78,27 +78,42 @@ class VoteDefense(DefendedClassifier):
         """Purifications per vote: ``votes``, or 1 in fixed mode (they would all coincide)."""
         return 1 if self.purifier.randomness.mode == "fixed" else self.votes
 
-    def chain_batch(self, x, ids=None, draws=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(self, x, ids, draws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The V-fold batch: images, ids and purifier draws, image-major ([B * V])."""
-        x, ids, draws = super().chain_batch(x, ids, draws)  # defaults: 0..B-1, fresh draws
+        ids = self._ids if ids is None else ids
+        draws = self._draws if draws is None else draws
+        ids, draws = self.purifier.ids_and_draws(x, ids, draws)  # defaults: 0..B-1, fresh draws
         V = self.effective_votes
+        ids = torch.as_tensor(ids, dtype=torch.long)
         return x.repeat_interleave(V, dim=0), ids.repeat_interleave(V), vote_draws(draws, V).reshape(-1)
 
     def draw_logits(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
         """Logits [B, V, C] of the V purifications of every image (V = 1 in fixed mode)."""
-        xr, idr, dr = self.chain_batch(x, ids, draws)
+        xr, idr, dr = self._inputs(x, ids, draws)
         logits = self.classifier(self.purifier(xr, ids=idr, draws=dr))
         return logits.view(x.shape[0], self.effective_votes, -1)
 
-    def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
-        """The log mean softmax of the V draws' logits (the single draw's logits when V = 1)."""
-        logits = logits.view(batch, -1, logits.shape[-1])
+    @staticmethod
+    def _vote_logits(logits: torch.Tensor) -> torch.Tensor:
+        """The attack objective's logits [B, C] of the draws' logits [B, V, C] (module docstring)."""
         if logits.shape[1] == 1:
             return logits[:, 0]
         return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=1) - math.log(logits.shape[1])
 
     def forward(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
-        return self.combine(self.draw_logits(x, ids, draws).flatten(0, 1), x.shape[0])
+        return self._vote_logits(self.draw_logits(x, ids, draws))
+
+    def forward_states(self, x: torch.Tensor, ids=None, draws=None, keep=()) -> ChainForward:
+        """:meth:`forward` and the kept chain states of its V purifications ([B * V, ...] image-major,
+        with their purifier ids and draws; V = 1 in fixed mode)."""
+        xr, idr, dr = self._inputs(x, ids, draws)
+        V = self.effective_votes
+        if not keep:
+            logits = self.classifier(self.purifier(xr, ids=idr, draws=dr))
+            return ChainForward(self._vote_logits(logits.view(x.shape[0], V, -1)), [], idr, dr, V)
+        out, states = self.purifier.purify_states(xr, idr, dr, keep)
+        logits = self.classifier(out).view(x.shape[0], V, -1)
+        return ChainForward(self._vote_logits(logits), states, idr, dr, V)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, ids=None, draws=None) -> torch.Tensor:
