@@ -185,3 +185,22 @@ def test_defenses_deliver_the_chain_states_of_their_purifications(tiny_diffusion
         _, plain = p.purify_states(xr, idr, dr, keep)
     assert all(torch.equal(a.detach(), b) for a, b in zip(states, plain))
     assert float((g_all - g_ce).abs().max()) > 1e-6  # the states' loss reaches the input
+
+
+def test_validate_config_asks_every_run_whether_it_can_run():
+    """A run the attack itself would refuse in its job (DiffAttack's forward reference on a VP-SDE defense; a
+    duplicate lambda = 0 run) is refused by validate-config first, naming the attack, the defense and the key."""
+    from dbprepro.config import load_configs, validate_config
+    from dbprepro.errors import ConfigError
+
+    base = load_configs(["config.yaml"])
+    cfg = copy.deepcopy(base)
+    cfg["attacks"]["diffattack"].update(defenses=["vanilla", "vpsde"], reference="forward", weight=1.0)
+    with pytest.raises(ConfigError, match=r"attacks\.diffattack: attack diffattack on defense 'vpsde'.*'forward'"):
+        validate_config(cfg)
+    cfg["attacks"]["diffattack"]["reference"] = "clean"
+    validate_config(cfg)  # the clean reference runs on any family
+    cfg = copy.deepcopy(base)
+    cfg["attacks"]["diffattack"].update(weight=0.0, also_weight_zero=True)
+    with pytest.raises(ConfigError, match="twice"):
+        validate_config(cfg)

@@ -109,6 +109,13 @@ class Attack:
         return sec.get("n_images")
 
     @classmethod
+    def run_problem(cls, attacks: dict[str, Any], purification: dict[str, Any]) -> str | None:
+        """Why a run of this attack, configured by the validated ``attacks`` section, cannot run against
+        a defense purifying with ``purification`` (None: it can).  ``dbprepro validate-config`` asks
+        every run of the grid before any job starts."""
+        return None
+
+    @classmethod
     def calls_per_image(cls, attacks: dict[str, Any], setting: str, S: int, grad_mode: str) -> tuple[Calls, bool]:
         """Network calls per attacked image of one run on a chain of ``S`` network calls, and
         whether the count is an upper bound."""

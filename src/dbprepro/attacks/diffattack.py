@@ -100,6 +100,16 @@ class DiffAttack(PGD):
 
     # -- the registered attack ------------------------------------------------------------------
     @classmethod
+    def run_problem(cls, attacks: dict[str, Any], purification: dict[str, Any]) -> str | None:
+        d = attacks["diffattack"]
+        if cls.run_weight(d) > 0 and d["reference"] == "forward" and purification["sampler"] not in ("ddpm", "ddim"):
+            return (f"reference 'forward' (attacks.diffattack.reference) needs a DDPM/DDIM purifier, not "
+                    f"{purification['sampler']!r}; use reference 'clean'")
+        if cls.name == "diffattack" and d.get("also_weight_zero") and cls.run_weight(d) == 0:
+            return "weight 0 with also_weight_zero runs the same lambda = 0 attack twice; switch one of them off"
+        return None
+
+    @classmethod
     def run_weight(cls, section: dict[str, Any]) -> float:
         """lambda of this attack's runs (``attacks.diffattack.weight``)."""
         return float(section["weight"])

@@ -60,6 +60,10 @@ def _grad_mode_checks(cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"config key attacks.surrogate: the surrogate process of {who} (coarsen "
                                   f"{sur['coarsen']}, overlay {sur['purification']}) fails its family's check: {e}"
                                   ) from None
+        problem = cls.run_problem(cfg["attacks"], pur)
+        if problem:
+            raise ConfigError(f"config key attacks.{cls.config_section}: {who} (family {pur['sampler']!r}) cannot "
+                              f"run: {problem}")
         states = purifier_class(pur["sampler"]).state_grad_modes
         if cls.needs_chain_states and pur["grad_mode"] not in states:
             raise ConfigError(f"config key purification.grad_mode: {who} (family {pur['sampler']!r}) reads the "
