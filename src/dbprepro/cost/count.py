@@ -127,8 +127,8 @@ def count_calls(cfg: dict) -> list[Job]:
     for d, tm, s, atk in exp.attack_runs(fixed_configs=True):
         per, bound = attack_run_calls(cfg, d, s, atk, exp.purification(d), gm)
         n_d = exp.attack_n_images(d, s, atk)
-        if attack_class(atk).private_section:  # issue 17's adaptive attacks: the waterfall's cells
-            target = "tables/waterfall.csv"
+        if attack_class(atk).private_section or (atk != "pgd" and d != "vanilla" and d in variants):
+            target = "tables/waterfall.csv"  # the adaptive attacks, and every attack beyond PGD on an ADDT defense
         elif d in fam:
             target = "tables/p1_table_families.csv"
         elif d in variants:
