@@ -163,7 +163,9 @@ def test_family_defenses_weights_and_sections():
     assert family_defenses(validate_config(default(families={"names": []}))) == []
     # the main sampler is the defense vanilla: listed among the families, it is skipped there
     assert family_defenses(validate_config(default(families={"names": ["ddpm", "edm"]}))) == ["edm", "edm_addt"]
-    as_edm = validate_config(default(purification={"sampler": "edm"}, families={"names": ["vpsde", "edm"]}))
+    # (DiffAttack's forward reference needs a DDPM/DDIM chain: the clean one runs on EDM's)
+    as_edm = validate_config(default(purification={"sampler": "edm"}, families={"names": ["vpsde", "edm"]},
+                                     attacks={"diffattack": {"reference": "clean"}}))
     assert family_defenses(as_edm) == ["vpsde", "vpsde_addt"]
 
 

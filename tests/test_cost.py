@@ -48,9 +48,10 @@ def test_the_jobs_of_the_smoke_dag(jobs):
     # + paper 1's families (config.yaml: ddim, vpsde, edm): f and f_addt x whitebox_eot, dwbox
     # + issue 17's adaptive attacks on vanilla and addt (smoke.yaml): DiffAttack x 2 settings, surrogate, DiffHammer,
     # the low-frequency attack; + the vote defense's EOT-PGD (smoke.yaml's vote section); + AutoAttack's 3 protocols on
-    # addt (attacks.autoattack.defenses: every waterfall defense)
+    # addt (attacks.autoattack.defenses: every waterfall defense); + BPDA and white-box PGD on addt (bpda.defenses,
+    # addt.attack_settings: the waterfall stages every waterfall defense has)
     attacks = sorted(j for j in jobs if j.startswith("attack/"))
-    assert len(attacks) == 12 + 12 + 2 * 5 + 1 + 3 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    assert len(attacks) == 12 + 12 + 2 * 5 + 1 + 3 + 2 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
     adaptive = {"attack/{d}/linf/whitebox_eot/diffattack", "attack/{d}/linf/dwbox/diffattack",
                 "attack/{d}/linf/whitebox_eot/surrogate", "attack/{d}/linf/whitebox_eot/diffhammer",
                 "attack/{d}/linf/whitebox_eot/lowfreq", "attack/{d}/linf/dwbox/aa_standard_dwbox",

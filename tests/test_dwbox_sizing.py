@@ -55,8 +55,9 @@ def test_the_runs_section_leaves_the_new_key_out_so_other_runs_keep_their_params
 
     # the section before the key (issue 17's attack sections go to their own runs only)
     before = {k: v for k, v in cfg["attacks"].items() if k != "dwbox_n_images" and k not in private_sections()}
-    # where AutoAttack runs (its defenses) is the grid's business, not its runs' params
-    before["autoattack"] = {k: v for k, v in before["autoattack"].items() if k != "defenses"}
+    # where AutoAttack and BPDA run (their defenses) is the grid's business, not their runs' params
+    for section in ("autoattack", "bpda"):
+        before[section] = {k: v for k, v in before[section].items() if k != "defenses"}
     assert exp.attacks("vanilla", "whitebox_eot", "pgd") == before
     assert exp.attacks("vanilla", "dwbox", "pgd") == {**before, "n_images": 256}
     assert list(exp.attacks("addt", "dwbox", "pgd")) == list(before)  # same keys, same order
@@ -84,7 +85,7 @@ def test_fewer_batches_than_shards_is_refused():
     # n_images 8 of batch 8 on one shard is fine; dwbox_n_images 8 with 2 shards would leave a shard empty
     cfg = deep_merge(load_yaml(ROOT / "config.yaml"),
                      {"attacks": {"n_images": 16, "batch_size": 8, "shards": 2, "dwbox_n_images": 16},
-                      "families": {"n_images": 16}, "analysis": {"n_images": 16}})
+                      "families": {"n_images": 16}, "analysis": {"n_images": 16}, "sanity": {"n_images": 16}})
     assert validate_config(cfg)["attacks"]["dwbox_n_images"] == 16
     cfg["attacks"].update(batch_size=16, n_images=16, dwbox_n_images=16)  # 1 batch, 2 shards
     with pytest.raises(ConfigError, match=r"attacks\.shards"):
