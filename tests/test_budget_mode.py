@@ -1,6 +1,7 @@
 """grad_mode "budget" (issue 17): the exact gradient, keeping the activations of as many of the
 chain's last steps as fit in ``activation_budget_mb`` and recomputing the others as "exact" does."""
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -36,17 +37,25 @@ def problem(dtype=torch.float64):
 def gradient_and_saved_bytes(p, x, w, ids):
     """d(sum w * p(x))/dx and the bytes autograd saved for it (counted as the budget counts them:
     the network's weights, saved by reference, add nothing)."""
+    xx = x.clone().requires_grad_(True)
+    with counted_saves(p) as total:
+        loss = (p(xx, ids=ids) * w).sum()
+    (g,) = torch.autograd.grad(loss, xx)
+    return g, total[0]
+
+
+@contextlib.contextmanager
+def counted_saves(p):
+    """Count the bytes autograd saves inside the block into the yielded one-item list (the network's
+    weights, saved by reference, add nothing)."""
     total, frozen = [0], frozen_storages(p)
 
     def pack(t):
         total[0] += saved_nbytes(t, frozen)
         return t
 
-    xx = x.clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = (p(xx, ids=ids) * w).sum()
-    (g,) = torch.autograd.grad(loss, xx)
-    return g, total[0]
+        yield total
 
 
 def step_bytes(p, x, ids):
@@ -196,14 +205,8 @@ def states_gradient(p, x, ids, keep):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(x.shape, generator=g, dtype=x.dtype)
     vs = [torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in keep]
-    total, frozen = [0], frozen_storages(p)
-
-    def pack(t):
-        total[0] += saved_nbytes(t, frozen)
-        return t
-
     xx = x.clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with counted_saves(p) as total:
         out, states = p.purify_states(xx, ids, torch.zeros_like(ids), keep)
         loss = (out * w).sum() + sum((s * v).sum() for s, v in zip(states, vs))
     (grad,) = torch.autograd.grad(loss, xx)
