@@ -19,8 +19,9 @@ from dbprepro.purifiers import DefendedClassifier, build_purifier
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("exact", "autograd", "checkpoint", "budget", "adjoint")
-#: the only combinations that cannot work: DiffAttack reads the chain states, the adjoint has no per-step gradient
-REFUSED = {("diffattack", "adjoint")}
+#: the only combinations that cannot work -> the attack the refusal names: DiffAttack reads the chain states, the
+#: adjoint has no per-step gradient; diffattack0 runs where DiffAttack runs, so its config is refused with it
+REFUSED = {("diffattack", "adjoint"): "diffattack", ("diffattack0", "adjoint"): "diffattack"}
 OPTIONAL = {"bpda": {"enabled": False}, "diffattack": {"enabled": False}, "surrogate": {"enabled": False},
             "diffhammer": {"enabled": False}, "lowfreq": {"enabled": False}, "autoattack": {"protocols": []}}
 #: the overlay of ``attacks`` that switches each registered attack on, at toy budgets
@@ -30,6 +31,7 @@ ON = {"pgd": {},
       "aa_standard_multieval": {"autoattack": {"protocols": ["standard_multieval"]}},
       "aa_rand": {"autoattack": {"protocols": ["rand"]}},
       "diffattack": {"diffattack": {"enabled": True, "steps": 1, "eot": 2, "step_interval": 2}},
+      "diffattack0": {"diffattack": {"enabled": True, "also_weight_zero": True, "steps": 1, "eot": 2}},
       "diffhammer": {"diffhammer": {"enabled": True, "steps": 1, "draws": 2}},
       "lowfreq": {"lowfreq": {"enabled": True, "steps": 1, "eot": 2}},
       "surrogate": {"surrogate": {"enabled": True, "coarsen": 5, "steps": 1, "eot": 2}}}  # 2 steps
@@ -43,7 +45,7 @@ def config(attack: str, mode: str, **purification) -> dict:
     over = {"purification": {"sampler": sampler, "grad_mode": mode, "num_inference_steps": 50,  # 6 steps
                              "vpsde": {"steps": 4}, **purification},
             "families": {"names": [], "n_images": None}, "vote": {"enabled": False, "n_images": None},
-            "analysis": {"n_images": None},
+            "analysis": {"n_images": None}, "sanity": {"enabled": False},
             "attacks": deep_merge({**OPTIONAL, "n_images": 2, "dwbox_n_images": None, "batch_size": 2, "shards": 1,
                                    "eval_draws": 2,
                                    "pgd": {"steps": 1, "eot": 2},
@@ -51,6 +53,8 @@ def config(attack: str, mode: str, **purification) -> dict:
                                                   "square_queries": 2, "n_target_classes": 1}}, ON[attack])}
     if mode == "budget":
         over["purification"].setdefault("activation_budget_mb", 1.2)  # ~0.13 MiB per image and step
+    if sampler == "vpsde":  # DiffAttack's forward reference needs a DDPM/DDIM chain (its own refusal, tested below):
+        over["attacks"]["diffattack"] = {**over["attacks"].get("diffattack", {}), "reference": "clean"}  # the mode's
     return deep_merge(load_yaml(ROOT / "config.yaml"), over)
 
 
@@ -65,7 +69,7 @@ def test_attack_runs_in_every_mode_validate_config_accepts(tiny_diffusion, attac
     if (attack, mode) in REFUSED:
         with pytest.raises(ConfigError) as e:
             validate_config(cfg)
-        for word in (f"attack {attack}", "defense 'vanilla'", f"family '{cfg['purification']['sampler']}'",
+        for word in (f"attack {REFUSED[attack, mode]} ", "defense 'vanilla'", f"family '{cfg['purification']['sampler']}'",
                      f"grad_mode '{mode}'"):
             assert word in str(e.value)
         return

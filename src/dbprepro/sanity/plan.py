@@ -127,7 +127,7 @@ def config_problem(cfg: dict[str, Any], exp, names: list[str], possible: set[str
     f = [float(x) for x in san["eps_factors"]]
     if sorted(set(f)) != f or 1.0 not in f:
         return f"eps_factors: {san['eps_factors']} must be ascending, distinct and contain 1 (the default PGD)"
-    if san["n_images"] > att["n_images"]:
+    if san["enabled"] and san["n_images"] > att["n_images"]:  # a battery that does not run reads no images
         return f"n_images: {san['n_images']} exceeds attacks.n_images ({att['n_images']})"
     grid = set(exp.attack_runs(fixed_configs=True))
     for d, t in battery_jobs(cfg, exp):
