@@ -333,7 +333,9 @@ def test_config_keys_validate_and_reach_the_purifier(tiny_diffusion, tmp_path):
     from dbprepro.purifiers import load_purifier as build_purifier
     from dbprepro.models.diffusion import save_diffusion
 
-    cfg = load_config("config.yaml", {"purification": {"sampler": "edm"}})
+    # (DiffAttack's forward reference needs a DDPM/DDIM chain, validate-config refuses it on EDM: the clean one runs)
+    cfg = load_config("config.yaml", {"purification": {"sampler": "edm"},
+                                      "attacks": {"diffattack": {"reference": "clean"}}})
     # config.yaml shortens the chains (EDM 3 Heun steps, VP-SDE 6 Euler-Maruyama steps); the rest: paper values
     assert cfg["purification"]["edm"] == dict(sigma_max=0.5, steps=3, sigma_min=0.002, rho=7.0, s_churn=6.0,
                                               s_min=0.01, s_max=0.46, s_noise=1.007)
