@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dbprepro.claims import RunData, claims_table, write_claims_table
+from dbprepro.claims import RunData, apply_family, claims_table, stats, write_claims_table
 from dbprepro.claims.paper1 import paper1_claims
 from dbprepro.claims.paper2 import paper2_claims
 
@@ -39,7 +39,7 @@ def test_planted_effects_get_their_verdicts():
     assert v["p1_ablation_clean_finetune_linf"] == "holds"  # addt > the planted copy of vanilla
     # addt: 45 % under both settings, a planted null whose row states the detectable effect
     row = table.set_index("claim_id").loc["p1_dwbox_stronger_addt_linf"]
-    assert row["n"] == 128 and set(table["verdict"]) <= {"holds", "not significant", "contradicted"}
+    assert row["n"] == 128 and set(table["verdict"]) <= set(stats.VERDICTS)
     assert (table.loc[table.verdict == "not significant", "mde"] > 0).all()
     assert table.loc[table.verdict != "not significant", "mde"].isna().all()
     assert (table["ci_low"] <= table["estimate"]).all() and (table["estimate"] <= table["ci_high"]).all()
@@ -175,3 +175,34 @@ def test_addt_under_adaptive_attacks_and_their_per_image_ensemble():
     row = t2.loc["p1_addt_gain_ensemble_dwbox_linf"]
     assert row["value_b"] == pytest.approx(float((van["dwbox"] & da).mean()))
     assert "pgd dwbox" in row["note"] and "diffattack dwbox" in row["note"] and "diffhammer" not in row["note"]
+
+
+def _planted_family(p_values, estimates, directions):
+    n = len(p_values)
+    return apply_family(pd.DataFrame(dict(
+        claim_id=[f"c{i}" for i in range(n)], estimate=estimates, p_value=p_values, mde=np.full(n, 0.1),
+        direction=directions)))
+
+
+def test_levels_are_family_wise_raw_significance_alone_is_suggestive():
+    # 40 tests; the first two have raw p < 0.05 but Holm's p (38 x 0.01, 37 x 0.03) > 0.05: suggestive, not holds
+    p = np.r_[0.01, 0.03, 1e-5, 2e-4, np.full(36, 0.5)]
+    est = np.r_[0.2, -0.2, 0.3, -0.3, np.full(36, 0.01)]
+    table = _planted_family(p, est, np.ones(40, dtype=int)).set_index("claim_id")
+    assert table.loc["c0", "p_holm"] == pytest.approx(0.38) and table.loc["c0", "verdict"] == "suggestive"
+    assert table.loc["c1", "verdict"] == "suggestive"  # raw p < alpha against the claim is suggestive too
+    assert table.loc["c2", "verdict"] == "holds"  # Holm p = 40 x 1e-5 < 0.05, in the claimed direction
+    assert table.loc["c3", "verdict"] == "contradicted"  # Holm p = 39 x 2e-4 < 0.05, against it
+    assert (table["verdict"].iloc[4:] == "not significant").all()
+    # mde only where nothing was seen
+    assert table.loc[table.verdict == "not significant", "mde"].notna().all()
+    assert table.loc[table.verdict != "not significant", "mde"].isna().all()
+
+
+def test_a_single_test_family_reads_as_its_raw_verdict():
+    table = _planted_family([0.01], [-0.2], [-1])
+    assert table["p_holm"].iloc[0] == pytest.approx(0.01) and table["verdict"].iloc[0] == "holds"
+    assert stats.family_verdict(0.2, 0.01, float("nan"), 1) == "suggestive"  # no adjusted p: never family-wise
+    assert stats.family_verdict(0.0, 0.0, 0.0, 1) == "not significant"
+    with pytest.raises(ValueError):
+        stats.family_verdict(0.2, 0.01, 0.01, 0)

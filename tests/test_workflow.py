@@ -111,7 +111,8 @@ def test_smoke_dag_runs_and_is_idempotent(smoke_run):
             "p1_ablation_clean_finetune_linf", "p1_exact_vs_bpda_linf", "p2_claim1_purified_adv_linf",
             "p2_claim1_purified_adv_l2", "p2_claim2_randomness", "p2_claim3_fixed_randomness",
             "p2_claim4_within", "p2_claim4_across"} <= set(claims["claim_id"])
-    assert set(claims["verdict"]) <= {"holds", "not significant", "contradicted"}
+    assert set(claims["verdict"]) <= {"holds", "contradicted", "suggestive", "not significant"}
+    assert set(claims["verdict_raw"]) <= {"holds", "not significant", "contradicted"}
     assert claims["p_value"].dropna().between(0, 1).all() and (claims["p_holm"].dropna() >= claims["p_value"].dropna()).all()
     assert claims.loc[claims.verdict != "not significant", "mde"].isna().all()
     assert (first / "results" / "tables" / "claims.md").stat().st_size > 0

@@ -201,14 +201,39 @@ def exact_spearman(x, y, *, alpha: float = ALPHA) -> Result:
                   rho, p, n, mde)
 
 
+VERDICTS = ("holds", "contradicted", "suggestive", "not significant")
+
+
 def verdict(result: Result, direction: int, alpha: float = ALPHA) -> str:
-    """``holds`` (significant in the claimed ``direction``: +1 a > b / rho > 0, -1 a < b / rho < 0),
-    ``contradicted`` (significant the other way) or ``not significant``."""
+    """The unadjusted verdict of one test: ``holds`` (p < ``alpha`` in the claimed ``direction``:
+    +1 a > b / rho > 0, -1 a < b / rho < 0), ``contradicted`` (p < ``alpha`` the other way) or
+    ``not significant``.  The claims table keeps it as ``verdict_raw``; its ``verdict`` is
+    :func:`family_verdict`."""
     if direction not in (-1, 1):
         raise ValueError(f"direction is +1 or -1, got {direction}")
     if not np.isfinite(result.p_value) or result.p_value >= alpha or result.estimate == 0:
         return "not significant"
     return "holds" if np.sign(result.estimate) == direction else "contradicted"
+
+
+def family_verdict(estimate: float, p_value: float, p_holm: float, direction: int, alpha: float = ALPHA) -> str:
+    """The verdict of one claim in a family of tests (one of :data:`VERDICTS`):
+
+    ``holds`` / ``contradicted``  Holm-adjusted p < ``alpha``, with the estimate in the claimed
+                                  ``direction`` / against it: the family-wise error rate over the
+                                  whole table is at most ``alpha``;
+    ``suggestive``                the test's own p < ``alpha`` but Holm's p is not (either direction;
+                                  about ``alpha`` x the number of true nulls such rows are expected by
+                                  chance alone);
+    ``not significant``           otherwise (the row's ``mde`` says what the test could have seen).
+    """
+    if direction not in (-1, 1):
+        raise ValueError(f"direction is +1 or -1, got {direction}")
+    if not np.isfinite(p_value) or p_value >= alpha or estimate == 0 or not np.isfinite(estimate):
+        return "not significant"
+    if not (np.isfinite(p_holm) and p_holm < alpha):
+        return "suggestive"
+    return "holds" if np.sign(estimate) == direction else "contradicted"
 
 
 def holm(p_values) -> np.ndarray:

@@ -1,11 +1,17 @@
 """``results/tables/claims.csv``: one row per claim of either paper that a run can test, with
-the estimate, its interval, the test, its p-value and a verdict (``holds``, ``not significant``
-or ``contradicted``) at level ``alpha``.
+the estimate, its interval, the test, its p-value and a verdict at level ``alpha``.
 
-The verdict reads the unadjusted p-value of the row's own test; ``p_holm`` beside it is Holm's
-adjustment over every row of the table, for a reader who wants the family-wise error controlled.
-Where a row is not significant, ``mde`` is the smallest effect its test would have detected with
-probability ``power`` (:mod:`dbprepro.claims.stats`), in the estimate's units.
+The family is the whole table: every row's p-value is adjusted by Holm's step-down method over
+all rows (``p_holm``), and ``verdict`` (:func:`dbprepro.claims.stats.family_verdict`) is
+
+- ``holds`` / ``contradicted``: ``p_holm`` < ``alpha`` with the estimate in the claimed
+  direction (``direction``: +1 a > b or rho > 0, -1 a < b or rho < 0) / against it;
+- ``suggestive``: the row's own p < ``alpha`` but not Holm's;
+- ``not significant``: otherwise, where ``mde`` is the smallest effect its test would have
+  detected with probability ``power`` (:mod:`dbprepro.claims.stats`), in the estimate's units.
+
+``verdict_raw`` is the unadjusted verdict of the row's own test (``holds``, ``contradicted`` or
+``not significant`` at p < ``alpha``), for comparison with a paper that tests one claim at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from .paper2 import paper2_claims
 log = logging.getLogger("dbprepro.claims")
 
 COLUMNS = ("claim_id", "paper", "where", "claim", "threat", "a", "b", "value_a", "value_b", "estimate", "ci_low",
-           "ci_high", "unit", "test", "statistic", "p_value", "p_holm", "n", "mde", "alpha", "verdict", "note")
+           "ci_high", "unit", "test", "statistic", "p_value", "p_holm", "n", "mde", "alpha", "direction", "verdict",
+           "verdict_raw", "note")
 
 
 def _unit(result: stats.Result) -> str:
@@ -42,17 +49,27 @@ def claims_table(claims: list[Claim], data: RunData, *, alpha: float = stats.ALP
     for c in claims:
         claim_seed = int(seed) * 1_000_003 + zlib.crc32(c.claim_id.encode())
         res, va, vb = c.compute(data, claim_seed)
-        v = stats.verdict(res, c.direction, alpha)
         rows.append(dict(claim_id=c.claim_id, paper=c.paper, where=c.where, claim=c.statement, threat=c.threat,
                          a=c.a, b=c.b, value_a=va, value_b=vb, estimate=res.estimate, ci_low=res.ci_low,
                          ci_high=res.ci_high, unit=_unit(res), test=res.test, statistic=res.statistic,
-                         p_value=res.p_value, n=res.n,
-                         mde=res.mde if v == "not significant" else float("nan"), alpha=alpha, verdict=v,
-                         note=c.note))
-        log.info("%-40s %-15s estimate %+.4f [%.4f, %.4f] p = %.4g (n = %d)", c.claim_id, v, res.estimate,
-                 res.ci_low, res.ci_high, res.p_value, res.n)
-    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "p_holm"])
+                         p_value=res.p_value, n=res.n, mde=res.mde, alpha=alpha, direction=c.direction,
+                         verdict_raw=stats.verdict(res, c.direction, alpha), note=c.note))
+    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")])
+    return apply_family(table, alpha)
+
+
+def apply_family(table: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Holm's ``p_holm`` over every row of ``table`` and each row's family-wise ``verdict``;
+    ``mde`` is kept only where the verdict is ``not significant``."""
+    table = table.drop(columns=[c for c in ("p_holm", "verdict") if c in table.columns])
     table.insert(table.columns.get_loc("p_value") + 1, "p_holm", stats.holm(table["p_value"].to_numpy(float)))
+    verdicts = [stats.family_verdict(e, p, ph, int(d), alpha) for e, p, ph, d in
+                zip(table["estimate"], table["p_value"], table["p_holm"], table["direction"], strict=True)]
+    table.insert(table.columns.get_loc("direction") + 1, "verdict", verdicts)
+    table["mde"] = table["mde"].where(table["verdict"] == "not significant", float("nan"))
+    for r in table.itertuples():
+        log.info("%-40s %-15s estimate %+.4f, p = %.4g, Holm p = %.4g", r.claim_id, r.verdict, r.estimate,
+                 r.p_value, r.p_holm)
     return table
 
 
@@ -97,6 +114,6 @@ def write_claims_table(records, clean, p2_tables: dict[str, Any], csv_path, md_p
     return table
 
 
-def verdict_counts(table: pd.DataFrame) -> dict[str, int]:
-    """How many rows hold, are not significant, or are contradicted."""
-    return {k: int(np.sum(table["verdict"] == k)) for k in ("holds", "not significant", "contradicted")}
+def verdict_counts(table: pd.DataFrame, column: str = "verdict") -> dict[str, int]:
+    """How many rows have each verdict level (:data:`dbprepro.claims.stats.VERDICTS`) in ``column``."""
+    return {k: int(np.sum(table[column] == k)) for k in stats.VERDICTS}
