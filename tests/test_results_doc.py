@@ -129,3 +129,21 @@ def test_the_all_attacks_and_adaptive_claim_sections_keep_only_their_rows(tmp_pa
     assert "| p1_a " in text.split("## Every testable claim")[1].split("\n## ")[0]
     single = text.split("## Robustness waterfall: robust against every attack so far")[1].split("\n## ")[0]
     assert "0.00077" in single and "0.01077" not in single  # the waterfall's one-shot rows only
+
+
+def test_the_document_leads_with_the_family_wise_verdicts(tmp_path):
+    rows = [("c_ns", "not significant", "0.2"), ("c_sug", "suggestive", "0.3"), ("c_hold", "holds", "0.001"),
+            ("c_con", "contradicted", "0.002"), ("c_hold2", "holds", "0.004")]
+    pd.DataFrame([dict(claim_id=c, where="Table 1", claim="x", estimate="0.1", p_holm=p, verdict=v)
+                  for c, v, p in rows]).to_csv(tmp_path / "claims.csv", index=False)
+    text = render_results(tmp_path, "0" * 32 + ".dir")
+    lead = text.split("## Verdicts at the family-wise level")[1].split("\n## ")[0]
+    assert text.index("## Verdicts at the family-wise level") < text.index("## Every testable claim")
+    counts = {cells[0]: cells[1] for line in lead.splitlines() if line.startswith("| ")
+              for cells in [[c.strip() for c in line.strip("|").split("|")]] if len(cells) == 2}
+    assert counts == {"verdict": "claims", "holds": "2", "contradicted": "1", "suggestive": "1",
+                      "not significant": "1"}  # counted from the table, not typed
+    assert "c_hold" in lead and "c_con" in lead and "c_sug" not in lead and "c_ns" not in lead
+    table = text.split("## Every testable claim")[1].split("\n## ")[0]
+    order = [table.index(f"| {c} ") for c in ("c_hold", "c_hold2", "c_con", "c_sug", "c_ns")]
+    assert order == sorted(order)  # holds, contradicted, suggestive, not significant; table order kept within

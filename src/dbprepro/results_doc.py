@@ -36,7 +36,9 @@ ALL_ATTACKS_COLUMNS = ("defense", "threat", "evaluation", "n_images", "n_runs", 
 
 #: claims.csv's columns shown
 CLAIM_COLUMNS = ("claim_id", "claim", "threat", "value_a", "value_b", "estimate", "ci_low", "ci_high", "test", "p_value",
-                 "p_holm", "n", "mde", "verdict")
+                 "p_holm", "n", "mde", "verdict", "verdict_raw")
+#: the order of the verdict levels in the document's lead (dbprepro.claims.stats.VERDICTS)
+VERDICT_ORDER = ("holds", "contradicted", "suggestive", "not significant")
 #: the ``where`` of the claims on ADDT's gain under the adaptive attacks (dbprepro.claims.adaptive)
 ADAPTIVE_WHERE = ("ADDT under adaptive attacks (issue 17)", "ADDT under the strongest known attack (issue 17)")
 
@@ -44,10 +46,10 @@ ADAPTIVE_WHERE = ("ADDT under adaptive attacks (issue 17)", "ADDT under the stro
 SANITY_COLUMNS = ("defense", "threat", "check", "compared", "setting", "n_images", "value", "reference", "estimate",
                   "ci_low", "ci_high", "outcome", "detail")
 
-#: (heading, table file, columns shown (None: all), row filter: None, the ``evaluation`` to keep, or
-#: {column: the values to keep})
+#: (heading, table file, columns shown (None: all), row filter: None, the ``evaluation`` to keep,
+#: {column: the values to keep}, or "by verdict" (every row, ordered by :data:`VERDICT_ORDER`))
 SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | dict | None], ...] = (
-    ("Every testable claim of both papers, as a verdict", "claims.csv", CLAIM_COLUMNS, None),
+    ("Every testable claim of both papers, by family-wise verdict", "claims.csv", CLAIM_COLUMNS, "by verdict"),
     ("Robust accuracy against all attacks (per image: robust only if it survives every attack run; beside it the "
      "strongest single run on the same images)", "waterfall.csv", ALL_ATTACKS_COLUMNS, {"stage": ("all attacks",)}),
     ("Does ADDT's gain over vanilla survive the strongest attacks? (the claims on the shared adaptive attacks)",
@@ -105,6 +107,7 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
              "> them; a copy is in [`results_tables/`](results_tables/)).  Every number and verdict is a cell of those CSV",
              "> files (the verdicts: `dbprepro.claims`).",
              ""]
+    lines += verdict_lead(tables_dir / "claims.csv")
     for heading, name, columns, keep in SECTIONS:
         lines += [f"## {heading}", "", f"`results/tables/{name}`", ""]
         path = tables_dir / name
@@ -112,6 +115,8 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
             lines += ["(not in this run)", ""]
             continue
         df = pd.read_csv(path, dtype=str, keep_default_na=False)  # the cells exactly as the CSV has them
+        if keep == "by verdict":
+            df, keep = _by_verdict(df), None
         for column, values in ({} if keep is None else {"evaluation": (keep,)} if isinstance(keep, str)
                                else keep).items():
             df = df[df[column].isin(values)]
@@ -119,6 +124,35 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
             df = df[[c for c in columns if c in df.columns]]
         lines += [df.to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(lines)
+
+
+def _by_verdict(claims: pd.DataFrame) -> pd.DataFrame:
+    """Rows ordered by verdict level, the table's order kept within a level."""
+    rank = claims["verdict"].map({v: i for i, v in enumerate(VERDICT_ORDER)}).fillna(len(VERDICT_ORDER))
+    return claims.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank")
+
+
+def verdict_lead(claims_csv: Path) -> list[str]:
+    """The document's lead: how many claims reach each family-wise verdict level, counted from
+    ``claims.csv`` (the family: every row of the table, Holm-adjusted), and the claims that hold
+    or are contradicted."""
+    if not claims_csv.is_file():
+        return []
+    claims = pd.read_csv(claims_csv, dtype=str, keep_default_na=False)
+    counts = pd.DataFrame({"verdict": VERDICT_ORDER,
+                           "claims": [int((claims["verdict"] == v).sum()) for v in VERDICT_ORDER]})
+    lines = ["## Verdicts at the family-wise level", "",
+             f"The family is every row of `claims.csv` ({len(claims)} tests): `holds` / `contradicted` mean Holm's "
+             "adjusted p < alpha in the claimed direction / against it, `suggestive` the test's own p < alpha only, "
+             "`not significant` neither (its `mde` says what the test could have seen). "
+             "`verdict_raw` is the per-test verdict at the test's own p.", "",
+             counts.to_markdown(index=False), ""]
+    firm = claims[claims["verdict"].isin(("holds", "contradicted"))]
+    if len(firm):
+        shown = [c for c in ("claim_id", "claim", "estimate", "ci_low", "ci_high", "p_holm", "verdict")
+                 if c in firm.columns]
+        lines += [_by_verdict(firm)[shown].to_markdown(index=False, disable_numparse=True), ""]
+    return lines
 
 
 def tables_hash(folder: str | Path) -> str:
