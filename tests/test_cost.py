@@ -223,3 +223,16 @@ def test_network_calls_counts_what_each_family_really_calls(sampler, extra, tmp_
     with torch.no_grad():
         p(torch.rand(2, 1, 8, 8))
     assert len(calls) == network_calls(pur) > 0
+
+
+def test_a_cpu_estimate_picks_the_batch_that_answers_in_about_the_target(smoke, capsys):
+    from dbprepro.cost.measure import cpu_batch_size
+
+    # 24 timed calls at 0.5 s per image of the costliest call: 60 s -> 5 images; never above the jobs' batch
+    assert cpu_batch_size(0.5, 24, 320, target=60) == 5
+    assert cpu_batch_size(1e-6, 24, 320, target=60) == 320
+    assert cpu_batch_size(100.0, 24, 320, target=60) == 1
+    unit = measure_unit_costs(smoke, device="cpu", repeats=1, target_seconds=0.001)
+    assert unit["meta"]["batch_choice"].startswith("CPU") and unit["meta"]["batch_size"] == 1
+    err = capsys.readouterr().err
+    assert "timing each kind of network call" in err and "unet_grad" in err  # says what it measures

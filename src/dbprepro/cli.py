@@ -178,7 +178,7 @@ def _cmd_estimate_cost(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     print(run_estimate(cfg, device=args.device, batch_size=args.batch_size, repeats=args.repeats, csv=args.csv,
-                       threads=args.threads))
+                       threads=args.threads, target_seconds=args.target_seconds))
     if args.csv:
         print(f"per-job estimate written to {args.csv}")
     return 0
@@ -209,7 +209,10 @@ def _add_cost_commands(sub) -> None:
                         "(config/cifar10.yaml alone is complete) [%(default)s]")
     e.add_argument("--device", default=None, choices=["cpu", "cuda"], help="[the config's device]")
     e.add_argument("--batch-size", type=int, default=None,
-                   help="images per timed call [the attacks' EOT pass: attacks.batch_size x pgd.eot, at most eot_chunk]")
+                   help="images per timed call [GPU: the attacks' EOT pass, attacks.batch_size x pgd.eot at most "
+                        "eot_chunk; CPU: the batch that answers in about --target-seconds, at most that]")
+    e.add_argument("--target-seconds", type=float, default=60.0,
+                   help="CPU without --batch-size: about how long the timing takes [%(default)s]")
     e.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up, best kept [%(default)s]")
     e.add_argument("--threads", type=int, default=1,
                    help="CPU only: torch threads of the timed calls (the DAG's compute rules use 1) [%(default)s]")

@@ -5,6 +5,7 @@ of each family's own network (``families.networks``: DDPM++, EDM's SongUNet) apa
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -85,14 +86,34 @@ def default_batch_size(cfg: dict) -> int:
     return int(max(1, min(att["batch_size"] * att["pgd"]["eot"], att["pgd"].get("eot_chunk", 4096))))
 
 
+#: seconds the timing of a CPU estimate aims at when no batch is given (:func:`cpu_batch_size`)
+CPU_TARGET_SECONDS = 60.0
+
+
+def cpu_batch_size(per_image_train: float, n_calls: int, largest: int, target: float = CPU_TARGET_SECONDS) -> int:
+    """The batch that makes ``n_calls`` timed calls take about ``target`` seconds on a CPU, given the
+    seconds per image of the costliest call (a UNet training pass, probed on a small batch), between 1
+    and ``largest`` (the jobs' own batch).  Per-image cost is what the estimate extrapolates, and on a
+    CPU it is flat in the batch once the batch fills the cores, so a smaller batch answers sooner at
+    the same per-image cost."""
+    if not per_image_train > 0:
+        return int(largest)
+    return int(max(1, min(int(largest), target / (n_calls * per_image_train))))
+
+
 def measure_unit_costs(cfg: dict, device=None, batch_size: int | None = None, repeats: int = 3,
-                       threads: int | None = 1) -> dict[str, Any]:
+                       threads: int | None = 1, target_seconds: float = CPU_TARGET_SECONDS,
+                       progress: bool = True) -> dict[str, Any]:
     """Seconds per image of each call kind on ``device``, measured (best of ``repeats`` after a
     warm-up) on random inputs with randomly initialised networks of the configured architectures,
-    at ``batch_size`` images per call (default :func:`default_batch_size`).  On a CPU the calls
-    run on ``threads`` torch threads (default 1, as the DAG's compute rules are declared with
-    ``threads: 1``; None keeps torch's setting), so the estimate is in core-hours there."""
+    at ``batch_size`` images per call.  Without ``batch_size``: the jobs' own batch
+    (:func:`default_batch_size`) on a GPU; on a CPU the batch that lets the whole timing take about
+    ``target_seconds`` (:func:`cpu_batch_size`, from one probe of the costliest call), at most the
+    jobs' batch.  On a CPU the calls run on ``threads`` torch threads (default 1, as the DAG's
+    compute rules are declared with ``threads: 1``; None keeps torch's setting), so the estimate is
+    in core-hours there.  ``progress``: a tqdm bar on stderr naming each call it times."""
     import torch
+    from tqdm.auto import tqdm
 
     from ..runtime import resolve_device
 
@@ -100,12 +121,7 @@ def measure_unit_costs(cfg: dict, device=None, batch_size: int | None = None, re
     unet, clf, unet_name, clf_name = _build_networks(cfg)
     unet, clf = unet.to(device), clf.to(device)
     shape = image_shape(cfg)
-    B = int(batch_size or default_batch_size(cfg))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, *shape, generator=g).to(device)
-    x01 = torch.rand(B, *shape, generator=g).to(device)
-    t = torch.randint(0, 100, (B,), generator=g).to(device)
-    y = torch.randint(0, 10, (B,), generator=g).to(device)
+    nets = Experiment.from_config(cfg).networks  # the families' own networks (issue 18)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     old_threads = torch.get_num_threads()
     if device.type == "cpu" and threads:
@@ -119,6 +135,28 @@ def measure_unit_costs(cfg: dict, device=None, batch_size: int | None = None, re
         def clock():
             return time.process_time() / threads
         clock_name = f"process CPU time / {threads} threads (robust to other load; wall time would include it)"
+    n_calls = (6 + 2 * len(nets)) * (repeats + 1)  # every timed call, warm-ups included
+    chosen = "given"
+    if batch_size:
+        B = int(batch_size)
+    elif device.type == "cpu":
+        probe = min(4, default_batch_size(cfg))
+        xp = torch.randn(probe, *shape, generator=torch.Generator().manual_seed(1)).to(device)
+        tp = torch.randint(0, 100, (probe,), generator=torch.Generator().manual_seed(1)).to(device)
+        unet.train()
+        t0 = clock()
+        unet(xp, tp).sample.square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+        B = cpu_batch_size((clock() - t0) / probe, n_calls, default_batch_size(cfg), target_seconds)
+        chosen = f"CPU: about {target_seconds:.0f} s of timing (probe: {probe} images)"
+    else:
+        B = default_batch_size(cfg)
+        chosen = "the jobs' batch"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, *shape, generator=g).to(device)
+    x01 = torch.rand(B, *shape, generator=g).to(device)
+    t = torch.randint(0, 100, (B,), generator=g).to(device)
+    y = torch.randint(0, 10, (B,), generator=g).to(device)
 
     def frozen(m, flag):
         for p in m.parameters():
@@ -148,27 +186,39 @@ def measure_unit_costs(cfg: dict, device=None, batch_size: int | None = None, re
         clf.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(clf(x01), y).backward()
 
-    out: dict[str, Any] = {}
-    unet.eval(), clf.eval()
-    frozen(unet, False), frozen(clf, False)
-    out["unet_fwd"] = _time(unet_fwd, repeats, sync, clock) / B
-    out["unet_grad"] = _time(unet_grad, repeats, sync, clock) / B
-    out["clf_fwd"] = _time(clf_fwd, repeats, sync, clock) / B
-    out["clf_grad"] = _time(clf_grad, repeats, sync, clock) / B
-    unet.train(), clf.train()
-    frozen(unet, True), frozen(clf, True)
-    out["unet_train"] = _time(unet_train, repeats, sync, clock) / B
-    out["clf_train"] = _time(clf_train, repeats, sync, clock) / B
-    out["networks"] = {}
-    for name, sec in Experiment.from_config(cfg).networks.items():  # the families' own networks (issue 18)
+    def mode(train):
+        unet.train(train), clf.train(train)
+        frozen(unet, train), frozen(clf, train)
+
+    tasks = [("unet_fwd", unet_fwd, False), ("unet_grad", unet_grad, False), ("clf_fwd", clf_fwd, False),
+             ("clf_grad", clf_grad, False), ("unet_train", unet_train, True), ("clf_train", clf_train, True)]
+    out: dict[str, Any] = {"networks": {}}
+    what = {"unet": unet_name, "clf": clf_name}
+    bar = tqdm(total=len(tasks) + 2 * len(nets), desc="timing network calls", unit="kind", disable=not progress,
+               file=sys.stderr)
+    bar.write(f"estimate-cost: timing each kind of network call, {repeats} repeats after a warm-up, at "
+              f"{B} images per call ({chosen}), on {device.type} with {threads} thread(s)", file=sys.stderr)
+    for name, fn, train in tasks:
+        bar.set_postfix_str(f"{name}: {what[name.split('_')[0]]}")
+        mode(train)
+        out[name] = _time(fn, repeats, sync, clock) / B
+        bar.update()
+    mode(False)
+    for name, sec in nets.items():
         net = frozen_network(network_class(name).from_config(sec.get("config") or {}).to(device))
         sigma = torch.full((B,), 0.5, device=device)
-        out["networks"][name] = {
-            "unet_fwd": _time(lambda: net_fwd(net, x, sigma), repeats, sync, clock) / B,
-            "unet_grad": _time(lambda: net_grad(net, x, sigma), repeats, sync, clock) / B,
-            "unet_train": out["unet_train"],  # no ADDT on these networks yet: never used
-            "name": f"{name} ({sum(p.numel() for p in net.parameters()):,} parameters)"}
+        label = f"{name} ({sum(p.numel() for p in net.parameters()):,} parameters)"
+        bar.set_postfix_str(f"unet_fwd: {label}")
+        fwd = _time(lambda: net_fwd(net, x, sigma), repeats, sync, clock) / B
+        bar.update()
+        bar.set_postfix_str(f"unet_grad: {label}")
+        grad = _time(lambda: net_grad(net, x, sigma), repeats, sync, clock) / B
+        bar.update()
+        out["networks"][name] = {"unet_fwd": fwd, "unet_grad": grad,
+                                 "unet_train": out["unet_train"],  # no ADDT on these networks yet: never used
+                                 "name": label}
         del net
+    bar.close()
     torch.set_num_threads(old_threads)
     if device.type == "cuda":
         dev = f"cuda: {torch.cuda.get_device_name(device)}"
@@ -182,6 +232,6 @@ def measure_unit_costs(cfg: dict, device=None, batch_size: int | None = None, re
         load = os.getloadavg()[0]
     except (OSError, AttributeError):  # pragma: no cover - not on every platform
         load = float("nan")
-    out["meta"] = dict(device=dev, batch_size=B, repeats=repeats, unet=unet_name, classifier=clf_name,
+    out["meta"] = dict(device=dev, batch_size=B, batch_choice=chosen, repeats=repeats, unet=unet_name, classifier=clf_name,
                        torch=torch.__version__, clock=clock_name, load_average=load)
     return out

@@ -59,10 +59,12 @@ def format_report(df, unit: dict[str, Any], config_name: str) -> str:
 
 
 def run_estimate(cfg: dict, device=None, batch_size: int | None = None, repeats: int = 3, csv: str | None = None,
-                 threads: int | None = 1) -> str:
-    """Count, measure, combine; optionally write the per-job CSV. Returns the printed report."""
+                 threads: int | None = 1, target_seconds: float = 60.0) -> str:
+    """Count, measure (with a progress bar on stderr), combine; optionally write the per-job CSV.
+    Returns the printed report."""
     jobs = count_calls(cfg)
-    unit = measure_unit_costs(cfg, device=device, batch_size=batch_size, repeats=repeats, threads=threads)
+    unit = measure_unit_costs(cfg, device=device, batch_size=batch_size, repeats=repeats, threads=threads,
+                              target_seconds=target_seconds)
     df = estimate(jobs, unit)
     df.attrs["chain_steps"] = jobs[0].extra["chain_steps"] if jobs else 0
     if csv:
