@@ -37,6 +37,71 @@ def configure_torch(threads: int | None = None, deterministic: bool = True) -> N
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+class _Loads:
+    """Seconds this process spent in the model loaders decorated with :func:`timed_load` (outermost
+    calls only), for the DAG profile's split of a job's time (:mod:`dbprepro.dagprofile`)."""
+
+    def __init__(self):
+        self.seconds, self.depth = 0.0, 0
+
+
+LOADS = _Loads()
+
+
+class _Imports:
+    """Seconds this process spent in import statements outside the model loaders, counted from
+    :meth:`install` on (outermost imports only; an import of a module already loaded costs
+    microseconds), for the DAG profile (:mod:`dbprepro.dagprofile`): a job's stage code imports
+    torch, diffusers and the rest lazily, so its own clock would count them as compute."""
+
+    def __init__(self):
+        self.seconds, self.depth, self.installed = 0.0, 0, False
+
+    def install(self) -> None:
+        import builtins
+        import time
+
+        if self.installed:
+            return
+        original = builtins.__import__
+
+        def timed_import(*args, **kwargs):
+            if self.depth or LOADS.depth:
+                return original(*args, **kwargs)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                self.seconds += time.perf_counter() - t0
+
+        builtins.__import__ = timed_import
+        self.installed = True
+
+
+IMPORTS = _Imports()
+
+
+def timed_load(fn):
+    """Count the wall time of ``fn`` (a model loader) in :data:`LOADS`."""
+    import functools
+    import time
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        LOADS.depth += 1
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            LOADS.depth -= 1
+            if LOADS.depth == 0:
+                LOADS.seconds += time.perf_counter() - t0
+
+    return wrapper
+
+
 def setup_logging(logfile: str | Path | None = None, level: int = logging.INFO) -> None:
     """Log to ``logfile`` (or stderr): time, level, logger, message.  With a log file, stderr is
     redirected into it too, so tqdm progress bars and warnings land in the rule's log."""
@@ -129,7 +194,7 @@ def provenance_path(rule: str, wildcards: dict, outputs) -> Path:
 
 
 def write_job_provenance(path: Path, *, rule: str, wildcards: dict, params, inputs, outputs, started: float,
-                         seconds: float, in_process: bool) -> dict[str, Any]:
+                         seconds: float, in_process: bool, timing: dict | None = None) -> dict[str, Any]:
     """Write (atomically) the provenance record of a finished job: what ran (rule, wildcards,
     params incl. seed), with what (versions, threads, determinism flags and environment, git
     commit), when and where, and the sha256 of every output it wrote.  It sits in its own folder
@@ -147,6 +212,7 @@ def write_job_provenance(path: Path, *, rule: str, wildcards: dict, params, inpu
         "in_snakemake_process": in_process,
         "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
+        "timing": timing or {},  # start-up before the stage, model loads within it (dbprepro.dagprofile)
         "host": platform.node(),
         "pid": os.getpid(),
         "argv": sys.argv,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime import timed_load
+
 
 class SmallCNN(nn.Module):
     """A small CNN for low-resolution grey-scale images (the embedded digits default).
@@ -58,6 +60,7 @@ def save_classifier(model: nn.Module, arch: str, kwargs: dict, path) -> None:
         (tmp / "config.json").write_text(json.dumps({"arch": arch, "kwargs": kwargs}, indent=2, sort_keys=True) + "\n")
 
 
+@timed_load  # counted in the job's provenance timing (dbprepro.dagprofile)
 def load_classifier(path) -> nn.Module:
     """Load a folder written by :func:`save_classifier` (safetensors only, strict keys)."""
     import json

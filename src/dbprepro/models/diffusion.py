@@ -8,6 +8,8 @@ from typing import Any
 
 from diffusers import DDPMScheduler, UNet2DModel
 
+from ..runtime import timed_load
+
 
 def build_unet(image_size: int, channels: int, block_out_channels: list[int],
                layers_per_block: int = 1, attention: list[bool] | None = None,
@@ -77,6 +79,7 @@ def _diffusion_layout(path: Path) -> tuple[Path, Path]:
     return unet_dir, sched_dir
 
 
+@timed_load  # counted in the job's provenance timing (dbprepro.dagprofile)
 def load_diffusion(path: str | Path, scheduler_overrides: dict[str, Any] | None = None
                    ) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load ``(unet, scheduler)`` from a local diffusers folder (layout of ``save_diffusion``

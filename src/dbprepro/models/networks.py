@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry
+from ..runtime import timed_load
 
 #: network name -> class, in registration order
 NETWORKS: Registry = Registry("network", key="name")
@@ -107,6 +108,7 @@ def is_network_dir(path: str | Path) -> bool:
     return (Path(path) / NETWORK_FILE).is_file()
 
 
+@timed_load  # counted in the job's provenance timing (dbprepro.dagprofile)
 def load_network_dir(path: str | Path, scheduler_overrides: dict[str, Any] | None = None):
     """``(network, scheduler)`` of a :func:`save_network_dir` folder: the weights file checked
     against the recorded sha256, then read by the network's own safe loader (``load_state``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,8 @@ def run_stage(smk: Any) -> None:
     traceback before it propagates (Snakemake shows the log), and on success a provenance record
     is written to ``results/provenance/<rule>/<wildcards>.json`` (see
     :func:`dbprepro.runtime.write_job_provenance`)."""
-    from ..runtime import configure_torch, provenance, setup_logging
+    startup = process_age()  # interpreter start and the imports of workflow/scripts/stage.py, before any stage code
+    from ..runtime import IMPORTS, configure_torch, provenance, setup_logging
 
     setup_logging(smk.log[0] if smk.log else None)
     name = smk.rule
@@ -44,18 +46,33 @@ def run_stage(smk: Any) -> None:
     configure_torch(threads=smk.threads, deterministic=smk.params.get("deterministic", True))
     log.info("stage %s: wildcards %s", name, dict(smk.wildcards))
     log.info("provenance %s", json.dumps(provenance(), sort_keys=True))
-    _run_job(name, smk.input, smk.output, smk.params, smk.wildcards, in_process=False)
+    log.info("start-up %.2f s from process start to the stage's code", startup)
+    IMPORTS.install()  # the stage's own (lazy) imports are timed apart from its compute
+    _run_job(name, smk.input, smk.output, smk.params, smk.wildcards, in_process=False, startup=startup)
 
 
-def _run_job(name: str, input, output, params, wildcards, in_process: bool) -> None:
+#: modules whose import dominates a job's start-up (recorded per job: which ones the job imported)
+HEAVY_MODULES = ("torch", "torch._dynamo", "diffusers", "scipy.stats", "sklearn", "matplotlib", "seaborn", "pandas",
+                 "pyarrow", "torchattacks")
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: psutil's create time)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
+def _run_job(name: str, input, output, params, wildcards, in_process: bool, startup: float = 0.0) -> None:
     from .. import faults
     from ..io import remove_stale_temporaries
-    from ..runtime import provenance_path, write_job_provenance
+    from ..runtime import IMPORTS, LOADS, provenance_path, write_job_provenance
 
     record = provenance_path(name, wildcards, output)
     record.unlink(missing_ok=True)  # a record present always describes the outputs present
     for stale in remove_stale_temporaries(list(output)):
         log.info("removed %s, left by an interrupted earlier attempt", stale)
+    loads_before, imports_before = LOADS.seconds, IMPORTS.seconds
     started, t0 = time.time(), time.perf_counter()
     try:
         faults.arm(name, dict(wildcards))  # test-only fault injection (DBPREPRO_FAULT), else nothing
@@ -65,8 +82,11 @@ def _run_job(name: str, input, output, params, wildcards, in_process: bool) -> N
                       dict(wildcards), type(e).__name__, e)
         raise
     seconds = time.perf_counter() - t0
+    timing = dict(startup_seconds=round(startup, 3), load_seconds=round(LOADS.seconds - loads_before, 3),
+                  import_seconds=round(IMPORTS.seconds - imports_before, 3) if IMPORTS.installed else 0.0,
+                  heavy_modules=[m for m in HEAVY_MODULES if m in sys.modules] if not in_process else [])
     write_job_provenance(record, rule=name, wildcards=wildcards, params=params, inputs=input, outputs=output,
-                         started=started, seconds=seconds, in_process=in_process)
+                         started=started, seconds=seconds, in_process=in_process, timing=timing)
     log.info("stage %s finished in %.1f s; provenance in %s", name, seconds, record)
 
 
