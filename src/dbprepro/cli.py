@@ -144,8 +144,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     info["dvc"] = shutil.which("dvc") or shutil.which("dvc", path=here)
     models = Path(args.results) / "models"
     info["models"] = sorted(str(p.relative_to(models)) for p in models.glob("**/config.json")) if models.exists() else []
+    lock = info.pop("environment_lock")
     for k, v in info.items():
         print(f"{k:>26}: {v}")
+    from .envlock import format_status
+
+    for line in format_status(lock):
+        print(f"{'environment':>26}: {line}" if not line.startswith(" ") else f"{'':>28}{line.strip()}")
     return 0
 
 
@@ -341,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--show", action="store_true", help="print the resolved config with defaults")
     v.set_defaults(func=_cmd_validate)
 
-    d = sub.add_parser("doctor", help="versions, device, SLURM/DVC availability, models present")
+    d = sub.add_parser("doctor", help="versions and the environment lock (sha256, mismatches), device, SLURM/DVC, models present")
     d.add_argument("--results", default="results", help="results folder to inspect [%(default)s]")
     d.set_defaults(func=_cmd_doctor)
     _add_cost_commands(sub)

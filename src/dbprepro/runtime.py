@@ -123,7 +123,8 @@ DETERMINISM_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 
 
 def provenance() -> dict[str, Any]:
-    """Versions, thread counts and determinism flags of this process."""
+    """Versions, thread counts and determinism flags of this process, and the environment lock's sha256
+    with whether the installed versions match it (``environment_lock``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import diffusers
@@ -154,7 +155,21 @@ def provenance() -> dict[str, Any]:
     info["dbprepro"] = versions["dbprepro"]
     info["versions"] = versions
     info["env"] = {k: os.environ.get(k) for k in DETERMINISM_ENV}
+    info["environment_lock"] = _lock_summary()
     return info
+
+
+def _lock_summary() -> dict[str, Any]:
+    """envs/requirements.lock's sha256, whether the installed versions match it, and where torch came
+    from (:func:`dbprepro.envlock.lock_status`; reads files and package metadata, runs no pip)."""
+    from .envlock import lock_status
+
+    try:
+        s = lock_status()
+    except (OSError, ValueError) as e:  # an unreadable lock is recorded, not raised, in every job
+        return {"lock_sha256": None, "matches": None, "error": str(e)}
+    return {k: s[k] for k in ("lock", "lock_sha256", "matches", "mismatches", "not_in_lock", "torch_source",
+                              "torch_spec", "installed_from_sha256")}
 
 
 def _git_state() -> dict[str, Any] | None:
