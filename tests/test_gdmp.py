@@ -179,3 +179,28 @@ def test_config_refusals_and_costs():
     assert "train_addt/adbm" in jobs and "evaluate_clean/gdmp" in jobs and "evaluate_clean/adbm" in jobs
     gd, van = jobs["evaluate_clean/gdmp"].calls, jobs["evaluate_clean/vanilla"].calls
     assert gd.unet_fwd == 4 * van.unet_fwd  # four rounds of the same chain
+
+
+@pytest.mark.parametrize("reference", ["forward", "clean"])
+def test_the_adaptive_attacks_run_on_a_gdmp_defense(tiny_diffusion, reference):
+    """PGD, BPDA and DiffAttack (which reads the chain states, and for ``forward`` the forward-diffused input at
+    each state's timestep) take a GDMP defense as they take a DDPM one, and stay in the eps ball."""
+    from dbprepro.attacks import PGD, settings_randomness
+    from dbprepro.attacks.diffattack import DiffAttack
+    from dbprepro.models.classifiers import SmallCNN
+    from dbprepro.purifiers import DefendedClassifier
+
+    torch.manual_seed(0)
+    p = GDMPPurifier(*tiny_diffusion, num_inference_steps=100, rounds=2, scale=100.0,
+                     randomness=settings_randomness("dwbox", seed=0))
+    model = DefendedClassifier(SmallCNN(width=8, hidden=16).eval(), p)
+    x, y, ids = _x(2), torch.tensor([1, 2]), torch.arange(2)
+    assert p.diffuse(x, ids, torch.zeros(2, dtype=torch.long), p.timesteps[15]).shape == x.shape
+    eps = 8 / 255
+    runs = [PGD(model, "dwbox", "linf", eps, eps / 4, steps=2, eot=1),
+            PGD(model.with_purifier(p.with_grad_mode("bpda")), "dwbox", "linf", eps, eps / 4, steps=2, eot=1),
+            DiffAttack(model, "dwbox", "linf", eps, eps / 4, steps=2, eot=1, rounds=["ce"], step_interval=5,
+                       reference=reference)]
+    for attack in runs:
+        res = attack(x, y, ids)
+        assert float((res.x_adv - x).abs().max()) <= eps + 1e-6 and not torch.equal(res.x_adv, x)

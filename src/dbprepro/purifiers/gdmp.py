@@ -146,8 +146,19 @@ class GDMPPurifier(Purifier):
 
     # -- the chain: the state is (x_t, u) along the channels ------------------------------------
     def diffuse(self, x01: torch.Tensor, ids: torch.Tensor, draws: torch.Tensor, t: int | None = None) -> torch.Tensor:
-        """(x_{t*}, u) concatenated along the channels: the DDPM's diffused image and the input u = 2x - 1."""
-        return torch.cat([super().diffuse(x01, ids, draws, t), x01 * 2 - 1], dim=1)
+        """The chain's start: (x_{t*}, u) concatenated along the channels, the DDPM's diffused image and the
+        input u = 2x - 1.  With ``t`` (a step key r * T + t', or a timestep of round 1): the image alone, the
+        input diffused to timestep t' with the forward noise of round r (DiffAttack's ``forward`` reference of
+        the state at that key)."""
+        if t is None:
+            return torch.cat([super().diffuse(x01, ids, draws), x01 * 2 - 1], dim=1)
+        r, tp = divmod(int(t), self.T)
+        if r == 0:
+            return super().diffuse(x01, ids, draws, tp)
+        a = self.scheduler.alphas_cumprod[tp].to(torch.float64)
+        xi = self.randomness.normal(ids, draws, Stream.FORWARD, r * self.T + self.t_start, x01.shape[1:],
+                                    device=x01.device, dtype=x01.dtype)
+        return float(a.sqrt()) * (x01 * 2 - 1) + float((1 - a).sqrt()) * xi
 
     def reference_at(self, u: torch.Tensor, key: int, ids, draws) -> torch.Tensor:
         """The guidance's target at step ``key``: u diffused to its timestep with the GUIDANCE noise, or u."""
