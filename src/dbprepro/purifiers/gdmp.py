@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..randomness import Randomness, Stream
-from .base import GRAD_MODES, ReverseChain, Trajectory, default_ids  # noqa: F401 (re-exported names)
+from .base import Trajectory
 from .ddpm import Purifier, chain_length
 from .recompute import chain_states
 from .registry import register_purifier
@@ -109,7 +109,8 @@ class GDMPPurifier(Purifier):
             if value not in known:
                 raise ValueError(f"gdmp {name} must be one of {known}, got {value!r}")
         if int(rounds) < 1 or float(scale) < 0 or int(ssim_window) < 1:
-            raise ValueError(f"gdmp needs rounds >= 1, scale >= 0, ssim_window >= 1; got {rounds}, {scale}, {ssim_window}")
+            raise ValueError(f"gdmp needs rounds >= 1, scale >= 0, ssim_window >= 1; "
+                             f"got {rounds}, {scale}, {ssim_window}")
         self.sampler = "gdmp"  # the DDPM maths, under its own name
         self.rounds, self.scale, self.guidance = int(rounds), float(scale), guidance
         self.schedule, self.reference, self.ssim_window = schedule, reference, int(ssim_window)
