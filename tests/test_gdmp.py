@@ -204,3 +204,26 @@ def test_the_adaptive_attacks_run_on_a_gdmp_defense(tiny_diffusion, reference):
     for attack in runs:
         res = attack(x, y, ids)
         assert float((res.x_adv - x).abs().max()) <= eps + 1e-6 and not torch.equal(res.x_adv, x)
+
+
+def test_forward_reference_of_a_later_round_uses_that_rounds_noise(tiny_diffusion):
+    """DiffAttack's forward reference at round 2's start: the input diffused with the very noise the chain
+    used to restart round 2 from round 1's output."""
+    p = GDMPPurifier(*tiny_diffusion, num_inference_steps=100, rounds=2, randomness=Randomness(0, "fixed"))
+    x, ids, draws = _x(), torch.arange(3), torch.zeros(3, dtype=torch.long)
+    n = len(p.grid)
+    with torch.no_grad():
+        state = p.diffuse(x, ids, draws)
+        for key in p.timesteps[:n - 1]:
+            state = p.reverse_step(state, key, ids, draws)
+        t_last = p.timesteps[n - 1]
+        out1 = p.scheduler.step(p.eps(state[:, :1], t_last % p.T), t_last % p.T, state[:, :1]).prev_sample
+        ref_t = p.reference_at(state[:, 1:], t_last, ids, draws)
+        out1 = out1 - p.k[t_last % p.T] * guidance_gradient(state[:, :1], ref_t)
+        start2 = p.reverse_step(state, t_last, ids, draws)[:, :1]  # round 2's start, key T + t_start
+        ref = p.diffuse(x, ids, draws, p.timesteps[n])
+    a = float(p.scheduler.alphas_cumprod[p.t_start])
+    noise_chain = (start2 - a**0.5 * out1.clamp(-1, 1)) / (1 - a) ** 0.5
+    noise_ref = (ref - a**0.5 * (x * 2 - 1)) / (1 - a) ** 0.5
+    assert p.timesteps[n] == p.T + p.t_start
+    assert torch.allclose(noise_chain, noise_ref, atol=1e-4)
