@@ -51,6 +51,7 @@ class Stream(IntEnum):
     PROBE = 5  # probes of gradient-free estimators (compression rate)
     TRAIN = 6  # training-time noise (ADDT)
     CORRECTOR = 7  # Langevin corrector noise of predictor-corrector samplers (VP-SDE PC)
+    GUIDANCE = 8  # noise of the diffused reference of guided purification (GDMP)
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)

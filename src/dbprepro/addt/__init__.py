@@ -22,15 +22,20 @@ Variants (the ablations of paper 1, selected by ``variant``):
                     with ``r_t = clip(sqrt(abar) / sqrt(1 - abar), 0, 10)``);
 ``cgpo_mse``        CGPO's objective replaced by the plain denoising error (no classifier);
 ``clean_finetune``  the standard DDPM loss with the same schedule (the control).
+``adbm``            not an ADDT ablation but its closest competitor, ADBM's bridge loss (Li et al. 2025,
+                    :mod:`dbprepro.addt.adbm`): an image-space L-inf perturbation from three FGSM steps,
+                    carried with a weight that fades from 1 at the bridge end T' <= 200 to 0 at t = 0.
 
 Everything the papers leave open is a config key (``addt.*`` in the schema).
 
 - ``cgpo.py``: CGPO, RBGM, the no-RBGM PGD perturbation and the RBGM samples of Fig. 5;
+- ``adbm.py``: ADBM's bridge coefficients, its training perturbation and loss;
 - ``losses.py``: the training loss of every variant and purifier family, :func:`make_loss_fn`;
   fine-tuning itself is :func:`dbprepro.models.training.train_ddpm` with that loss.
 """
 
 from ..purifiers.registry import PURIFIERS
+from .adbm import ADBM_DEFAULTS, adbm_loss, adbm_perturbation, bridge_coefficients, bridge_pair, sample_bridge
 from .cgpo import cgpo, cgpo_delta, mixing_weight, pgd_perturbation, rbgm, rbgm_samples
 from .losses import (FAMILY_VARIANTS, VARIANTS, Variant, _family_noise_levels, addt_loss, addt_loss_family,
                      family_noise_cap, make_loss_fn, network_passes_per_step)
@@ -42,6 +47,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["FAMILY_VARIANTS", "VARIANTS", "Variant", "addt_loss", "addt_loss_family", "cgpo", "cgpo_delta",
+__all__ = ["ADBM_DEFAULTS", "FAMILY_VARIANTS", "adbm_loss", "adbm_perturbation", "bridge_coefficients", "bridge_pair",
+           "sample_bridge", "VARIANTS", "Variant", "addt_loss", "addt_loss_family", "cgpo", "cgpo_delta",
            "family_noise_cap", "make_loss_fn", "mixing_weight", "network_passes_per_step", "pgd_perturbation", "rbgm",
            "rbgm_samples"]

@@ -12,19 +12,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..purifiers.registry import PURIFIERS
+from .adbm import ADBM_DEFAULTS, adbm_loss
 from .cgpo import _alpha_terms, cgpo, cgpo_delta, mixing_weight, no_rbgm_ratio, pgd_perturbation
 
-Variant = Literal["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune"]
-VARIANTS: tuple[str, ...] = ("addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune")
+Variant = Literal["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune", "adbm"]
+#: the training methods: ADDT and its ablations, and ADBM's bridge loss (:mod:`dbprepro.addt.adbm`)
+VARIANTS: tuple[str, ...] = ("addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune", "adbm")
 
 
 def addt_loss(unet: nn.Module, scheduler, classifier: nn.Module | None, x0: torch.Tensor, y: torch.Tensor, *,
               variant: Variant, iterations: int = 5, lambda_scale: float = 0.03, lambda_max: float = 0.3,
               pgd_eps: float = 8 / 255, pgd_alpha: float = 4 / 255, t_max: int | None = None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """The training loss of one minibatch for ``variant`` (``x0`` in [-1, 1])."""
+              generator: torch.Generator | None = None, adbm: dict | None = None) -> torch.Tensor:
+    """The training loss of one minibatch for ``variant`` (``x0`` in [-1, 1]); ``adbm`` holds the
+    ``adbm`` variant's settings (:data:`~dbprepro.addt.adbm.ADBM_DEFAULTS` where absent)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown ADDT variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if variant == "adbm":
+        return adbm_loss(unet, scheduler, classifier, x0, y, generator=generator, **{**ADBM_DEFAULTS, **(adbm or {})})
     T = int(scheduler.config.num_train_timesteps)
     hi = T if t_max is None else min(T, int(t_max) + 1)
     t = torch.randint(0, hi, (x0.shape[0],), generator=generator).to(x0.device)
@@ -55,7 +60,7 @@ def make_loss_fn(classifier: nn.Module | None, variant: Variant, *, family: str 
                  lambda_scale: float = 0.03, lambda_max: float = 0.3, pgd_eps: float = 8 / 255,
                  pgd_alpha: float = 4 / 255, t_max: int | None = None, beta_min: float = 0.1, beta_max: float = 20.0,
                  p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
-                 timestep_map: str = "interpolate"):
+                 timestep_map: str = "interpolate", adbm: dict | None = None):
     """The ``loss_fn(unet, scheduler, x0, y, generator)`` of :func:`dbprepro.models.training.train_ddpm`
     for ``variant`` (the classifier is frozen: eval mode, no gradients into its weights).
 
@@ -64,7 +69,8 @@ def make_loss_fn(classifier: nn.Module | None, variant: Variant, *, family: str 
     :func:`addt_loss_family` with ``beta_min``, ``beta_max`` (VP), ``p_mean``, ``p_std``,
     ``sigma_data`` (EDM) and ``timestep_map``.  ``t_max`` caps the training noise levels of every
     family at the DDPM's timestep ``t_max`` (None: the paper's full range); ``pgd_eps``,
-    ``pgd_alpha`` only concern ``addt_no_rbgm`` (DDPM family only).
+    ``pgd_alpha`` only concern ``addt_no_rbgm`` (DDPM family only); ``adbm`` (the ``addt.adbm``
+    section: T' range, eps, attack steps) only the ``adbm`` variant (DDPM family only).
     """
     if family not in PURIFIERS:
         raise ValueError(f"unknown ADDT family {family!r}; known (the registered samplers): {', '.join(PURIFIERS)}")
@@ -76,14 +82,14 @@ def make_loss_fn(classifier: nn.Module | None, variant: Variant, *, family: str 
                          f"its variants: {', '.join(FAMILY_VARIANTS)}")
     if classifier is not None:
         classifier.eval().requires_grad_(False)
-    if variant in ("addt", "addt_no_rbgm") and classifier is None:
+    if variant in ("addt", "addt_no_rbgm", "adbm") and classifier is None:
         raise ValueError(f"variant {variant!r} needs the classifier")
 
     if loss_family == "ddpm":
         def loss_fn(unet, scheduler, x0, y, generator):
             return addt_loss(unet, scheduler, classifier, x0, y, variant=variant, iterations=iterations,
                              lambda_scale=lambda_scale, lambda_max=lambda_max, pgd_eps=pgd_eps, pgd_alpha=pgd_alpha,
-                             t_max=t_max, generator=generator)
+                             t_max=t_max, generator=generator, adbm=adbm)
     else:
         def loss_fn(unet, scheduler, x0, y, generator):
             return addt_loss_family(unet, scheduler, classifier, x0, y, family=loss_family, variant=variant,
@@ -95,10 +101,13 @@ def make_loss_fn(classifier: nn.Module | None, variant: Variant, *, family: str 
     return loss_fn
 
 
-def network_passes_per_step(variant: Variant, iterations: int) -> int:
+def network_passes_per_step(variant: Variant, iterations: int, attack_steps: int = 3) -> int:
     """Forward+backward passes through the UNet per training step: the deterministic cost of a
-    variant relative to plain fine-tuning (1 pass); CGPO/PGD adds one per iteration.  The same for
-    every family: the VP and EDM losses also make one UNet call per CGPO iteration plus one."""
+    variant relative to plain fine-tuning (1 pass); CGPO/PGD adds one per iteration, ADBM's
+    perturbation one per ``attack_steps``.  The same for every family: the VP and EDM losses also
+    make one UNet call per CGPO iteration plus one."""
+    if variant == "adbm":
+        return attack_steps + 1
     return 1 if variant == "clean_finetune" else iterations + 1
 
 

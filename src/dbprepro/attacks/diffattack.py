@@ -33,8 +33,9 @@ The reference r_k (``reference``): ``forward`` (default, the paper's definition)
 forward-diffusion point of the attacked input at the state's timestep, with the purification's own
 forward noise, x_t = sqrt(abar_t) u + sqrt(1 - abar_t) eps, the gradient flowing through it unless
 ``detach_reference`` (the official DDPM branch treats it as a constant; its score branch and the
-paper's equation do not), DDPM/DDIM purifiers only; ``clean`` - the clean input's chain state after
-the same step under the same draw (forward only; zero at delta = 0), any purifier family.
+paper's equation do not), purifiers with a forward path (``forward_path``: DDPM, DDIM, GDMP, ADBM)
+only; ``clean`` - the clean input's chain state after the same step under the same draw (forward only;
+zero at delta = 0), any purifier family.
 
 S (``step_interval``): the states after reverse steps 0, n, 2n, ... (0-based), the output excluded;
 n = 1 the paper's uniform S, n = 10 the official code's on its 100-step chain.  alpha_k
@@ -102,8 +103,12 @@ class DiffAttack(PGD):
     @classmethod
     def run_problem(cls, attacks: dict[str, Any], purification: dict[str, Any]) -> str | None:
         d = attacks["diffattack"]
-        if cls.run_weight(d) > 0 and d["reference"] == "forward" and purification["sampler"] not in ("ddpm", "ddim"):
-            return (f"reference 'forward' (attacks.diffattack.reference) needs a DDPM/DDIM purifier, not "
+        from ..purifiers import purifier_class
+
+        forward_path = purifier_class(purification["sampler"]).forward_path
+        if cls.run_weight(d) > 0 and d["reference"] == "forward" and not forward_path:
+            return (f"reference 'forward' (attacks.diffattack.reference) needs a purifier with a forward path "
+                    f"(DDPM, DDIM, GDMP, ADBM), not "
                     f"{purification['sampler']!r}; use reference 'clean'")
         if cls.name == "diffattack" and d.get("also_weight_zero") and cls.run_weight(d) == 0:
             return "weight 0 with also_weight_zero runs the same lambda = 0 attack twice; switch one of them off"
@@ -171,8 +176,9 @@ class DiffAttack(PGD):
         if weight < 0 or step_interval < 1 or (reference_dim is not None and reference_dim < 1):
             raise ValueError("weight must be >= 0, step_interval >= 1 and reference_dim >= 1 (or None)")
         p = model.purifier
-        if weight > 0 and reference == "forward" and getattr(p, "sampler", None) not in ("ddpm", "ddim"):
-            raise ValueError(f"reference 'forward' needs a DDPM/DDIM purifier (got {type(p).__name__}); "
+        if weight > 0 and reference == "forward" and not getattr(p, "forward_path", False):
+            raise ValueError(f"reference 'forward' needs a purifier with a forward path (DDPM, DDIM, GDMP, ADBM; "
+                             f"got {type(p).__name__}); "
                              "use reference 'clean'")
         self.weight, self.reference, self.detach_reference = float(weight), reference, bool(detach_reference)
         self.rounds, self.reference_dim = tuple(rounds), reference_dim
@@ -200,7 +206,7 @@ class DiffAttack(PGD):
         return torch.full((n,), int(d), dtype=torch.long)
 
     def _state_time(self, k: int) -> int:
-        """Diffusion timestep of the state after reverse step k (DDPM/DDIM grid)."""
+        """Diffusion timestep (step key) of the state after reverse step k (the purifier's grid)."""
         ts = self.model.purifier.timesteps
         return int(ts[k + 1]) if k + 1 < len(ts) else 0
 

@@ -159,6 +159,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     if fam["names"] and fam["addt"] and not (cfg["addt"]["enabled"] and "addt" in cfg["addt"]["variants"]):
         raise ConfigError("config key families.addt: needs addt.enabled and 'addt' in addt.variants "
                           "(or set families.addt: false)")
+    _adbm_checks(cfg)
     _vote_checks(cfg, names)
     _attack_defenses_checks(cfg)
     _diffhammer_checks(cfg["attacks"]["diffhammer"])
@@ -178,6 +179,21 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         if data["n_test"] > n_test_max:
             raise ConfigError(f"config key data.n_test: {data['n_test']} exceeds the ~{n_test_max} test images of "
                               f"the digits split with test_fraction {data['test_fraction']}")
+
+
+def _adbm_checks(cfg: dict[str, Any]) -> None:
+    """The ``adbm`` training variant: its T' range within the schedule, and its defense name not also a
+    family defense's (``families.names``: adbm is the ADBM sampler on the vanilla weights)."""
+    a = cfg["addt"]
+    if not (a["enabled"] and "adbm" in a["variants"]):
+        return
+    T, b = cfg["diffusion"]["schedule"]["num_train_timesteps"], a["adbm"]
+    if not b["t_prime_min"] <= b["t_prime_max"] < T:
+        raise ConfigError(f"config key addt.adbm.t_prime_max: the bridge ends need t_prime_min <= t_prime_max < {T} "
+                          f"(num_train_timesteps), got {b['t_prime_min']} and {b['t_prime_max']}")
+    if "adbm" in cfg["families"]["names"]:
+        raise ConfigError("config key families.names: 'adbm' there is the ADBM sampler on the vanilla weights, a "
+                          "defense named like the adbm fine-tune of addt.variants; list it in only one of the two")
 
 
 def _vote_checks(cfg: dict[str, Any], names: list[str]) -> None:

@@ -53,11 +53,14 @@ def attack_run_calls(cfg: dict, defense: str, setting: str, attack: str, purific
     return per, bound
 
 
-def addt_step_calls(variant: str, cgpo_iterations: int) -> Calls:
+def addt_step_calls(variant: str, cgpo_iterations: int, adbm_attack_steps: int = 3) -> Calls:
     """Calls per training image of one ADDT step: CGPO / PGD iterations (UNet and classifier
     forward+backward to the perturbation; MSE variant without the classifier), then one training
-    pass; clean fine-tuning is the training pass alone."""
+    pass; clean fine-tuning is the training pass alone; ADBM's bridge loss: its ``adbm_attack_steps``
+    FGSM steps (UNet and classifier forward+backward), then one training pass."""
     K = int(cgpo_iterations)
+    if variant == "adbm":
+        return Calls(unet_grad=int(adbm_attack_steps), clf_grad=int(adbm_attack_steps), unet_train=1)
     if variant == "clean_finetune":
         return Calls(unet_train=1)
     if variant == "cgpo_mse":
@@ -102,7 +105,7 @@ def count_calls(cfg: dict) -> list[Job]:
     # ADDT fine-tuning
     a = cfg["addt"]
     for v in variants:
-        per = addt_step_calls(v, a["cgpo_iterations"])
+        per = addt_step_calls(v, a["cgpo_iterations"], a["adbm"]["attack_steps"])
         jobs.append(Job(f"train_addt/{v}", "tables/addt_training.csv", per * (a["steps"] * a["batch_size"]),
                         note=f"{a['steps']} steps x batch {a['batch_size']}"))
     for d in exp.own_addt:  # a family's own ADDT loss: the same passes per step as addt

@@ -128,7 +128,7 @@ def train_addt(input, output, params, wildcards) -> None:
     classifier = load_classifier(input.classifier).to(device)
     loss_fn = make_loss_fn(classifier, variant, family=family, iterations=a["cgpo_iterations"],
                            lambda_scale=a["lambda_scale"], lambda_max=a["lambda_max"], pgd_eps=a["pgd_eps"],
-                           pgd_alpha=a["pgd_alpha"], t_max=a["t_max"], **family_kw)
+                           pgd_alpha=a["pgd_alpha"], t_max=a["t_max"], adbm=a["adbm"], **family_kw)
     t0 = _time.perf_counter()
     ema_unet, history = train_ddpm(unet.to(device), scheduler, train.images, labels=train.labels, steps=a["steps"],
                                    batch_size=a["batch_size"], lr=a["lr"], ema_decay=a["ema_decay"], warmup_steps=0,
@@ -138,7 +138,7 @@ def train_addt(input, output, params, wildcards) -> None:
     seconds = _time.perf_counter() - t0
     save_diffusion(ema_unet, scheduler, output.model)
     history.insert(0, "defense", defense)
-    history["unet_passes_per_step"] = network_passes_per_step(variant, a["cgpo_iterations"])
+    history["unet_passes_per_step"] = network_passes_per_step(variant, a["cgpo_iterations"], a["adbm"]["attack_steps"])
     write_table(history, output.history)
     write_table(pd.DataFrame([{"defense": defense, "steps": a["steps"], "seconds": seconds,
                                "seconds_per_step": seconds / a["steps"]}]), output.timing)

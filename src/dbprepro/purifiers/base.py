@@ -91,6 +91,9 @@ class ReverseChain(nn.Module):
     grad_modes: ClassVar[tuple[str, ...]] = GRAD_MODES
     #: those of its modes in which :meth:`purify_states` delivers the chain states with gradients
     state_grad_modes: ClassVar[tuple[str, ...]] = STATE_GRAD_MODES
+    #: ``diffuse(x, ids, draws, t)`` gives the input's forward-diffusion point at the timestep of the state
+    #: after any reverse step, with the purification's own noise (DiffAttack's ``forward`` reference)
+    forward_path: ClassVar[bool] = False
 
     randomness: Randomness
     grad_mode: str

@@ -54,6 +54,7 @@ class Purifier(ReverseChain):
     """
 
     sampler = "ddpm"
+    forward_path = True
 
     def __init__(self, unet: nn.Module, scheduler, t_star: float = 0.1,
                  num_inference_steps: int | None = None, sampler: Sampler | None = None,
