@@ -296,7 +296,7 @@ def test_persistence_payload_is_parsed_as_data_never_executed(tmp_path, marker):
     ({"version": 5}, "version 5"),
     ({"type": "function"}, "'function'"),
     ({"module_src": b"bytes"}, "module_src"),
-    ({"state": [1, 2]}, "state is a list"),
+    ({"state": [1, 2]}, "state is list of 2"),
     ({"extra": 1}, "unexpected fields"),
 ])
 def test_malformed_persistence_records_are_refused(tmp_path, marker, change, message):
@@ -310,7 +310,7 @@ def test_storage_blob_refusals(tmp_path, marker):
     vals = torch.arange(6, dtype=torch.float32)
     cases = [
         (storage_blob(vals, pid=("module", FakeGlobal("torch", "FloatStorage"), "k", "cpu", 6, None)), "persistent id"),
-        (storage_blob(vals, storage_class=FakeGlobal("builtins", "eval")), r"builtins\.eval inside a storage blob"),
+        (storage_blob(vals, storage_class=FakeGlobal("builtins", "eval")), r"storage blob: refused global builtins\.eval"),
         (storage_blob(vals, storage_class=FakeGlobal("os", "system")), r"os\.system"),
         (storage_blob(vals)[:-4], "data bytes"),
         (b"\x80\x02K\x01.", "storage blob"),

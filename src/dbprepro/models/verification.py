@@ -208,3 +208,27 @@ def load_weights_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) 
                               "wrong architecture or settings? " + " | ".join(parts))
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def match_parts(model: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
+                where: str | Path = "checkpoint") -> nn.Module:
+    """Load a checkpoint's ``params`` and persistent ``buffers`` into ``model``, matched separately against
+    its parameters and buffers: a name under the other kind (or under both), or a dtype that differs from
+    the model's, is refused naming the first such tensor; then :func:`load_weights_into` (names, shapes)."""
+    own_p = dict(model.named_parameters())
+    own_b = {k: v for k, v in model.state_dict().items() if k not in own_p}
+    for key in params:
+        if key in buffers:
+            raise CheckpointError(f"{where}: {key} is both a parameter and a buffer (shadowing)")
+    for mine, other, kind, other_kind in ((params, own_b, "parameter", "buffer"), (buffers, own_p, "buffer",
+                                                                                     "parameter")):
+        for key in mine:
+            if key in other:
+                raise CheckpointError(f"{where}: {key} is a {kind} in the checkpoint but a {other_kind} of "
+                                      f"{type(model).__name__}")
+    own = {**own_p, **own_b}
+    for key, value in {**params, **buffers}.items():
+        if key in own and value.dtype != own[key].dtype:
+            raise CheckpointError(f"{where}: {key} is {value.dtype} in the checkpoint, {own[key].dtype} in the "
+                                  "model")
+    return load_weights_into(model, {**params, **buffers})
