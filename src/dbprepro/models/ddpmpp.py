@@ -288,18 +288,24 @@ def _describe(net: DDPMpp) -> str:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    """Score SDE's checkpoint dict, read with ``weights_only=True`` (never executing code)."""
+    """Score SDE's checkpoint dict: the file checked by :func:`.torch_guard.guard_torch_file` (size, zip records
+    and their declared sizes -- no zip bomb --, ``data.pkl`` by the safe reader: depth, object count, torch's
+    tensor globals only), then read with ``torch.load(weights_only=True)`` (never executing code)."""
+    from .safe_pickle import summary
+    from .torch_guard import guard_torch_file
+
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file is missing")
+    guard_torch_file(path)  # CheckpointError subclasses, naming the opcode, global, record or bound
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a code payload, a corrupt or foreign file: all refused, nothing executed
         detail = " ".join(str(e).split())[:300] or type(e).__name__
         raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint (refused, nothing executed): {detail}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        found = sorted(summary(k) for k in ckpt)[:10] if isinstance(ckpt, dict) else summary(ckpt)
         raise CheckpointError(f"{path}: not a Score SDE checkpoint (a dict with 'model', 'ema', "
-                              f"'optimizer', 'step'); found {keys}")
+                              f"'optimizer', 'step'); found {found}")
     return ckpt
 
 
@@ -308,12 +314,20 @@ def _strip_module(model: dict, path: str | Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in model.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: model[{key!r}] is a {type(value).__name__}, not a tensor")
-        name = key[len("module."):] if str(key).startswith("module.") else str(key)
+            raise CheckpointError(f"{path}: model[{_key(key)}] is a {type(value).__name__}, not a tensor")
+        if type(key) is not str:
+            raise CheckpointError(f"{path}: model key {_key(key)} is not a string")
+        name = key[len("module."):] if key.startswith("module.") else key
         if name in out:
-            raise CheckpointError(f"{path}: {name!r} appears twice once 'module.' is removed")
+            raise CheckpointError(f"{path}: {_key(name)} appears twice once 'module.' is removed")
         out[name] = value
     return out
+
+
+def _key(key) -> str:
+    from .safe_pickle import summary
+
+    return summary(key)
 
 
 def _shadow_params(ckpt: dict, path: str | Path) -> list[torch.Tensor]:

@@ -341,7 +341,7 @@ class SafeUnpickler:
         g = self.globals.get((module, name))
         if g is None:
             raise self._fail(f"refused global {summary(module)[1:-1]}.{summary(name)[1:-1]}: not in the allowlist "
-                             "(nothing was imported or executed)")
+                             "(not imported, not executed)")
         self._push(g)
 
     def op_GLOBAL(self):

@@ -166,11 +166,19 @@ def guard_torch_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> None:
     """Refuse a torch file whose load would not be bounded (module docstring); nothing is built."""
     path = Path(path)
     budget = limits.budget(check_file_size(path, limits))
-    if zipfile.is_zipfile(path):
-        _guard_zip(path, limits, budget)
-    else:
-        with open(path, "rb") as f:
-            _guard_legacy(f, limits, budget, path)
+    try:
+        if zipfile.is_zipfile(path):
+            _guard_zip(path, limits, budget)
+        else:
+            with open(path, "rb") as f:
+                _guard_legacy(f, limits, budget, path)
+    except UnsafePickleError as e:
+        msg = str(e).replace(f"{path}: ", "")
+        raise type(e)(f"{path}: not a readable PyTorch checkpoint, or outside the weights-only format (refused "
+                      f"before torch.load, nothing executed): {msg}") from None
+    except (ValueError, TypeError, OverflowError, struct.error, UnicodeDecodeError, OSError, EOFError) as e:
+        raise UnsafePickleError(f"{path}: not a readable PyTorch checkpoint (refused before torch.load, nothing "
+                                f"executed): {type(e).__name__}") from None
 
 
 def _guard_zip(path: Path, limits: Limits, budget: Budget) -> None:
@@ -196,7 +204,7 @@ def _guard_zip(path: Path, limits: Limits, budget: Budget) -> None:
         with zf.open(pkl[0]) as f:
             raw = f.read(sizes[pkl[0]] + 1)
     storages: list[StorageRecord] = []
-    _scan(raw, limits, budget, storages, f"{path}: data.pkl")
+    _scan(raw, limits, budget, storages, "data.pkl")
     for s in storages:
         name = f"{prefix}data/{s.key}"
         if sizes.get(name) != s.nbytes:
@@ -225,7 +233,10 @@ def _guard_legacy(f, limits: Limits, budget: Budget, path: Path) -> None:
         storages.append(storage_pid(p))
         return storages[-1]
 
-    where = f"{path}: legacy torch file"
+    where = "legacy torch file"
+    if f.read(2) != b"\x80\x02":
+        raise UnsafePickleError(f"{where}: does not start with torch's protocol-2 magic number pickle")
+    f.seek(0)
     head = [SafeUnpickler(f, {}, budget, limits, where=where).load() for _ in range(3)]
     if head[0] != 0x1950A86A20F9469CFC6C or head[1] != 1001:
         raise UnsafePickleError(f"{where}: not a torch file (magic {summary(head[0])}, protocol {summary(head[1])})")

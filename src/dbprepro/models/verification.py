@@ -107,6 +107,8 @@ def _refusal(path: Path, err: Exception) -> CheckpointError:
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    from .safe_pickle import summary  # bounded descriptions: never the repr of file data
+
     for _ in range(3):  # {"state_dict": {...}}, {"model": {"state_dict": ...}}, ...
         if not isinstance(obj, Mapping):
             break
@@ -120,15 +122,16 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: no state dict inside (got {type(obj).__name__}; "
                               f"looked under {', '.join(_CONTAINER_KEYS)})")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad = [summary(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: state dict has non-tensor entries: {', '.join(bad[:10])}")
     out: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
-        key = str(key)
+        if type(key) is not str:
+            raise CheckpointError(f"{path}: state dict key {summary(key)} is not a string")
         new = key[len("module."):] if key.startswith("module.") else key
         if new in out:
-            raise CheckpointError(f"{path}: both {key!r} and {new!r} present after removing 'module.'")
+            raise CheckpointError(f"{path}: both {summary(key)} and {summary(new)} present after removing 'module.'")
         out[new] = value
     return out
 
@@ -136,9 +139,10 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``.pt/.pth/.t7/.bin``).
 
-    Torch files go through ``torch.load(..., map_location="cpu", weights_only=True)``
-    only; anything needing other globals (a code payload) is refused with a
-    :class:`CheckpointError`.  Common containers (``{"state_dict": ...}``,
+    Torch files are checked by :func:`.torch_guard.guard_torch_file` (size, zip records,
+    the pickle's structure: a bounded load) and then go through ``torch.load(...,
+    map_location="cpu", weights_only=True)`` only; anything needing other globals (a code
+    payload) is refused with a :class:`CheckpointError`.  Common containers (``{"state_dict": ...}``,
     ``{"model": ...}``, ``{"net": ...}``) are unwrapped and a ``module.`` prefix
     (DataParallel) is removed.
     """
@@ -164,6 +168,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not name.endswith(_PICKLE_SUFFIXES):
         raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors or "
                               f"one of {', '.join(_PICKLE_SUFFIXES)}")
+    from .torch_guard import guard_torch_file
+
+    guard_torch_file(path)  # bounded before torch reads it: size, zip records, data.pkl structure
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
