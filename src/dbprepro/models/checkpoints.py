@@ -63,6 +63,22 @@ def _write_record(folder: Path, record: dict) -> None:
 def _warn_unpinned(what: str, key: str, value: str) -> None:
     log.warning("UNPINNED %s: accepted on first use WITHOUT a pinned hash; pin it in the config: %s: %s",
                 what, key, value)
+    print(f"TRUST ON FIRST USE: {what}: {key}: {value} (not checked against a pin; recorded in "
+          f"{UNPINNED_RECORD}; paste it into the config)", flush=True)
+
+
+def trusted_sha256(dest: str | Path, sha256: str | None) -> str:
+    """The hash a downloaded file is read under: its pin, else the one :func:`download_url` recorded on first
+    use in ``dbprepro_unpinned.json`` beside it.  A file with neither is refused, so an unpinned file (a pickle
+    above all) is never parsed without its hash written down first."""
+    if sha256 is not None:
+        return _expected_sha256(sha256, dest)
+    dest = Path(dest)
+    recorded = _read_record(dest.parent).get("files", {}).get(dest.name)
+    if recorded is None:
+        raise CheckpointError(f"{dest}: neither pinned nor recorded in {dest.parent / UNPINNED_RECORD}; "
+                              "an unpinned file is read only after its sha256 is recorded (trust on first use)")
+    return _expected_sha256(recorded, dest)
 
 
 def _resolve_revision(repo_id: str, repo_type: str) -> str:

@@ -174,7 +174,8 @@ class DDPMpp(EpsNetwork):
         return cls(**_config(cfg)).eval()
 
     @classmethod
-    def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None, use_ema: bool = True) -> "DDPMpp":
+    def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None, use_ema: bool = True,
+                   sha256: str | None = None) -> "DDPMpp":
         """The network of ``cfg`` (:meth:`from_config`) with the weights of Score SDE's checkpoint
         file ``path``, in eval mode.
 
@@ -190,8 +191,12 @@ class DDPMpp(EpsNetwork):
         replaces the i-th entry of ``named_parameters()`` -- after checking that the parameter keys
         of ``model`` come in that same order, that the list has one tensor per parameter and that
         every shape matches -- and the result is loaded with ``strict=True``.  ``use_ema=False``
-        loads the raw ``model`` weights instead.
+        loads the raw ``model`` weights instead.  ``sha256``: the file is checked against it first.
         """
+        if sha256:
+            from .verification import verify_file
+
+            verify_file(path, sha256)
         ckpt = _read_checkpoint(Path(path))
         net = cls.from_config(cfg)
         state = _strip_module(ckpt["model"], path)

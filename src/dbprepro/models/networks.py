@@ -53,7 +53,8 @@ class EpsNetwork(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None) -> "EpsNetwork":
+    def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None,
+                   sha256: str | None = None) -> "EpsNetwork":
         raise NotImplementedError
 
     @property
@@ -86,18 +87,20 @@ NETWORK_FILE = "network.json"
 
 
 def save_network_dir(path: str | Path, name: str, config: dict[str, Any], weights: str | Path,
-                     sha256: str, scheduler) -> None:
+                     sha256: str, scheduler, pinned: bool = True) -> None:
     """The model folder of a family's own network (rule download_network): ``network.json``
     (registered ``name``, its ``config`` overrides, the official ``weights`` file - left where it
     was downloaded, never converted: its licence forbids redistributing derived tensors - and
-    that file's ``sha256``) and ``scheduler/``, the DDPM noise schedule the continuous purifiers
+    that file's ``sha256``, and whether the config pinned it or it was trusted on first use:
+    ``sha256_pinned``) and ``scheduler/``, the DDPM noise schedule the continuous purifiers
     map noise levels with.  Written atomically."""
     from ..io import atomic_dir
 
     network_class(name)  # a ValueError naming the registered ones
     rel = os.path.relpath(Path(weights).resolve(), Path(path).resolve())  # the folder moves with results/
     with atomic_dir(path) as tmp:
-        spec = {"network": name, "config": dict(config), "weights": rel, "sha256": sha256}
+        spec = {"network": name, "config": dict(config), "weights": rel, "sha256": sha256,
+                "sha256_pinned": bool(pinned)}  # false: trusted on first use, recorded here to be pinned
         (tmp / NETWORK_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
         scheduler.save_pretrained(tmp / "scheduler")
 
