@@ -47,7 +47,7 @@ from torch import nn
 
 from .ddpmpp_layers import AttnBlock, ResBlock, conv, group_norm, linear, positional_embedding
 from .networks import EpsNetwork, register_network
-from .verification import CheckpointError
+from .bounds import CheckpointError, summary
 
 #: the paper-scale hyper-parameters (``vp/cifar10_ddpmpp_deep_continuous``), overridable by ``from_config``
 PAPER_CONFIG: dict[str, Any] = {
@@ -296,7 +296,6 @@ def _read_checkpoint(path: Path) -> dict:
     """Score SDE's checkpoint dict: the file checked by :func:`.torch_guard.guard_torch_file` (size, zip records
     and their declared sizes -- no zip bomb --, ``data.pkl`` by the safe reader: depth, object count, torch's
     tensor globals only), then read with ``torch.load(weights_only=True)`` (never executing code)."""
-    from .safe_pickle import summary
     from .torch_guard import guard_torch_file
 
     if not path.is_file():
@@ -319,20 +318,14 @@ def _strip_module(model: dict, path: str | Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in model.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: model[{_key(key)}] is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{path}: model[{summary(key)}] is a {type(value).__name__}, not a tensor")
         if type(key) is not str:
-            raise CheckpointError(f"{path}: model key {_key(key)} is not a string")
+            raise CheckpointError(f"{path}: model key {summary(key)} is not a string")
         name = key[len("module."):] if key.startswith("module.") else key
         if name in out:
-            raise CheckpointError(f"{path}: {_key(name)} appears twice once 'module.' is removed")
+            raise CheckpointError(f"{path}: {summary(name)} appears twice once 'module.' is removed")
         out[name] = value
     return out
-
-
-def _key(key) -> str:
-    from .safe_pickle import summary
-
-    return summary(key)
 
 
 def _shadow_params(ckpt: dict, path: str | Path) -> list[torch.Tensor]:

@@ -56,7 +56,7 @@ import torch
 from .safe_pickle import DEFAULT_LIMITS, Budget, Global, Limits, LimitExceeded, Record, SafeUnpickler
 from .safe_pickle import UnsafePickleError, summary
 from .torch_guard import STORAGE_GLOBALS, TENSOR_GLOBALS, StorageRecord, check_file_size, decode_storage, storage_pid
-from .verification import CheckpointError
+from .bounds import CheckpointError
 
 __all__ = ["ArrayRecord", "ContainerRecord", "DtypeRecord", "LimitExceeded", "Limits", "PersistentRecord",
            "UnsafePickleError", "ema_parts", "ema_state_dict", "module_parts", "module_tensors", "read_edm_pickle"]
@@ -229,8 +229,18 @@ def _globals(budget: Budget, limits: Limits) -> dict[tuple[str, str], Global]:
                                                              ContainerRecord, buildable=True),
         ("torch.storage", "_load_from_bytes"): Global("torch.storage._load_from_bytes", _blob_reader(budget, limits)),
         ("numpy", "ndarray"): Global("numpy.ndarray", value="ndarray"),
+        **{("builtins", k.__name__): Global(f"builtins.{k.__name__}", _set_of(k)) for k in (set, frozenset)},
         ("numpy", "dtype"): Global("numpy.dtype", DtypeRecord, buildable=True),
     }
+
+
+def _set_of(kind):
+    def make(items=()):
+        if type(items) is not list or not all(type(x) in (str, bytes, int, float, bool, type(None)) for x in items):
+            raise UnsafePickleError(f"refused builtins.{kind.__name__} of {summary(items)}: only a list of atoms")
+        return kind(items)
+
+    return make
 
 
 def _reconstruct(budget, subtype, shape, typecode):
@@ -331,8 +341,7 @@ def _ema(source, expected_class) -> PersistentRecord:
 
 
 def _attrs(ema: PersistentRecord) -> dict:
-    return {k: v for k, v in ema.state.items()
-            if type(k) is str and not k.startswith("_") and not isinstance(v, torch.Tensor)}
+    return {k: v for k, v in ema.state.items() if type(k) is str and not k.startswith("_")}
 
 
 def ema_state_dict(source: str | Path | dict,

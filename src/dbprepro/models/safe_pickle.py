@@ -27,78 +27,16 @@ network pickles (:mod:`.edm_pickle`) and by the pre-scan of torch files (:mod:`.
 from __future__ import annotations
 
 import struct
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from .verification import CheckpointError
+from .bounds import DEFAULT_LIMITS, Budget, LimitExceeded, Limits, UnsafePickleError, summary
+
+__all__ = ["ATOMS", "DEFAULT_LIMITS", "Budget", "Global", "LimitExceeded", "Limits", "OPCODES", "Record",
+           "SafeUnpickler", "UnsafePickleError", "summary"]
 
 ATOMS = (str, bytes, int, float, bool, type(None))
-
-
-class UnsafePickleError(CheckpointError):
-    """The stream needs something outside the reader's allowlist; nothing of it was executed."""
-
-
-class LimitExceeded(UnsafePickleError):
-    """The stream would pass one of the reader's resource bounds (:class:`Limits`)."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource bounds of one load.  ``alloc_ratio`` x file size + ``alloc_slack`` bytes is the most the
-    reader allocates; the defaults read a 1.7 GB Score SDE checkpoint and EDM's 220 MB pickles."""
-
-    max_file_bytes: int = 4 << 30  #: largest file read
-    alloc_ratio: float = 3.0  #: total allocation <= alloc_ratio x file size + alloc_slack
-    alloc_slack: int = 32 << 20
-    max_depth: int = 100  #: nesting depth of any object, and of MARKs
-    max_objects: int = 2_000_000  #: values pushed by the stream
-    max_seconds: float = 600.0  #: wall-clock bound of one load
-    max_zip_entries: int = 100_000  #: records of a torch zip file
-
-    def budget(self, file_bytes: int) -> "Budget":
-        return Budget(int(self.alloc_ratio * file_bytes) + self.alloc_slack,
-                      time.monotonic() + self.max_seconds, self.max_seconds)
-
-
-DEFAULT_LIMITS = Limits()
-
-
-@dataclass
-class Budget:
-    """The allocation and time left to one load (shared by nested readers of the same file)."""
-
-    bytes_left: int
-    deadline: float
-    seconds: float
-    used: int = 0
-
-    def charge(self, nbytes: int, what: str) -> None:
-        if nbytes > self.bytes_left:
-            raise LimitExceeded(f"{what} would allocate {nbytes} bytes; the allocation bound has "
-                                f"{self.bytes_left} left ({self.used} used; Limits.alloc_ratio)")
-        self.bytes_left -= nbytes
-        self.used += nbytes
-
-    def check_time(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise LimitExceeded(f"wall-clock bound of {self.seconds:g} s passed (Limits.max_seconds)")
-
-
-def summary(obj: Any) -> str:
-    """A bounded description of a stream value: its type and size, or a short string's first 60 characters."""
-    if isinstance(obj, str):
-        return repr(obj[:60]) + ("..." if len(obj) > 60 else "")
-    if isinstance(obj, (bool, type(None))) or (isinstance(obj, (int, float)) and abs(obj) < 1e15):
-        return repr(obj)
-    kind = type(obj).__name__
-    try:
-        size = len(obj) if isinstance(obj, (bytes, bytearray, tuple, list, dict, set, frozenset)) else None
-    except Exception:  # pragma: no cover - builtin containers always have a length
-        size = None
-    return f"{kind} of {size}" if size is not None else f"a {kind}"
 
 
 @dataclass(frozen=True)

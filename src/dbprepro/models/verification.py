@@ -19,16 +19,13 @@ import torch
 from torch import nn
 
 from ..io import sha256_file
+from .bounds import CheckpointError, summary
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HTML_STARTS = (b"<!doctype html", b"<html")
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".t7", ".bin", ".pt.tar", ".pth.tar")
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or data file is missing, not what was pinned, unsafe, or does not fit."""
 
 
 def _expected_sha256(sha256: str, what: str | Path) -> str:
@@ -107,8 +104,6 @@ def _refusal(path: Path, err: Exception) -> CheckpointError:
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
-    from .safe_pickle import summary  # bounded descriptions: never the repr of file data
-
     for _ in range(3):  # {"state_dict": {...}}, {"model": {"state_dict": ...}}, ...
         if not isinstance(obj, Mapping):
             break
