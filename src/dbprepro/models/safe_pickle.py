@@ -303,7 +303,10 @@ class SafeUnpickler:
         if type(args) is not tuple:
             raise self._fail(f"{opname} of {fn.qualname} with {summary(args)} arguments")
         depth = self._children(args)
-        result = fn.fn(*args)
+        try:
+            result = fn.fn(*args)
+        except TypeError:  # a wrong number of arguments: named, not a Python traceback about our functions
+            raise self._fail(f"refused {opname} of {fn.qualname} with {len(args)} arguments") from None
         if isinstance(result, ATOMS):
             self._push(result)
             return
