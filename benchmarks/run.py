@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run.py --only gradients,overhead
     .venv/bin/python benchmarks/run.py --only budget   # grad_mode budget at 3 budgets (benchmarks/gradient_budget.py)
     .venv/bin/python benchmarks/run.py --only adaptive # DiffAttack / DiffHammer iteration at paper scale (adaptive_memory.py)
+    .venv/bin/python benchmarks/run.py --only checkpoint # EDM's pickle through the safe reader vs torch.load (checkpoint_load.py)
     .venv/bin/python benchmarks/run.py --dag smoke     # also time a cold DAG run (smoke or default)
 
 Writes ``results/benchmarks/suite/<comparison>.csv`` and ``results/benchmarks/suite/summary.md`` (each target,
@@ -38,7 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARISONS = ("gradients", "budget", "adaptive", "randomness", "eot", "overhead", "scaling", "dag", "cost")
+COMPARISONS = ("gradients", "budget", "adaptive", "randomness", "eot", "overhead", "scaling", "dag", "cost",
+               "checkpoint")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -604,6 +606,7 @@ def main(argv=None) -> int:
         "scaling": lambda: bench_scaling(args.quick, out),
         "dag": lambda: bench_dag(args.quick, out, args.dag, args.dag_workdir),
         "cost": lambda: bench_cost(args.quick, out),
+        "checkpoint": lambda: __import__("checkpoint_load").bench_checkpoint(sys.modules[__name__], args.quick, out),
     }
     for name in only:
         print(f"[{name}]", flush=True)

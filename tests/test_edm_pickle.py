@@ -432,3 +432,19 @@ def test_the_payload_is_live_under_the_ordinary_loader(tmp_path, marker):
     control.unlink()
     read_edm_pickle(path)  # the same bytes through the restricted reader: nothing runs
     assert not control.exists() and "torch_utils" not in sys.modules and not hasattr(builtins, FLAG)
+
+
+def test_large_storage_blobs_are_read_in_place_and_checked(tmp_path, marker):
+    """A blob of at least LARGE_BYTES is read straight from the file into the tensor (StorageBlob): the same
+    values, and the same refusals as a small one."""
+    vals = torch.randn(3000, dtype=torch.float32)
+    data = read_edm_pickle(write(tmp_path, dumps({"t": tensor_call(storage_blob(vals), (30, 100))})))
+    assert torch.equal(data["t"], vals.reshape(30, 100))
+    for blob, message in [
+        (storage_blob(vals)[:-4], r"storage blob of \d+ bytes: header and 3000 torch.float32 elements take \d+"),
+        (storage_blob(vals, pid=("module", FakeGlobal("torch", "FloatStorage"), "k", "cpu", 3000, None)),
+         "refused persistent id"),
+        (storage_blob(vals, storage_class=FakeGlobal("os", "system")), r"storage blob: refused global os\.system"),
+    ]:
+        with pytest.raises(UnsafePickleError, match=message):
+            read_edm_pickle(write(tmp_path, dumps({"t": tensor_call(blob, (3000,))})))

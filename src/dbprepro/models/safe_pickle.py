@@ -37,6 +37,8 @@ __all__ = ["ATOMS", "DEFAULT_LIMITS", "Budget", "Global", "LimitExceeded", "Limi
            "SafeUnpickler", "UnsafePickleError", "summary"]
 
 ATOMS = (str, bytes, int, float, bool, type(None))
+#: a bytes payload at least this long is offered to ``large_bytes`` (which reads storage blobs in place)
+LARGE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,14 @@ _OPEN_TYPES = (list, dict, set, OrderedDict)
 class SafeUnpickler:
     """Reads one pickle from binary file ``f`` (module docstring).  ``globals_``: ``{(module, name):
     Global}``; ``persistent``: the function of a persistent id (else BINPERSID is refused); ``budget``
-    is charged for everything allocated."""
+    is charged for everything allocated.  ``large_bytes(f, n)``: offered a bytes payload of n >=
+    :data:`LARGE_BYTES` before it is read; it returns a record read from ``f`` (exactly n bytes), or
+    None, having read nothing, to get plain bytes."""
 
     def __init__(self, f, globals_: dict[tuple[str, str], Global], budget: Budget, limits: Limits = DEFAULT_LIMITS,
-                 persistent: Callable[[Any], Any] | None = None, where: str = "the stream"):
-        self.read, self.readline = f.read, f.readline
+                 persistent: Callable[[Any], Any] | None = None, where: str = "the stream",
+                 large_bytes: Callable[[Any, int], Any] | None = None):
+        self.f, self.read, self.readline, self.large_bytes = f, f.read, f.readline, large_bytes
         self.globals, self.budget, self.limits, self.persistent, self.where = globals_, budget, limits, persistent, where
         self.stack: list = []
         self.metastack: list = []
@@ -214,6 +219,10 @@ class SafeUnpickler:
         self._pop_mark()
 
     def _data(self, n: int, kind: str):
+        if kind == "bytes" and n >= LARGE_BYTES and self.large_bytes is not None:
+            value = self.large_bytes(self.f, n)  # may read the payload itself (into memory it allocates)
+            if value is not None:
+                return self._made(value, 0, False, 0)
         data = self._readn(n, kind)
         return str(data, "utf-8", "surrogatepass") if kind == "a string" else data
 
