@@ -19,7 +19,8 @@ record or memory this reader allocated:
 * ``torch.storage._load_from_bytes`` -> the legacy blob parsed by a second safe reader (storage classes its
   only globals, ``('storage', <class>, key, location, numel, None)`` its only persistent id), its raw bytes
   copied into a new CPU tensor of the announced dtype and size -- a large blob straight from the file as the
-  outer reader meets it (:class:`StorageBlob`), a small one from its bytes (:func:`.torch_guard.decode_storage`);
+  outer reader meets it (:class:`.torch_guard.StorageBlob`), a small one from its bytes
+  (:func:`.torch_guard.decode_storage`);
   each blob is decoded at most once; torch's rebuild functions -> bounds-checked views (:mod:`.torch_guard`);
 * numpy: ``dtype(spec)`` -> a :class:`DtypeRecord` for a whitelisted numeric type string, whose BUILD may only
   set the byte order; ``_reconstruct`` + BUILD -> an :class:`ArrayRecord` whose array is decoded from the
@@ -43,7 +44,6 @@ reads the ``ema`` network.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import re
 import struct
@@ -54,10 +54,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .bounds import CheckpointError
 from .safe_pickle import DEFAULT_LIMITS, Budget, Global, Limits, LimitExceeded, Record, SafeUnpickler
 from .safe_pickle import UnsafePickleError, summary
-from .torch_guard import STORAGE_GLOBALS, TENSOR_GLOBALS, StorageRecord, check_file_size, decode_storage, storage_pid
-from .bounds import CheckpointError
+from .torch_guard import TENSOR_GLOBALS, StorageBlob, blob_reader, check_file_size, large_blob_reader
 
 __all__ = ["ArrayRecord", "ContainerRecord", "DtypeRecord", "StorageBlob", "LimitExceeded", "Limits", "PersistentRecord",
            "UnsafePickleError", "ema_parts", "ema_state_dict", "module_parts", "module_tensors", "read_edm_pickle"]
@@ -69,9 +69,6 @@ PERSISTENT_CLASSES = frozenset({
     "VELoss", "AugmentPipe",
 })
 PERSISTENCE_VERSION = 6
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
-_BLOB_START = b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little")  # the magic number, pickled
 #: numeric numpy type strings (no byte order: that comes from BUILD), e.g. 'f8', 'float64', 'i4', '?'
 _NUMPY_NUMERIC = re.compile(r"^([biufc](1|2|4|8|16)|\?|(float|int|uint|complex)(8|16|32|64|128)|bool)$")
 
@@ -182,89 +179,6 @@ def _persistent_record(meta: Any) -> PersistentRecord:
     return PersistentRecord(name, state, hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest())
 
 
-class StorageBlob(Record):
-    """A large storage blob (``BINBYTES`` of at least :data:`.safe_pickle.LARGE_BYTES`) read in place: its header
-    parsed and its data read from the file straight into a new tensor (one copy, as ``torch.load`` makes).  It
-    stands for the bytes only as the argument of ``_load_from_bytes``, once."""
-
-    def __init__(self, storage: StorageRecord):
-        self.storage, self.used = storage, False
-
-
-def _blob_header(f, budget: Budget, limits: Limits) -> StorageRecord:
-    """The five pickles of a legacy ``torch.save`` of one storage and its element count, read from ``f`` by
-    safe readers (storage classes the only globals, a storage id the only persistent id)."""
-    pending: list[StorageRecord] = []
-
-    def pid(p):
-        pending.append(storage_pid(p))
-        return pending[-1]
-
-    magic, version, info, obj, keys = (SafeUnpickler(f, STORAGE_GLOBALS, budget, limits, pid, "storage blob").load()
-                                       for _ in range(5))
-    if magic != _LEGACY_MAGIC or version != _LEGACY_PROTOCOL:
-        raise UnsafePickleError(f"storage blob with magic {summary(magic)}, protocol {summary(version)}")
-    if type(info) is not dict or info.get("little_endian") is not True:
-        raise UnsafePickleError("storage blob sys_info is not little-endian (only little-endian is read)")
-    if not isinstance(obj, StorageRecord) or len(pending) != 1 or keys != [obj.key]:
-        raise UnsafePickleError("storage blob does not hold exactly one storage")
-    head = f.read(8)
-    if len(head) != 8 or struct.unpack("<q", head)[0] != obj.numel:
-        raise UnsafePickleError(f"storage blob element count does not match numel {obj.numel}")
-    return obj
-
-
-def _large_blob(budget: Budget, limits: Limits):
-    """The ``large_bytes`` hook of the outer reader: a payload that starts like a legacy storage blob is read
-    in place (:class:`StorageBlob`), any other is left to be read as plain bytes."""
-
-    def read(f, n: int):
-        start = f.tell()
-        if f.read(len(_BLOB_START)) != _BLOB_START:
-            f.seek(start)
-            return None
-        f.seek(start)
-        storage = _blob_header(f, budget, limits)
-        if f.tell() - start + storage.nbytes != n:
-            raise UnsafePickleError(f"storage blob of {n} bytes: header and {storage.numel} {storage.dtype} "
-                                    f"elements take {f.tell() - start + storage.nbytes}")
-        budget.check_time()
-        budget.charge(storage.nbytes, f"storage {summary(storage.key)}")
-        data = torch.empty(storage.numel, dtype=storage.dtype)
-        if storage.nbytes and f.readinto(memoryview(data.view(torch.uint8).numpy())) != storage.nbytes:
-            raise UnsafePickleError(f"storage blob {summary(storage.key)} runs past the end of the file")
-        storage.data = data
-        return StorageBlob(storage)
-
-    return read
-
-
-def _blob_reader(budget: Budget, limits: Limits):
-    """``torch.storage._load_from_bytes`` of one load: each blob decoded once (a memo reference to the same
-    blob decoded again is refused); a small blob (bytes) parsed and its data copied into a new tensor."""
-    seen: set[int] = set()
-    again = ("refused _load_from_bytes of a storage blob already decoded (a memo reference re-parsed: memory "
-             "amplification)")
-
-    def load_from_bytes(blob):
-        if isinstance(blob, StorageBlob):
-            if blob.used:
-                raise UnsafePickleError(again)
-            blob.used = True
-            return blob.storage
-        if type(blob) is not bytes:
-            raise UnsafePickleError(f"refused _load_from_bytes of {summary(blob)}")
-        if id(blob) in seen:
-            raise UnsafePickleError(again)
-        seen.add(id(blob))
-        f = io.BytesIO(blob)
-        obj = _blob_header(f, budget, limits)
-        decode_storage(obj, blob, f.tell(), budget)
-        return obj
-
-    return load_from_bytes
-
-
 def _globals(budget: Budget, limits: Limits) -> dict[tuple[str, str], Global]:
     numpy = {}
     for m in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -276,7 +190,7 @@ def _globals(budget: Budget, limits: Limits) -> dict[tuple[str, str], Global]:
             "torch_utils.persistence._reconstruct_persistent_obj", _persistent_record),
         ("torch.nn.modules.container", "ModuleDict"): Global("torch.nn.modules.container.ModuleDict",
                                                              ContainerRecord, buildable=True),
-        ("torch.storage", "_load_from_bytes"): Global("torch.storage._load_from_bytes", _blob_reader(budget, limits)),
+        ("torch.storage", "_load_from_bytes"): Global("torch.storage._load_from_bytes", blob_reader(budget, limits)),
         ("numpy", "ndarray"): Global("numpy.ndarray", value="ndarray"),
         **{("builtins", k.__name__): Global(f"builtins.{k.__name__}", _set_of(k)) for k in (set, frozenset)},
         ("numpy", "dtype"): Global("numpy.dtype", DtypeRecord, buildable=True),
@@ -308,7 +222,7 @@ def read_edm_pickle(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Any:
     try:
         with open(path, "rb") as f:
             data = SafeUnpickler(f, _globals(budget, limits), budget, limits, where=str(path),
-                                 large_bytes=_large_blob(budget, limits)).load()
+                                 large_bytes=large_blob_reader(budget, limits)).load()
             if f.read(1):
                 raise UnsafePickleError(f"{path}: bytes after the pickle's STOP")
             return data

@@ -8,7 +8,10 @@ Shared by EDM's pickles (:mod:`.edm_pickle`) and the torch-file guard:
   structure is checked;
 * ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter(_with_state)`` / ``torch._tensor.
   _rebuild_from_type_v2`` (a plain tensor) give a bounds-checked strided view of such a storage (a
-  :class:`TensorRecord` when the storage has no data), never anything that reaches other memory.
+  :class:`TensorRecord` when the storage has no data), never anything that reaches other memory;
+* EDM's ``torch.storage._load_from_bytes(blob)`` (:func:`blob_reader`): a legacy ``torch.save`` of one storage,
+  its header read by safe readers, its data copied into a new tensor -- a large blob straight from the file
+  (:func:`large_blob_reader`, :class:`StorageBlob`) -- and each blob decoded once.
 
 :func:`guard_torch_file` is run before every ``torch.load(weights_only=True)`` of the package (Score SDE's
 checkpoint, classifier files): the file size; for the zip format the record count, every record's declared size
@@ -35,6 +38,9 @@ import torch
 from .safe_pickle import DEFAULT_LIMITS, Budget, Global, Limits, LimitExceeded, Record, SafeUnpickler
 from .safe_pickle import UnsafePickleError, summary
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_BLOB_START = b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little")  # the magic number, pickled
 STORAGE_DTYPES = {f"{n}Storage": getattr(torch, t) for n, t in [
     ("Float", "float32"), ("Double", "float64"), ("Half", "float16"), ("BFloat16", "bfloat16"), ("Long", "int64"),
     ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool")]}
@@ -153,6 +159,91 @@ TENSOR_GLOBALS = {
 }
 
 
+# -- EDM's storage blobs (torch.storage._load_from_bytes) ------------------------------------------------
+class StorageBlob(Record):
+    """A large storage blob (``BINBYTES`` of at least :data:`.safe_pickle.LARGE_BYTES`) read in place: its header
+    parsed and its data read from the file straight into a new tensor (one copy, as ``torch.load`` makes).  It
+    stands for the bytes only as the argument of ``_load_from_bytes``, once."""
+
+    def __init__(self, storage: StorageRecord):
+        self.storage, self.used = storage, False
+
+
+def _blob_header(f, budget: Budget, limits: Limits) -> StorageRecord:
+    """The five pickles of a legacy ``torch.save`` of one storage and its element count, read from ``f`` by
+    safe readers (storage classes the only globals, a storage id the only persistent id)."""
+    pending: list[StorageRecord] = []
+
+    def pid(p):
+        pending.append(storage_pid(p))
+        return pending[-1]
+
+    magic, version, info, obj, keys = (SafeUnpickler(f, STORAGE_GLOBALS, budget, limits, pid, "storage blob").load()
+                                       for _ in range(5))
+    if magic != _LEGACY_MAGIC or version != _LEGACY_PROTOCOL:
+        raise UnsafePickleError(f"storage blob with magic {summary(magic)}, protocol {summary(version)}")
+    if type(info) is not dict or info.get("little_endian") is not True:
+        raise UnsafePickleError("storage blob sys_info is not little-endian (only little-endian is read)")
+    if not isinstance(obj, StorageRecord) or len(pending) != 1 or keys != [obj.key]:
+        raise UnsafePickleError("storage blob does not hold exactly one storage")
+    head = f.read(8)
+    if len(head) != 8 or struct.unpack("<q", head)[0] != obj.numel:
+        raise UnsafePickleError(f"storage blob element count does not match numel {obj.numel}")
+    return obj
+
+
+def large_blob_reader(budget: Budget, limits: Limits):
+    """The ``large_bytes`` hook of the outer reader: a payload that starts like a legacy storage blob is read
+    in place (:class:`StorageBlob`), any other is left to be read as plain bytes."""
+
+    def read(f, n: int):
+        start = f.tell()
+        if f.read(len(_BLOB_START)) != _BLOB_START:
+            f.seek(start)
+            return None
+        f.seek(start)
+        storage = _blob_header(f, budget, limits)
+        if f.tell() - start + storage.nbytes != n:
+            raise UnsafePickleError(f"storage blob of {n} bytes: header and {storage.numel} {storage.dtype} "
+                                    f"elements take {f.tell() - start + storage.nbytes}")
+        budget.check_time()
+        budget.charge(storage.nbytes, f"storage {summary(storage.key)}")
+        data = torch.empty(storage.numel, dtype=storage.dtype)
+        if storage.nbytes and f.readinto(memoryview(data.view(torch.uint8).numpy())) != storage.nbytes:
+            raise UnsafePickleError(f"storage blob {summary(storage.key)} runs past the end of the file")
+        storage.data = data
+        return StorageBlob(storage)
+
+    return read
+
+
+def blob_reader(budget: Budget, limits: Limits):
+    """``torch.storage._load_from_bytes`` of one load: each blob decoded once (a memo reference to the same
+    blob decoded again is refused); a small blob (bytes) parsed and its data copied into a new tensor."""
+    seen: set[int] = set()
+    again = ("refused _load_from_bytes of a storage blob already decoded (a memo reference re-parsed: memory "
+             "amplification)")
+
+    def load_from_bytes(blob):
+        if isinstance(blob, StorageBlob):
+            if blob.used:
+                raise UnsafePickleError(again)
+            blob.used = True
+            return blob.storage
+        if type(blob) is not bytes:
+            raise UnsafePickleError(f"refused _load_from_bytes of {summary(blob)}")
+        if id(blob) in seen:
+            raise UnsafePickleError(again)
+        seen.add(id(blob))
+        f = io.BytesIO(blob)
+        obj = _blob_header(f, budget, limits)
+        decode_storage(obj, blob, f.tell(), budget)
+        return obj
+
+    return load_from_bytes
+
+
+# -- the guard of torch files ------------------------------------------------------------------------------
 def check_file_size(path: Path, limits: Limits) -> int:
     if not path.is_file():
         raise UnsafePickleError(f"{path}: file is missing")
@@ -238,7 +329,7 @@ def _guard_legacy(f, limits: Limits, budget: Budget, path: Path) -> None:
         raise UnsafePickleError(f"{where}: does not start with torch's protocol-2 magic number pickle")
     f.seek(0)
     head = [SafeUnpickler(f, {}, budget, limits, where=where).load() for _ in range(3)]
-    if head[0] != 0x1950A86A20F9469CFC6C or head[1] != 1001:
+    if head[0] != _LEGACY_MAGIC or head[1] != _LEGACY_PROTOCOL:
         raise UnsafePickleError(f"{where}: not a torch file (magic {summary(head[0])}, protocol {summary(head[1])})")
     SafeUnpickler(f, TENSOR_GLOBALS, budget, limits, persistent=pid, where=where).load()
     keys = SafeUnpickler(f, {}, budget, limits, where=where).load()
