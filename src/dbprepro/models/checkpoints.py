@@ -3,8 +3,10 @@
 Every file that enters the pipeline from outside is pinned by a sha256 and checked with
 :func:`verify_file` before use; Hugging Face downloads are pinned to a commit as well.
 A file that is already present and verifies is never fetched again, so a re-run works
-offline.  Weights are read as ``safetensors`` or through ``torch.load(weights_only=True)``
-only: a pickle that carries code is refused, never executed.
+offline.  Weights are read as ``safetensors``, through ``torch.load(weights_only=True)`` after
+:func:`.torch_guard.guard_torch_file`, or by EDM's pickle reader (:mod:`.edm_pickle`): a pickle that
+carries code is refused, never executed.  An unpinned file's sha256 is printed and recorded before
+anything parses it (:func:`trusted_sha256` gives the hash to read it under).
 
 This module fetches (:func:`download_hf`, :func:`download_url`, trust on first use of unpinned
 files); checking and loading live in :mod:`dbprepro.models.verification` and are re-exported here.

@@ -179,9 +179,10 @@ class DDPMpp(EpsNetwork):
         """The network of ``cfg`` (:meth:`from_config`) with the weights of Score SDE's checkpoint
         file ``path``, in eval mode.
 
-        The file (§1.4) is a ``torch.save`` of ``{"model", "ema", "optimizer", "step"}``; it is read
-        with ``torch.load(map_location="cpu", weights_only=True)`` only (tensors and plain
-        containers; anything else is refused, never executed).  ``model`` is the DataParallel state
+        The file (§1.4) is a ``torch.save`` of ``{"model", "ema", "optimizer", "step"}``; it is
+        bounded first (:func:`.torch_guard.guard_torch_file`: size, zip records, the pickle's
+        structure) and read with ``torch.load(map_location="cpu", weights_only=True)`` only (tensors
+        and plain containers; anything else is refused, never executed).  ``model`` is the DataParallel state
         dict of the raw (non-EMA) weights, keys ``module.<name>``; ``ema["shadow_params"]`` is a list
         with one tensor per parameter, in ``model.parameters()`` order (Score SDE's EMA keeps the
         parameters that require grad: all of them here).  DiffPure copies that list onto its model's

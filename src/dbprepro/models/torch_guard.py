@@ -13,8 +13,8 @@ Shared by EDM's pickles (:mod:`.edm_pickle`) and the torch-file guard:
   its header read by safe readers, its data copied into a new tensor -- a large blob straight from the file
   (:func:`large_blob_reader`, :class:`StorageBlob`) -- and each blob decoded once.
 
-:func:`guard_torch_file` is run before every ``torch.load(weights_only=True)`` of the package (Score SDE's
-checkpoint, classifier files): the file size; for the zip format the record count, every record's declared size
+:func:`guard_torch_file` is run before every ``torch.load(weights_only=True)`` of a third-party file (Score SDE's
+checkpoint, classifier files; the package's own resumable training checkpoints are not third-party): the file size; for the zip format the record count, every record's declared size
 (their sum bounded like any allocation: a deflated record that would expand past it -- a zip bomb -- is refused
 before anything is inflated; a stored record's sizes must agree) and ``data.pkl`` read by the safe reader with
 torch's tensor globals only (depth, object count, atoms as keys, no cycles), each storage's ``numel`` x item size
