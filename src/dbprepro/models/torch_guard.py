@@ -29,6 +29,7 @@ import io
 import struct
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,7 +268,8 @@ def guard_torch_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> None:
         msg = str(e).replace(f"{path}: ", "")
         raise type(e)(f"{path}: not a readable PyTorch checkpoint, or outside the weights-only format (refused "
                       f"before torch.load, nothing executed): {msg}") from None
-    except (ValueError, TypeError, OverflowError, struct.error, UnicodeDecodeError, OSError, EOFError) as e:
+    except (ValueError, TypeError, OverflowError, struct.error, UnicodeDecodeError, OSError, EOFError,
+            zipfile.BadZipFile, zlib.error) as e:
         raise UnsafePickleError(f"{path}: not a readable PyTorch checkpoint (refused before torch.load, nothing "
                                 f"executed): {type(e).__name__}") from None
 
