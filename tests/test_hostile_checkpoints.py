@@ -25,6 +25,7 @@ from test_edm_pickle import SMALL, edm_pickle_bytes, small_net
 MEMORY_LIMIT = 2 << 30  # address space of a child: torch and the package take ~0.9 GB of it
 CASE_SECONDS = 10.0  # the most any one refusal may take
 RSS_GROWTH_MB = 200  # the most any one refusal may add to the child's peak resident memory
+TIMEOUT = 60  # seconds of a child's start-up (imports) beyond 5 s per case
 
 CHILD = r"""
 import hashlib, json, resource, sys, time
@@ -147,11 +148,18 @@ def _limit():
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hostile")
+    return run_cases(tmp_path_factory.mktemp("hostile"))
+
+
+def run_cases(d, cases=None, benign=True):
+    """Write every case's file into ``d``, load them in child processes (a child that dies or hangs is
+    restarted after the case it was on, which is recorded as a crash); ``(results by name, expected
+    digests of the benign files)``."""
+    cases = CASES if cases is None else cases
     jobs = [{"name": n, "path": str(b(d)), "loader": loader, "cfg": cfg, "limits": lim}
-            for n, (b, loader, cfg, lim, _, _) in CASES.items()]
+            for n, (b, loader, cfg, lim, _, _) in cases.items()]
     expected = {}
-    for n, path, loader, cfg, dig in _benign(d):
+    for n, path, loader, cfg, dig in (_benign(d) if benign else []):
         jobs.append({"name": n, "path": str(path), "loader": loader, "cfg": cfg, "limits": {}})
         expected[n] = dig
     (d / "jobs.json").write_text(json.dumps(jobs))
@@ -159,7 +167,7 @@ def outcomes(tmp_path_factory):
     while start < len(jobs):
         try:
             proc = subprocess.run([sys.executable, "-c", CHILD, str(d / "jobs.json"), str(start)], capture_output=True,
-                                  text=True, timeout=60 + 5 * (len(jobs) - start), preexec_fn=_limit)
+                                  text=True, timeout=TIMEOUT + 5 * (len(jobs) - start), preexec_fn=_limit)
             out, err, code = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
             out, err, code = (e.stdout or b"").decode(), "timeout", "timeout"
