@@ -215,3 +215,21 @@ def test_every_case_reads_a_file_the_issue_names():
                "crashes": ["deep_tuple", "zip_deep_tuple"], "zip bomb": ["zip_bomb"],
                "silent wrong values": ["sigma_data_nan", "label_dim_half", "buffer_shadows_parameter"]}
     assert all(n in CASES for names in classes.values() for n in names)
+
+
+def test_every_public_loader_takes_its_limits(tmp_path):
+    """The bounds are per call: each public loader passes its ``limits`` to the reader or the guard."""
+    from dbprepro.models.ddpmpp import DDPMpp
+    from dbprepro.models.edm_net import EDMSongUNet
+    from dbprepro.models.safe_pickle import LimitExceeded, Limits
+    from dbprepro.models.verification import load_state_dict
+
+    tiny = Limits(max_file_bytes=100)
+    edm = H.write(tmp_path, "edm.pkl", edm_pickle_bytes(small_net(), "pass\n"))
+    sde = tmp_path / "checkpoint_8.pth"
+    _stand_in_checkpoint(sde, DDPM_SMALL)
+    for load in (lambda: EDMSongUNet.load_state(edm, SMALL, limits=tiny),
+                 lambda: DDPMpp.load_state(sde, DDPM_SMALL, limits=tiny), lambda: load_state_dict(sde, tiny)):
+        with pytest.raises(LimitExceeded, match="max_file_bytes = 100"):
+            load()
+    assert isinstance(EDMSongUNet.load_state(edm, SMALL, limits=Limits()), EDMSongUNet)

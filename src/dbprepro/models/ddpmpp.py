@@ -175,7 +175,7 @@ class DDPMpp(EpsNetwork):
 
     @classmethod
     def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None, use_ema: bool = True,
-                   sha256: str | None = None) -> "DDPMpp":
+                   sha256: str | None = None, limits=None) -> "DDPMpp":
         """The network of ``cfg`` (:meth:`from_config`) with the weights of Score SDE's checkpoint
         file ``path``, in eval mode.
 
@@ -192,13 +192,14 @@ class DDPMpp(EpsNetwork):
         replaces the i-th entry of ``named_parameters()`` -- after checking that the parameter keys
         of ``model`` come in that same order, that the list has one tensor per parameter and that
         every shape matches -- and the result is loaded with ``strict=True``.  ``use_ema=False``
-        loads the raw ``model`` weights instead.  ``sha256``: the file is checked against it first.
+        loads the raw ``model`` weights instead.  ``sha256``: the file is checked against it first;
+        ``limits``: the guard's :class:`.bounds.Limits` (default ones if None).
         """
         if sha256:
             from .verification import verify_file
 
             verify_file(path, sha256)
-        ckpt = _read_checkpoint(Path(path))
+        ckpt = _read_checkpoint(Path(path), limits)
         net = cls.from_config(cfg)
         state = _strip_module(ckpt["model"], path)
         own = net.state_dict()
@@ -293,15 +294,16 @@ def _describe(net: DDPMpp) -> str:
             f"image_size {net.image_size}; {len(net.all_modules)} modules)")
 
 
-def _read_checkpoint(path: Path) -> dict:
+def _read_checkpoint(path: Path, limits=None) -> dict:
     """Score SDE's checkpoint dict: the file checked by :func:`.torch_guard.guard_torch_file` (size, zip records
     and their declared sizes -- no zip bomb --, ``data.pkl`` by the safe reader: depth, object count, torch's
     tensor globals only), then read with ``torch.load(weights_only=True)`` (never executing code)."""
+    from .bounds import DEFAULT_LIMITS
     from .torch_guard import guard_torch_file
 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file is missing")
-    guard_torch_file(path)  # CheckpointError subclasses, naming the opcode, global, record or bound
+    guard_torch_file(path, limits or DEFAULT_LIMITS)  # CheckpointError subclasses naming the opcode, global, record, bound
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a code payload, a corrupt or foreign file: all refused, nothing executed

@@ -303,9 +303,10 @@ class EDMSongUNet(EpsNetwork):
 
     @classmethod
     def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None,
-                   sha256: str | None = None) -> "EDMSongUNet":
+                   sha256: str | None = None, limits=None) -> "EDMSongUNet":
         """The network of ``cfg`` (:meth:`from_config`) with the EMA weights of EDM's pickle ``path``
-        (checked against ``sha256`` first when given), in eval mode.
+        (checked against ``sha256`` first when given), in eval mode; ``limits``: the reader's
+        :class:`.bounds.Limits` (default ones if None).
 
         The pickle is read by :func:`.edm_pickle.read_edm_pickle` (the stream as data, under
         resource bounds: inert records, plain containers and tensors decoded into memory the reader
@@ -319,13 +320,14 @@ class EDMSongUNet(EpsNetwork):
         unexpected, mis-shaped, mis-typed and shadowing keys are named;
         :func:`.verification.match_parts`) and are loaded strictly.
         """
+        from .bounds import DEFAULT_LIMITS
         from .edm_pickle import check_precond_attrs, ema_parts  # the loader imports nothing of this module
         from .verification import match_parts, verify_file
 
         if sha256:
             verify_file(path, sha256)
         net = cls.from_config(cfg)
-        params, buffers, attrs = ema_parts(path, expected_class="EDMPrecond")
+        params, buffers, attrs = ema_parts(path, "EDMPrecond", limits or DEFAULT_LIMITS)
         check_precond_attrs(attrs, net.sigma_data, net.img_resolution, net.img_channels, path)
         match_parts(net, params, buffers, path)
         return net.eval()

@@ -290,8 +290,8 @@ def _walk(record, prefix, params, buffers, both, seen) -> None:
             out[f"{prefix}{name}"] = both[f"{prefix}{name}"] = value
 
 
-def _ema(source, expected_class) -> PersistentRecord:
-    data = read_edm_pickle(source) if not isinstance(source, dict) else source
+def _ema(source, expected_class, limits: Limits) -> PersistentRecord:
+    data = read_edm_pickle(source, limits) if not isinstance(source, dict) else source
     where = "the pickle" if isinstance(source, dict) else str(source)
     if not isinstance(data, dict) or "ema" not in data:
         found = sorted(summary(k) for k in data)[:8] if isinstance(data, dict) else summary(data)
@@ -308,18 +308,18 @@ def _attrs(ema: PersistentRecord) -> dict:
     return {k: v for k, v in ema.state.items() if type(k) is str and not k.startswith("_")}
 
 
-def ema_state_dict(source: str | Path | dict,
-                   expected_class: str = "EDMPrecond") -> tuple[dict[str, torch.Tensor], dict]:
+def ema_state_dict(source: str | Path | dict, expected_class: str = "EDMPrecond",
+                   limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, torch.Tensor], dict]:
     """The ``ema`` network of an EDM pickle (a path, or what :func:`read_edm_pickle` returned): its state dict
     and its plain attributes (``sigma_data``, ``label_dim``, ...).  Its class must be ``expected_class`` (read
     from the pickle, whatever the file is called).  :func:`ema_parts` keeps parameters and buffers apart."""
-    ema = _ema(source, expected_class)
+    ema = _ema(source, expected_class, limits)
     return module_tensors(ema), _attrs(ema)
 
 
-def ema_parts(source: str | Path | dict, expected_class: str = "EDMPrecond"):
+def ema_parts(source: str | Path | dict, expected_class: str = "EDMPrecond", limits: Limits = DEFAULT_LIMITS):
     """``(parameters, buffers, attributes)`` of the ``ema`` network (:func:`ema_state_dict`)."""
-    ema = _ema(source, expected_class)
+    ema = _ema(source, expected_class, limits)
     params, buffers = module_parts(ema)
     return params, buffers, _attrs(ema)
 

@@ -13,7 +13,8 @@ A registered class owns:
 * ``name`` (the registry key, the config's ``families.networks`` value) and ``family``;
 * ``from_config(cfg)``: the architecture from its hyper-parameters (the paper-scale defaults when
   ``cfg`` is empty);
-* ``load_state(path)``: the official weights file read safely (never by executing code) into an
+* ``load_state(path, cfg, sha256, limits)``: the official weights file (checked against ``sha256``
+  when given) read safely under :class:`.bounds.Limits` (never by executing code) into an
   instance, through a documented key map where the official names differ;
 * ``eps(x_vp, sigma)``.
 """
@@ -54,7 +55,7 @@ class EpsNetwork(nn.Module):
 
     @classmethod
     def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None,
-                   sha256: str | None = None) -> "EpsNetwork":
+                   sha256: str | None = None, limits=None) -> "EpsNetwork":
         raise NotImplementedError
 
     @property

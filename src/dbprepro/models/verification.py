@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..io import sha256_file
-from .bounds import CheckpointError, summary
+from .bounds import DEFAULT_LIMITS, CheckpointError, summary
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HTML_STARTS = (b"<!doctype html", b"<html")
@@ -131,13 +131,14 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, limits=None) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``.pt/.pth/.t7/.bin``).
 
     Torch files are checked by :func:`.torch_guard.guard_torch_file` (size, zip records,
     the pickle's structure: a bounded load) and then go through ``torch.load(...,
     map_location="cpu", weights_only=True)`` only; anything needing other globals (a code
-    payload) is refused with a :class:`CheckpointError`.  Common containers (``{"state_dict": ...}``,
+    payload) is refused with a :class:`CheckpointError`.  ``limits``: the guard's
+    :class:`.bounds.Limits` (default ones if None).  Common containers (``{"state_dict": ...}``,
     ``{"model": ...}``, ``{"net": ...}``) are unwrapped and a ``module.`` prefix
     (DataParallel) is removed.
     """
@@ -165,7 +166,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                               f"one of {', '.join(_PICKLE_SUFFIXES)}")
     from .torch_guard import guard_torch_file
 
-    guard_torch_file(path)  # bounded before torch reads it: size, zip records, data.pkl structure
+    guard_torch_file(path, limits or DEFAULT_LIMITS)  # bounded before torch reads it (size, zip, data.pkl)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
