@@ -9,11 +9,13 @@ network pickles (:mod:`.edm_pickle`) and by the pre-scan of torch files (:mod:`.
   table of :class:`Global` (nothing is imported); a name not in it is refused as ``module.name``.  ``REDUCE``
   and ``NEWOBJ`` call only such an entry's own function, which builds an inert record, a fresh container or a
   tensor from memory this reader allocated; the function receives the arguments, never the stack.
-* **Mutation only of containers it created, while they are open.**  ``APPEND(S)``, ``SETITEM(S)``,
-  ``ADDITEMS`` and ``BUILD`` act only on a list/dict/set this reader created (or a record whose
-  :class:`Global` declares it buildable) and only while it is *open*: a container is sealed the moment it
-  becomes a child of another object, an argument of a call, or is fetched from the memo.  So the stream cannot
-  change a tensor, a record that was already used, or anything it did not create, and it cannot build a cycle.
+* **Mutation only of containers it created, while they are open.**  ``APPEND(S)``, ``SETITEM(S)`` and
+  ``ADDITEMS`` act only on a list/dict/set this reader created, ``BUILD`` (once) only on a record whose
+  :class:`Global` declares it buildable, and only while it is *open*: an object is sealed the moment it becomes
+  a child of another object, an argument of a call, or is fetched from the memo.  So the stream cannot change a
+  tensor, a record that was already used, or anything it did not create, and it cannot build a cycle.
+* **Large payloads in place.**  A ``bytes`` payload of at least :data:`LARGE_BYTES` may be handed, unread, to
+  the caller's ``large_bytes`` hook (EDM's storage blobs: read from the file straight into a new tensor).
 * **Atoms as keys.**  Dict keys and set members must be ``str``/``bytes``/``int``/``float``/``bool``/``None``:
   hashing is linear in the file (no tuple-DAG hashed along every path).
 * **Bounds** (:class:`Limits`): nesting depth of every object (also the mark stack), number of objects, total
@@ -27,7 +29,6 @@ network pickles (:mod:`.edm_pickle`) and by the pre-scan of torch files (:mod:`.
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -65,9 +66,6 @@ class Record:
 
     def _build(self, state: Any) -> None:  # pragma: no cover - overridden by buildable records
         raise UnsafePickleError(f"BUILD on {type(self).__name__}")
-
-
-_OPEN_TYPES = (list, dict, set, OrderedDict)
 
 
 class SafeUnpickler:
