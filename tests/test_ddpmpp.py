@@ -201,6 +201,15 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_what(tmp_path):
     with pytest.raises(CheckpointError, match=r"shadow_params'\]\[4\] has shape \(7,\).*all_modules\.2\.weight"):
         DDPMpp.load_state(path, SMALL)
 
+    _stand_in_checkpoint(path, SMALL)  # a float64 tensor would be converted silently by load_state_dict: refused
+    _resave(path, lambda c: c["ema"]["shadow_params"].__setitem__(4, c["ema"]["shadow_params"][4].double()))
+    with pytest.raises(CheckpointError, match=r"shadow_params'\]\[4\] \(all_modules\.2\.weight\) is torch\.float64"):
+        DDPMpp.load_state(path, SMALL)
+    _stand_in_checkpoint(path, SMALL)
+    _resave(path, lambda c: c["model"].update({"module.sigmas": c["model"]["module.sigmas"].float()}))
+    with pytest.raises(CheckpointError, match=r"sigmas is torch\.float32 in the checkpoint, torch\.float64"):
+        DDPMpp.load_state(path, SMALL)
+
     _stand_in_checkpoint(path, SMALL)
     _resave(path, lambda c: c.pop("ema"))
     with pytest.raises(CheckpointError, match="no EMA weights"):

@@ -191,7 +191,7 @@ class DDPMpp(EpsNetwork):
         ones are named); the buffers (``sigmas``) come from ``model``; the i-th shadow tensor
         replaces the i-th entry of ``named_parameters()`` -- after checking that the parameter keys
         of ``model`` come in that same order, that the list has one tensor per parameter and that
-        every shape matches -- and the result is loaded with ``strict=True``.  ``use_ema=False``
+        every shape and dtype matches -- and the result is loaded with ``strict=True``.  ``use_ema=False``
         loads the raw ``model`` weights instead.  ``sha256``: the file is checked against it first;
         ``limits``: the guard's :class:`.bounds.Limits` (default ones if None).
         """
@@ -212,6 +212,7 @@ class DDPMpp(EpsNetwork):
                  for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
         if wrong:
             raise CheckpointError(f"{path}: shape mismatch: " + "; ".join(wrong[:10]))
+        _check_dtypes(((k, v, own[k]) for k, v in state.items()), path)
         if use_ema:
             names = [n for n, _ in net.named_parameters()]
             shadow, is_param = _shadow_params(ckpt, path), set(names).__contains__
@@ -225,6 +226,7 @@ class DDPMpp(EpsNetwork):
                 if tuple(tensor.shape) != tuple(own[name].shape):
                     raise CheckpointError(f"{path}: ema['shadow_params'][{i}] has shape {tuple(tensor.shape)}, "
                                           f"but the parameter at that position, {name}, is {tuple(own[name].shape)}")
+                _check_dtypes([(f"ema['shadow_params'][{i}] ({name})", tensor, own[name])], path)
                 state[name] = tensor
         net.load_state_dict(state, strict=True)
         return net.eval()
@@ -314,6 +316,13 @@ def _read_checkpoint(path: Path, limits=None) -> dict:
         raise CheckpointError(f"{path}: not a Score SDE checkpoint (a dict with 'model', 'ema', "
                               f"'optimizer', 'step'); found {found}")
     return ckpt
+
+
+def _check_dtypes(items, path) -> None:
+    """The first tensor whose dtype differs from the network's is named (load_state_dict would convert it)."""
+    for name, tensor, mine in items:
+        if tensor.dtype != mine.dtype:
+            raise CheckpointError(f"{path}: {name} is {tensor.dtype} in the checkpoint, {mine.dtype} in the network")
 
 
 def _strip_module(model: dict, path: str | Path) -> dict[str, torch.Tensor]:
