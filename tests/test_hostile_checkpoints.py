@@ -92,6 +92,9 @@ CASES.update({
                         r"more than Limits\.max_file_bytes = 1000"),
     "limit_objects": (lambda d: H.write(d, "many.pkl", H.wrap(H.EMPTY_LIST + H.MARK + H.i(1) * 5000 + H.APPENDS)),
                       "edm", None, {"max_objects": 1000}, "LimitExceeded", r"more than 1000 objects"),
+    "many_small_values": (lambda d: H.write(d, "small_values.pkl", H.wrap(H.EMPTY_LIST + H.MARK + H.u("ab") * 1_000_000
+                                                                          + H.APPENDS)),
+                          "edm", None, {}, "LimitExceeded", r"would allocate \d+ bytes; the allocation bound"),
     "limit_wall_clock": (lambda d: H.write(d, "benign_slow.pkl", edm_pickle_bytes(small_net(), "pass\n")), "edm",
                          None, {"max_seconds": 0.0}, "LimitExceeded", r"wall-clock bound of 0 s passed"),
     "limit_allocation": (lambda d: H.write(d, "benign_alloc.pkl", edm_pickle_bytes(small_net(), "pass\n")), "edm",
@@ -210,7 +213,8 @@ def test_every_case_reads_a_file_the_issue_names():
     classes = {"memory corruption": ["dtype_rebuilt_after_use", "dtype_with_subarray", "setitem_into_array"],
                "opcodes on any object": ["setitem_on_tensor", "appends_on_record", "additems_on_frozenset"],
                "uninitialised memory": ["reconstruct_without_build"],
-               "memory amplification": ["bytearray_400mb", "list_of_bytearray", "blob_reparsed", "zip_storage_numel"],
+               "memory amplification": ["bytearray_400mb", "list_of_bytearray", "blob_reparsed", "zip_storage_numel",
+                                        "many_small_values", "huge_bytes_header"],
                "exponential time": ["dag_as_dict_key", "dag_as_class_name", "zip_dag_value", "shared_module_tree"],
                "crashes": ["deep_tuple", "zip_deep_tuple"], "zip bomb": ["zip_bomb"],
                "silent wrong values": ["sigma_data_nan", "label_dim_half", "buffer_shadows_parameter"]}

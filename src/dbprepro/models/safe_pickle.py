@@ -40,6 +40,9 @@ __all__ = ["ATOMS", "DEFAULT_LIMITS", "Budget", "Global", "LimitExceeded", "Limi
 ATOMS = (str, bytes, int, float, bool, type(None))
 #: a bytes payload at least this long is offered to ``large_bytes`` (which reads storage blobs in place)
 LARGE_BYTES = 4096
+#: bytes charged per value pushed (a small object and its slot) and per container made (with its bookkeeping),
+#: so that many tiny values count against the allocation bound as well as large ones
+PUSH_BYTES = 48
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class SafeUnpickler:
         if i is not None:
             i[1] = False
 
-    def _made(self, obj, depth: int, open_: bool, nbytes: int = 64) -> Any:
+    def _made(self, obj, depth: int, open_: bool, nbytes: int = 160) -> Any:
         if depth > self.limits.max_depth:
             raise LimitExceeded(f"{self.where}: nesting deeper than {self.limits.max_depth} (Limits.max_depth)")
         self.budget.charge(nbytes, "an object")
@@ -115,6 +118,7 @@ class SafeUnpickler:
             raise LimitExceeded(f"{self.where}: more than {self.limits.max_objects} objects (Limits.max_objects)")
         if not self.count & 0xFFF:
             self.budget.check_time()
+        self.budget.charge(PUSH_BYTES, "a value")
         self.stack.append(obj)
 
     def _pop_mark(self) -> list:
@@ -232,7 +236,7 @@ class SafeUnpickler:
 
     def _tuple(self, items):
         t = tuple(items)
-        self._push(self._made(t, self._children(t), False, 56 + 8 * len(t)) if t else t)
+        self._push(self._made(t, self._children(t), False, 160 + 8 * len(t)) if t else t)
 
     def op_FROZENSET(self):
         items = [self._key(k, "FROZENSET") for k in self._pop_mark()]
