@@ -281,11 +281,22 @@ EDM_STATE_CASES = {
 }
 
 
-def legacy_torch_file(d):
-    sd = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.float64)}
-    path = d / "legacy.pt"
-    torch.save(sd, path, _use_new_zipfile_serialization=False)
+def state_dict_file(d, name, legacy: bool):
+    """A module's ``state_dict()`` (an OrderedDict with ``_metadata``, float32 and float64 tensors), saved as a
+    classifier file is: the legacy format or the zip format."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    net[1].double()
+    path = d / name
+    torch.save({"state_dict": net.state_dict()}, path, _use_new_zipfile_serialization=not legacy)
     return path
+
+
+def ordered_dict_build(d):
+    """An OrderedDict given attributes other than a state dict's _metadata."""
+    od = b"ccollections\nOrderedDict\n" + EMPTY_TUPLE + REDUCE
+    return torch_zip(d, "od_build.pth", b"\x80\x02" + od + EMPTY_DICT + ux("__class__") + i(1) + SETITEM + BUILD
+                     + STOP)
 
 
 def bytes_of(obj) -> bytes:

@@ -10,6 +10,8 @@ memory, no computation); every forward pass runs on small instances.
 
 import math
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -150,7 +152,9 @@ def _stand_in_checkpoint(path, cfg, seed=1):
     sum(p.sum() for p in wrapped.parameters()).backward()
     opt.step()
     shadow = [torch.randn(p.shape) for p in wrapped.parameters()]
-    model = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    sd = wrapped.state_dict()  # an OrderedDict with _metadata, as Score SDE saves it (state['model'].state_dict())
+    model = OrderedDict((k, v.clone()) for k, v in sd.items())
+    model._metadata = sd._metadata
     torch.save({"optimizer": opt.state_dict(), "model": model,
                 "ema": {"decay": 0.9999, "num_updates": 400_000, "shadow_params": shadow}, "step": 400_000}, path)
     return model, shadow

@@ -104,6 +104,8 @@ CASES.update({
     "zip_dag_key": (H.zip_dag_key, "torch_file", None, {}, "UnsafePickleError", r"key/member tuple of 2"),
     "zip_storage_numel": (H.zip_storage_numel, "ddpmpp", DDPM_SMALL, {}, "UnsafePickleError",
                           r"storage '0' declares 400000000000 bytes, its record 'archive/data/0' has 4"),
+    "ordered_dict_build": (H.ordered_dict_build, "torch_file", None, {}, "UnsafePickleError",
+                           r"refused BUILD of an OrderedDict with dict of 1 \(only a state dict's _metadata"),
     "zip_dag_value": (H.zip_dag_value, "ddpmpp", DDPM_SMALL, {}, "CheckpointError",
                       r"model\['w'\] is a list, not a tensor"),
 })
@@ -138,11 +140,12 @@ def _benign(d):
     ref = DDPMpp.from_config(DDPM_SMALL)
     state = {k[len("module."):]: v for k, v in model.items()}
     state.update(zip([n for n, _ in ref.named_parameters()], shadow))
-    legacy = H.legacy_torch_file(d)
+    legacy, zipped = H.state_dict_file(d, "legacy.pt", True), H.state_dict_file(d, "zipped.pt", False)
     return [("benign_edm_ema", edm, "edm_ema", None, _digest(net.state_dict())),
             ("benign_edm_load_state", edm, "edm_state", SMALL, _digest(net.state_dict())),
             ("benign_score_sde", sde, "ddpmpp", DDPM_SMALL, _digest(state)),
-            ("benign_legacy_torch_file", legacy, "torch_file", None, _digest(torch.load(legacy, weights_only=True)))]
+            *[(f"benign_{p.stem}_state_dict", p, "torch_file", None,
+               _digest(torch.load(p, weights_only=True)["state_dict"])) for p in (legacy, zipped)]]
 
 
 def _limit():
@@ -201,7 +204,7 @@ def test_hostile_file_is_refused_by_name_in_bounded_time_and_memory(outcomes, na
 
 
 @pytest.mark.parametrize("name", ["benign_edm_ema", "benign_edm_load_state", "benign_score_sde",
-                                  "benign_legacy_torch_file"])
+                                  "benign_legacy_state_dict", "benign_zipped_state_dict"])
 def test_benign_files_load_exactly_under_the_same_limits(outcomes, name):
     results, expected = outcomes
     assert results[name].get("ok") is True, results[name]
@@ -237,3 +240,20 @@ def test_every_public_loader_takes_its_limits(tmp_path):
         with pytest.raises(LimitExceeded, match="max_file_bytes = 100"):
             load()
     assert isinstance(EDMSongUNet.load_state(edm, SMALL, limits=Limits()), EDMSongUNet)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_the_guard_passes_what_torchs_weights_only_loader_reads(tmp_path, legacy):
+    """No false refusal of a benign checkpoint: a state dict with _metadata, torch.Size, torch.device, a dtype
+    and a set, in both formats, pass the guard and load as torch loads them."""
+    from dbprepro.models.torch_guard import guard_torch_file
+    from dbprepro.models.verification import load_state_dict
+
+    sd = torch.nn.Linear(3, 2).state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": sd, "size": torch.Size([2, 3]), "device": torch.device("cuda", 0),
+                "dtype": torch.float16, "tags": {1, 2}, "betas": (0.9, 0.999)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    guard_torch_file(path)
+    loaded = load_state_dict(path)
+    assert list(loaded) == list(sd) and all(torch.equal(loaded[k], v) for k, v in sd.items())

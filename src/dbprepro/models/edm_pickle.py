@@ -192,18 +192,8 @@ def _globals(budget: Budget, limits: Limits) -> dict[tuple[str, str], Global]:
                                                              ContainerRecord, buildable=True),
         ("torch.storage", "_load_from_bytes"): Global("torch.storage._load_from_bytes", blob_reader(budget, limits)),
         ("numpy", "ndarray"): Global("numpy.ndarray", value="ndarray"),
-        **{("builtins", k.__name__): Global(f"builtins.{k.__name__}", _set_of(k)) for k in (set, frozenset)},
         ("numpy", "dtype"): Global("numpy.dtype", DtypeRecord, buildable=True),
     }
-
-
-def _set_of(kind):
-    def make(items=()):
-        if type(items) is not list or not all(type(x) in (str, bytes, int, float, bool, type(None)) for x in items):
-            raise UnsafePickleError(f"refused builtins.{kind.__name__} of {summary(items)}: only a list of atoms")
-        return kind(items)
-
-    return make
 
 
 def _reconstruct(budget, subtype, shape, typecode):

@@ -11,7 +11,8 @@ network pickles (:mod:`.edm_pickle`) and by the pre-scan of torch files (:mod:`.
   tensor from memory this reader allocated; the function receives the arguments, never the stack.
 * **Mutation only of containers it created, while they are open.**  ``APPEND(S)``, ``SETITEM(S)`` and
   ``ADDITEMS`` act only on a list/dict/set this reader created, ``BUILD`` (once) only on a record whose
-  :class:`Global` declares it buildable, and only while it is *open*: an object is sealed the moment it becomes
+  :class:`Global` declares it buildable or a fresh OrderedDict (a state dict's ``_metadata``, a dict of dicts),
+  and only while it is *open*: an object is sealed the moment it becomes
   a child of another object, an argument of a call, or is fetched from the memo.  So the stream cannot change a
   tensor, a record that was already used, or anything it did not create, and it cannot build a cycle.
 * **Large payloads in place.**  A ``bytes`` payload of at least :data:`LARGE_BYTES` may be handed, unread, to
@@ -29,6 +30,7 @@ network pickles (:mod:`.edm_pickle`) and by the pre-scan of torch files (:mod:`.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -202,9 +204,6 @@ class SafeUnpickler:
         if self._u("<B", 1) > 5:
             raise self._fail("unsupported pickle protocol")
 
-    def op_FRAME(self):
-        self._u("<Q", 8)  # a frame only announces the bytes that follow
-
     def op_MARK(self):
         if len(self.metastack) >= self.limits.max_depth:
             raise LimitExceeded(f"{self.where}: MARKs nested deeper than {self.limits.max_depth} (Limits.max_depth)")
@@ -212,13 +211,7 @@ class SafeUnpickler:
         self.stack = []
 
     def op_POP(self):
-        if self.stack:
-            self.stack.pop()
-        else:
-            self._pop_mark()
-
-    def op_POP_MARK(self):
-        self._pop_mark()
+        self.stack.pop() if self.stack else self._pop_mark()
 
     def _data(self, n: int, kind: str):
         if kind == "bytes" and n >= LARGE_BYTES and self.large_bytes is not None:
@@ -328,12 +321,20 @@ class SafeUnpickler:
 
     def op_BUILD(self):
         state = self._pop()
-        target, info = self._target((Record,), "BUILD")
+        target, info = self._target((Record, OrderedDict), "BUILD")
         info[1] = False  # one BUILD per record
         info[0] = max(info[0], self._children([state]))
         if info[0] > self.limits.max_depth:
             raise LimitExceeded(f"{self.where}: nesting deeper than {self.limits.max_depth} (Limits.max_depth)")
-        target._build(state)
+        if isinstance(target, Record):
+            target._build(state)
+            return
+        # a state dict's OrderedDict: its one attribute, ``_metadata`` ({module prefix: {"version": ...}})
+        meta = state.get("_metadata") if type(state) is dict and set(state) == {"_metadata"} else None
+        if not isinstance(meta, dict) or not all(type(k) is str and isinstance(v, dict) for k, v in meta.items()):
+            raise self._fail(f"refused BUILD of an OrderedDict with {summary(state)} (only a state dict's "
+                             "_metadata: a dict of dicts)")
+        target._metadata = meta
 
     def op_BINPERSID(self):
         if self.persistent is None:
@@ -363,9 +364,9 @@ def _empty(make):
 _STOP = object()
 #: the opcodes read (pickletools names); every other one is refused by name
 OPCODES: dict[int, tuple[str, Any]] = {ord(c) if isinstance(c, str) else c: (n, f) for c, n, f in [
-    (0x80, "PROTO", SafeUnpickler.op_PROTO), (0x95, "FRAME", SafeUnpickler.op_FRAME), (".", "STOP", _STOP),
+    (0x80, "PROTO", SafeUnpickler.op_PROTO), (0x95, "FRAME", lambda self: self._u("<Q", 8)), (".", "STOP", _STOP),
     ("(", "MARK", SafeUnpickler.op_MARK), ("0", "POP", SafeUnpickler.op_POP),
-    ("1", "POP_MARK", SafeUnpickler.op_POP_MARK), ("N", "NONE", _const(None)), (0x88, "NEWTRUE", _const(True)),
+    ("1", "POP_MARK", SafeUnpickler._pop_mark), ("N", "NONE", _const(None)), (0x88, "NEWTRUE", _const(True)),
     (0x89, "NEWFALSE", _const(False)), ("J", "BININT", _int("<i", 4)), ("K", "BININT1", _int("<B", 1)),
     ("M", "BININT2", _int("<H", 2)), ("G", "BINFLOAT", _int(">d", 8)),
     (0x8A, "LONG1", lambda self: self._push(int.from_bytes(self._data(self._u("<B", 1), "LONG1"), "little",

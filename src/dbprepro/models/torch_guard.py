@@ -144,6 +144,27 @@ def _ordered_dict(*args):
     return OrderedDict()
 
 
+def _set_of(kind):
+    def make(items=()):
+        if type(items) is not list or not all(type(x) in (str, bytes, int, float, bool, type(None)) for x in items):
+            raise UnsafePickleError(f"refused builtins.{kind.__name__} of {summary(items)}: only a list of atoms")
+        return kind(items)
+
+    return make
+
+
+def _size(dims=()):
+    if type(dims) is not tuple or len(dims) > MAX_NDIM or not all(type(d) is int and 0 <= d < 1 << 48 for d in dims):
+        raise UnsafePickleError(f"refused torch.Size of {summary(dims)}")
+    return torch.Size(dims)
+
+
+def _device(kind, index=None):
+    if kind not in ("cpu", "cuda", "mps", "meta") or not (index is None or (type(index) is int and 0 <= index < 1024)):
+        raise UnsafePickleError(f"refused torch.device({summary(kind)}, {summary(index)})")
+    return torch.device(kind, index) if index is not None else torch.device(kind)
+
+
 #: storage classes: arguments of persistent ids only
 STORAGE_GLOBALS = {("torch", n): Global(f"torch.{n}", value=dt) for n, dt in STORAGE_DTYPES.items()}
 #: what torch pickles around tensors and state dicts
@@ -157,6 +178,14 @@ TENSOR_GLOBALS = {
     ("torch._tensor", "Tensor"): Global("torch._tensor.Tensor", value="tensor"),
     ("torch", "Tensor"): Global("torch.Tensor", value="tensor"),
     ("collections", "OrderedDict"): Global("collections.OrderedDict", _ordered_dict, fresh=True),
+    # what else torch's weights-only loader accepts in a checkpoint: sets, sizes, devices, dtypes (inert values)
+    **{(m, k.__name__): Global(f"builtins.{k.__name__}", _set_of(k))
+       for m in ("builtins", "__builtin__") for k in (set, frozenset)},  # protocol 2 writes __builtin__
+    ("torch", "Size"): Global("torch.Size", _size),
+    ("torch", "device"): Global("torch.device", _device),
+    **{("torch", n): Global(f"torch.{n}", value=getattr(torch, n)) for n in (
+        "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+        "complex64", "complex128")},
 }
 
 

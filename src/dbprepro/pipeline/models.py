@@ -62,13 +62,14 @@ def train_diffusion(input, output, params, wildcards) -> None:
 
 @stage
 def download_classifier(input, output, params, wildcards) -> None:
-    from ..models.checkpoints import download_url, load_state_dict, load_weights_into
+    from ..models.checkpoints import download_url, load_state_dict, load_weights_into, trusted_sha256, verify_file
     from ..models.classifiers import build_classifier, save_classifier
 
     clf = params.classifier
     dl = clf["download"]
     raw = download_url(dl["url"], dl["sha256"], Path(params.downloads) / dl["filename"],
                        allow_unpinned=dl.get("allow_unpinned", False))
+    verify_file(raw, trusted_sha256(raw, dl["sha256"]))  # a pickle-format file: read only under a pinned or recorded hash
     model = build_classifier(clf["arch"], **clf["kwargs"])
     load_weights_into(model, load_state_dict(raw))
     save_classifier(model, clf["arch"], clf["kwargs"], output.model)
