@@ -45,6 +45,7 @@ LARGE_BYTES = 4096
 #: bytes charged per value pushed (a small object and its slot) and per container made (with its bookkeeping),
 #: so that many tiny values count against the allocation bound as well as large ones
 PUSH_BYTES = 48
+_UNPACK = {f: struct.Struct(f).unpack for f in ("<B", "<H", "<i", "<I", "<Q", ">d")}
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class SafeUnpickler:
         self.globals, self.budget, self.limits, self.persistent, self.where = globals_, budget, limits, persistent, where
         self.stack: list = []
         self.metastack: list = []
-        self.memo: dict[int, Any] = {}
+        self.memo: dict[int, Any] = {}  # stack and memo: reset by each load
         self.info: dict[int, list] = {}  # id -> [depth, open] of every object this reader made
         self.keep: list = []  # keeps those objects alive, so their ids stay unique during the load
         self.pending: list[Record] = []
@@ -96,15 +97,6 @@ class SafeUnpickler:
     # -- bookkeeping --------------------------------------------------------------------------
     def _fail(self, msg: str) -> UnsafePickleError:
         return UnsafePickleError(f"{self.where}: {msg}")
-
-    def _depth(self, obj) -> int:
-        i = self.info.get(id(obj))
-        return i[0] if i is not None else 0
-
-    def _seal(self, obj) -> None:
-        i = self.info.get(id(obj))
-        if i is not None:
-            i[1] = False
 
     def _made(self, obj, depth: int, open_: bool, nbytes: int = 160) -> Any:
         if depth > self.limits.max_depth:
@@ -118,9 +110,13 @@ class SafeUnpickler:
         self.count += 1
         if self.count > self.limits.max_objects:
             raise LimitExceeded(f"{self.where}: more than {self.limits.max_objects} objects (Limits.max_objects)")
+        b = self.budget  # Budget.charge inlined: this runs for every value
         if not self.count & 0xFFF:
-            self.budget.check_time()
-        self.budget.charge(PUSH_BYTES, "a value")
+            b.check_time()
+        if b.bytes_left < PUSH_BYTES:
+            b.charge(PUSH_BYTES, "a value")
+        b.bytes_left -= PUSH_BYTES
+        b.used += PUSH_BYTES
         self.stack.append(obj)
 
     def _pop_mark(self) -> list:
@@ -142,12 +138,13 @@ class SafeUnpickler:
         return items
 
     def _children(self, items) -> int:
-        depth = 0
+        depth, info = 0, self.info
         for x in items:
-            self._seal(x)
-            d = self._depth(x)
-            if d > depth:
-                depth = d
+            i = info.get(id(x))
+            if i is not None:
+                i[1] = False  # sealed: now a child or an argument
+                if i[0] > depth:
+                    depth = i[0]
         return depth + 1
 
     def _target(self, types, opname: str):
@@ -169,6 +166,8 @@ class SafeUnpickler:
 
     # -- the loop -----------------------------------------------------------------------------
     def load(self) -> Any:
+        """The next pickle of the file (each with its own stack and memo; the bounds hold across loads)."""
+        self.stack, self.metastack, self.memo = [], [], {}
         dispatch, read = _DISPATCH, self.read
         while True:
             op = read(1)
@@ -197,7 +196,7 @@ class SafeUnpickler:
         data = self.read(n)
         if len(data) != n:
             raise self._fail("truncated opcode argument")
-        return struct.unpack(fmt, data)[0]
+        return _UNPACK[fmt](data)[0]
 
     # -- opcodes ------------------------------------------------------------------------------
     def op_PROTO(self):
@@ -276,7 +275,7 @@ class SafeUnpickler:
         if idx not in self.memo:
             raise self._fail(f"memo key {idx} not found")
         obj = self.memo[idx]
-        self._seal(obj)  # a second reference: the object can no longer be mutated
+        self._children([obj])  # seals it: with a second reference the object can no longer be mutated
         self._push(obj)
 
     def _global(self, module: str, name: str):

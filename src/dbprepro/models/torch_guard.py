@@ -208,8 +208,8 @@ def _blob_header(f, budget: Budget, limits: Limits) -> StorageRecord:
         pending.append(storage_pid(p))
         return pending[-1]
 
-    magic, version, info, obj, keys = (SafeUnpickler(f, STORAGE_GLOBALS, budget, limits, pid, "storage blob").load()
-                                       for _ in range(5))
+    reader = SafeUnpickler(f, STORAGE_GLOBALS, budget, limits, pid, "storage blob")
+    magic, version, info, obj, keys = (reader.load() for _ in range(5))
     if magic != _LEGACY_MAGIC or version != _LEGACY_PROTOCOL:
         raise UnsafePickleError(f"storage blob with magic {summary(magic)}, protocol {summary(version)}")
     if type(info) is not dict or info.get("little_endian") is not True:
