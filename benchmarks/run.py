@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run.py --only gradients,overhead
     .venv/bin/python benchmarks/run.py --only budget   # grad_mode budget at 3 budgets (benchmarks/gradient_budget.py)
     .venv/bin/python benchmarks/run.py --only adaptive # DiffAttack / DiffHammer iteration at paper scale (adaptive_memory.py)
+    .venv/bin/python benchmarks/run.py --only checkpoint # EDM's pickle through the safe reader vs torch.load (checkpoint_load.py)
     .venv/bin/python benchmarks/run.py --dag smoke     # also time a cold DAG run (smoke or default)
     .venv/bin/python benchmarks/run.py --only dag-profile                  # cold default DAG, then where its time went
     .venv/bin/python benchmarks/run.py --only dag-profile --profile-dir D  # the same for a finished run in D
@@ -41,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARISONS = ("gradients", "budget", "adaptive", "randomness", "eot", "overhead", "scaling", "dag", "cost",
-               "dag-profile")
+               "checkpoint", "dag-profile")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -645,6 +646,7 @@ def main(argv=None) -> int:
         "scaling": lambda: bench_scaling(args.quick, out),
         "dag": lambda: bench_dag(args.quick, out, args.dag, args.dag_workdir),
         "cost": lambda: bench_cost(args.quick, out),
+        "checkpoint": lambda: __import__("checkpoint_load").bench_checkpoint(sys.modules[__name__], args.quick, out),
         "dag-profile": lambda: bench_dag_profile(args.quick, out, args.dag_workdir, args.profile_dir),
     }
     for name in only:

@@ -151,3 +151,14 @@ def test_quick_adaptive_benchmark(tmp_path):
     assert list(hammer.status) == ["measured", "extrapolated"] and (hammer.peak_mib > 0).all()  # direct at batch 2
     assert "| diffhammer | budget | 4 |" in (tmp_path / "adaptive_memory.md").read_text()
     assert "adaptive" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_checkpoint_benchmark(tmp_path):
+    """The EDM reader against torch.load (issue 25): both loaders timed on the same tensors (checked equal inside)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "checkpoint",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    c = pd.read_csv(tmp_path / "checkpoint.csv")
+    assert list(c["loader"]) == ["dbprepro ema_state_dict (safe reader)", "torch.load(weights_only=True)"]
+    assert (c["seconds"] > 0).all() and "checkpoint" in (tmp_path / "summary.md").read_text()

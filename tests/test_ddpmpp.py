@@ -10,6 +10,8 @@ memory, no computation); every forward pass runs on small instances.
 
 import math
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -150,7 +152,9 @@ def _stand_in_checkpoint(path, cfg, seed=1):
     sum(p.sum() for p in wrapped.parameters()).backward()
     opt.step()
     shadow = [torch.randn(p.shape) for p in wrapped.parameters()]
-    model = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    sd = wrapped.state_dict()  # an OrderedDict with _metadata, as Score SDE saves it (state['model'].state_dict())
+    model = OrderedDict((k, v.clone()) for k, v in sd.items())
+    model._metadata = sd._metadata
     torch.save({"optimizer": opt.state_dict(), "model": model,
                 "ema": {"decay": 0.9999, "num_updates": 400_000, "shadow_params": shadow}, "step": 400_000}, path)
     return model, shadow
@@ -199,6 +203,15 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_what(tmp_path):
     _stand_in_checkpoint(path, SMALL)
     _resave(path, lambda c: c["ema"]["shadow_params"].__setitem__(4, torch.zeros(7)))
     with pytest.raises(CheckpointError, match=r"shadow_params'\]\[4\] has shape \(7,\).*all_modules\.2\.weight"):
+        DDPMpp.load_state(path, SMALL)
+
+    _stand_in_checkpoint(path, SMALL)  # a float64 tensor would be converted silently by load_state_dict: refused
+    _resave(path, lambda c: c["ema"]["shadow_params"].__setitem__(4, c["ema"]["shadow_params"][4].double()))
+    with pytest.raises(CheckpointError, match=r"shadow_params'\]\[4\] \(all_modules\.2\.weight\) is torch\.float64"):
+        DDPMpp.load_state(path, SMALL)
+    _stand_in_checkpoint(path, SMALL)
+    _resave(path, lambda c: c["model"].update({"module.sigmas": c["model"]["module.sigmas"].float()}))
+    with pytest.raises(CheckpointError, match=r"sigmas is torch\.float32 in the checkpoint, torch\.float64"):
         DDPMpp.load_state(path, SMALL)
 
     _stand_in_checkpoint(path, SMALL)

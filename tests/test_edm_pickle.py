@@ -272,10 +272,10 @@ def test_build_only_fills_records_and_numpy(tmp_path, marker):
     blob = storage_blob(torch.arange(4, dtype=torch.float32))
     storage = Call(FakeGlobal("torch.storage", "_load_from_bytes"), blob)
     rebuild = FakeGlobal("torch._utils", "_rebuild_tensor_v2")
-    for obj, named in [(CallWithState(OrderedDict, (), {"a": 1}), r"collections\.OrderedDict"),
-                       (CallWithState(rebuild, (storage, 0, (4,), (1,), False, OrderedDict()), (True, None, None)),
-                        r"torch\.Tensor")]:
-        with pytest.raises(UnsafePickleError, match=rf"BUILD on {named}"):
+    for obj, message in [(CallWithState(OrderedDict, (), {"a": 1}), r"BUILD of an OrderedDict with dict of 1"),
+                         (CallWithState(rebuild, (storage, 0, (4,), (1,), False, OrderedDict()), (True, None, None)),
+                          r"BUILD on torch\.Tensor")]:
+        with pytest.raises(UnsafePickleError, match=message):
             read_edm_pickle(write(tmp_path, dumps({"x": obj})))
 
 
@@ -296,7 +296,7 @@ def test_persistence_payload_is_parsed_as_data_never_executed(tmp_path, marker):
     ({"version": 5}, "version 5"),
     ({"type": "function"}, "'function'"),
     ({"module_src": b"bytes"}, "module_src"),
-    ({"state": [1, 2]}, "state is a list"),
+    ({"state": [1, 2]}, "state is list of 2"),
     ({"extra": 1}, "unexpected fields"),
 ])
 def test_malformed_persistence_records_are_refused(tmp_path, marker, change, message):
@@ -310,7 +310,7 @@ def test_storage_blob_refusals(tmp_path, marker):
     vals = torch.arange(6, dtype=torch.float32)
     cases = [
         (storage_blob(vals, pid=("module", FakeGlobal("torch", "FloatStorage"), "k", "cpu", 6, None)), "persistent id"),
-        (storage_blob(vals, storage_class=FakeGlobal("builtins", "eval")), r"builtins\.eval inside a storage blob"),
+        (storage_blob(vals, storage_class=FakeGlobal("builtins", "eval")), r"storage blob: refused global builtins\.eval"),
         (storage_blob(vals, storage_class=FakeGlobal("os", "system")), r"os\.system"),
         (storage_blob(vals)[:-4], "data bytes"),
         (b"\x80\x02K\x01.", "storage blob"),
@@ -432,3 +432,19 @@ def test_the_payload_is_live_under_the_ordinary_loader(tmp_path, marker):
     control.unlink()
     read_edm_pickle(path)  # the same bytes through the restricted reader: nothing runs
     assert not control.exists() and "torch_utils" not in sys.modules and not hasattr(builtins, FLAG)
+
+
+def test_large_storage_blobs_are_read_in_place_and_checked(tmp_path, marker):
+    """A blob of at least LARGE_BYTES is read straight from the file into the tensor (StorageBlob): the same
+    values, and the same refusals as a small one."""
+    vals = torch.randn(3000, dtype=torch.float32)
+    data = read_edm_pickle(write(tmp_path, dumps({"t": tensor_call(storage_blob(vals), (30, 100))})))
+    assert torch.equal(data["t"], vals.reshape(30, 100))
+    for blob, message in [
+        (storage_blob(vals)[:-4], r"storage blob of \d+ bytes: header and 3000 torch.float32 elements take \d+"),
+        (storage_blob(vals, pid=("module", FakeGlobal("torch", "FloatStorage"), "k", "cpu", 3000, None)),
+         "refused persistent id"),
+        (storage_blob(vals, storage_class=FakeGlobal("os", "system")), r"storage blob: refused global os\.system"),
+    ]:
+        with pytest.raises(UnsafePickleError, match=message):
+            read_edm_pickle(write(tmp_path, dumps({"t": tensor_call(blob, (3000,))})))

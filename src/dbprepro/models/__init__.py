@@ -5,10 +5,12 @@
   :mod:`.hub_configs`: the known configurations of the hub models.
 * :mod:`.training`: seeded, replayable training of the embedded classifier and DDPM.
 * :mod:`.networks`: the registry of the paper-scale diffusion networks; :mod:`.edm_net` (EDM's
-  SongUNet behind EDMPrecond, registered as ``edm_songunet``) with its safe pickle reader
-  :mod:`.edm_pickle`.
-* :mod:`.checkpoints`: pinned downloads of third-party weights and data (Hugging Face, URLs);
-  :mod:`.verification`: sha256 checks and safe loading of state dicts.
+  SongUNet behind EDMPrecond, registered as ``edm_songunet``) with its pickle reader
+  :mod:`.edm_pickle` (the stream as data: :mod:`.safe_pickle`, :mod:`.torch_guard`).
+* :mod:`.checkpoints`: pinned downloads of third-party weights and data (Hugging Face, URLs), trust
+  on first use recorded; :mod:`.verification`: sha256 checks and safe loading of state dicts
+  (:mod:`.torch_guard` bounds a torch file before ``torch.load``); :mod:`.bounds`: the loaders'
+  errors and resource bounds (:class:`.bounds.Limits`).
 * :mod:`.networks`: the registry of paper-scale network architectures; each is a module of its own
   imported here so that it registers: :mod:`.ddpmpp` (Score SDE's DDPM++, the ``vpsde`` family).
 """

@@ -3,8 +3,10 @@
 Every file that enters the pipeline from outside is pinned by a sha256 and checked with
 :func:`verify_file` before use; Hugging Face downloads are pinned to a commit as well.
 A file that is already present and verifies is never fetched again, so a re-run works
-offline.  Weights are read as ``safetensors`` or through ``torch.load(weights_only=True)``
-only: a pickle that carries code is refused, never executed.
+offline.  Weights are read as ``safetensors``, through ``torch.load(weights_only=True)`` after
+:func:`.torch_guard.guard_torch_file`, or by EDM's pickle reader (:mod:`.edm_pickle`): a pickle that
+carries code is refused, never executed.  An unpinned file's sha256 is printed and recorded before
+anything parses it (:func:`trusted_sha256` gives the hash to read it under).
 
 This module fetches (:func:`download_hf`, :func:`download_url`, trust on first use of unpinned
 files); checking and loading live in :mod:`dbprepro.models.verification` and are re-exported here.
@@ -63,6 +65,22 @@ def _write_record(folder: Path, record: dict) -> None:
 def _warn_unpinned(what: str, key: str, value: str) -> None:
     log.warning("UNPINNED %s: accepted on first use WITHOUT a pinned hash; pin it in the config: %s: %s",
                 what, key, value)
+    print(f"TRUST ON FIRST USE: {what}: {key}: {value} (not checked against a pin; recorded in "
+          f"{UNPINNED_RECORD}; paste it into the config)", flush=True)
+
+
+def trusted_sha256(dest: str | Path, sha256: str | None) -> str:
+    """The hash a downloaded file is read under: its pin, else the one :func:`download_url` recorded on first
+    use in ``dbprepro_unpinned.json`` beside it.  A file with neither is refused, so an unpinned file (a pickle
+    above all) is never parsed without its hash written down first."""
+    if sha256 is not None:
+        return _expected_sha256(sha256, dest)
+    dest = Path(dest)
+    recorded = _read_record(dest.parent).get("files", {}).get(dest.name)
+    if recorded is None:
+        raise CheckpointError(f"{dest}: neither pinned nor recorded in {dest.parent / UNPINNED_RECORD}; "
+                              "an unpinned file is read only after its sha256 is recorded (trust on first use)")
+    return _expected_sha256(recorded, dest)
 
 
 def _resolve_revision(repo_id: str, repo_type: str) -> str:

@@ -47,7 +47,7 @@ from torch import nn
 
 from .ddpmpp_layers import AttnBlock, ResBlock, conv, group_norm, linear, positional_embedding
 from .networks import EpsNetwork, register_network
-from .verification import CheckpointError
+from .bounds import CheckpointError, summary
 
 #: the paper-scale hyper-parameters (``vp/cifar10_ddpmpp_deep_continuous``), overridable by ``from_config``
 PAPER_CONFIG: dict[str, Any] = {
@@ -174,13 +174,15 @@ class DDPMpp(EpsNetwork):
         return cls(**_config(cfg)).eval()
 
     @classmethod
-    def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None, use_ema: bool = True) -> "DDPMpp":
+    def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None, use_ema: bool = True,
+                   sha256: str | None = None, limits=None) -> "DDPMpp":
         """The network of ``cfg`` (:meth:`from_config`) with the weights of Score SDE's checkpoint
         file ``path``, in eval mode.
 
-        The file (§1.4) is a ``torch.save`` of ``{"model", "ema", "optimizer", "step"}``; it is read
-        with ``torch.load(map_location="cpu", weights_only=True)`` only (tensors and plain
-        containers; anything else is refused, never executed).  ``model`` is the DataParallel state
+        The file (§1.4) is a ``torch.save`` of ``{"model", "ema", "optimizer", "step"}``; it is
+        bounded first (:func:`.torch_guard.guard_torch_file`: size, zip records, the pickle's
+        structure) and read with ``torch.load(map_location="cpu", weights_only=True)`` only (tensors
+        and plain containers; anything else is refused, never executed).  ``model`` is the DataParallel state
         dict of the raw (non-EMA) weights, keys ``module.<name>``; ``ema["shadow_params"]`` is a list
         with one tensor per parameter, in ``model.parameters()`` order (Score SDE's EMA keeps the
         parameters that require grad: all of them here).  DiffPure copies that list onto its model's
@@ -189,10 +191,15 @@ class DDPMpp(EpsNetwork):
         ones are named); the buffers (``sigmas``) come from ``model``; the i-th shadow tensor
         replaces the i-th entry of ``named_parameters()`` -- after checking that the parameter keys
         of ``model`` come in that same order, that the list has one tensor per parameter and that
-        every shape matches -- and the result is loaded with ``strict=True``.  ``use_ema=False``
-        loads the raw ``model`` weights instead.
+        every shape and dtype matches -- and the result is loaded with ``strict=True``.  ``use_ema=False``
+        loads the raw ``model`` weights instead.  ``sha256``: the file is checked against it first;
+        ``limits``: the guard's :class:`.bounds.Limits` (default ones if None).
         """
-        ckpt = _read_checkpoint(Path(path))
+        if sha256:
+            from .verification import verify_file
+
+            verify_file(path, sha256)
+        ckpt = _read_checkpoint(Path(path), limits)
         net = cls.from_config(cfg)
         state = _strip_module(ckpt["model"], path)
         own = net.state_dict()
@@ -205,6 +212,7 @@ class DDPMpp(EpsNetwork):
                  for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
         if wrong:
             raise CheckpointError(f"{path}: shape mismatch: " + "; ".join(wrong[:10]))
+        _check_dtypes(((k, v, own[k]) for k, v in state.items()), path)
         if use_ema:
             names = [n for n, _ in net.named_parameters()]
             shadow, is_param = _shadow_params(ckpt, path), set(names).__contains__
@@ -218,6 +226,7 @@ class DDPMpp(EpsNetwork):
                 if tuple(tensor.shape) != tuple(own[name].shape):
                     raise CheckpointError(f"{path}: ema['shadow_params'][{i}] has shape {tuple(tensor.shape)}, "
                                           f"but the parameter at that position, {name}, is {tuple(own[name].shape)}")
+                _check_dtypes([(f"ema['shadow_params'][{i}] ({name})", tensor, own[name])], path)
                 state[name] = tensor
         net.load_state_dict(state, strict=True)
         return net.eval()
@@ -287,20 +296,33 @@ def _describe(net: DDPMpp) -> str:
             f"image_size {net.image_size}; {len(net.all_modules)} modules)")
 
 
-def _read_checkpoint(path: Path) -> dict:
-    """Score SDE's checkpoint dict, read with ``weights_only=True`` (never executing code)."""
+def _read_checkpoint(path: Path, limits=None) -> dict:
+    """Score SDE's checkpoint dict: the file checked by :func:`.torch_guard.guard_torch_file` (size, zip records
+    and their declared sizes -- no zip bomb --, ``data.pkl`` by the safe reader: depth, object count, torch's
+    tensor globals only), then read with ``torch.load(weights_only=True)`` (never executing code)."""
+    from .bounds import DEFAULT_LIMITS
+    from .torch_guard import guard_torch_file
+
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file is missing")
+    guard_torch_file(path, limits or DEFAULT_LIMITS)  # CheckpointError subclasses naming the opcode, global, record, bound
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a code payload, a corrupt or foreign file: all refused, nothing executed
         detail = " ".join(str(e).split())[:300] or type(e).__name__
         raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint (refused, nothing executed): {detail}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        found = sorted(summary(k) for k in ckpt)[:10] if isinstance(ckpt, dict) else summary(ckpt)
         raise CheckpointError(f"{path}: not a Score SDE checkpoint (a dict with 'model', 'ema', "
-                              f"'optimizer', 'step'); found {keys}")
+                              f"'optimizer', 'step'); found {found}")
     return ckpt
+
+
+def _check_dtypes(items, path) -> None:
+    """The first tensor whose dtype differs from the network's is named (load_state_dict would convert it)."""
+    for name, tensor, mine in items:
+        if tensor.dtype != mine.dtype:
+            raise CheckpointError(f"{path}: {name} is {tensor.dtype} in the checkpoint, {mine.dtype} in the network")
 
 
 def _strip_module(model: dict, path: str | Path) -> dict[str, torch.Tensor]:
@@ -308,10 +330,12 @@ def _strip_module(model: dict, path: str | Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in model.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: model[{key!r}] is a {type(value).__name__}, not a tensor")
-        name = key[len("module."):] if str(key).startswith("module.") else str(key)
+            raise CheckpointError(f"{path}: model[{summary(key)}] is a {type(value).__name__}, not a tensor")
+        if type(key) is not str:
+            raise CheckpointError(f"{path}: model key {summary(key)} is not a string")
+        name = key[len("module."):] if key.startswith("module.") else key
         if name in out:
-            raise CheckpointError(f"{path}: {name!r} appears twice once 'module.' is removed")
+            raise CheckpointError(f"{path}: {summary(name)} appears twice once 'module.' is removed")
         out[name] = value
     return out
 

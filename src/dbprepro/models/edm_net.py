@@ -303,33 +303,33 @@ class EDMSongUNet(EpsNetwork):
 
     @classmethod
     def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None,
-                   sha256: str | None = None) -> "EDMSongUNet":
+                   sha256: str | None = None, limits=None) -> "EDMSongUNet":
         """The network of ``cfg`` (:meth:`from_config`) with the EMA weights of EDM's pickle ``path``
-        (checked against ``sha256`` first when given), in eval mode.
+        (checked against ``sha256`` first when given), in eval mode; ``limits``: the reader's
+        :class:`.bounds.Limits` (default ones if None).
 
-        The pickle is read by :func:`.edm_pickle.read_edm_pickle` (a restricted unpickler: tensor
-        and storage rebuilds, plain containers and numpy scalars/arrays only; the persistence
-        records are parsed as data and their embedded source is never executed).  Its ``ema``
+        The pickle is read by :func:`.edm_pickle.read_edm_pickle` (the stream as data, under
+        resource bounds: inert records, plain containers and tensors decoded into memory the reader
+        allocated; the persistence records' embedded source is hashed, never executed).  Its ``ema``
         entry must be an ``EDMPrecond`` record (the class name is read from the pickle, not from
-        the file name: a ``VPPrecond`` is refused), unconditional, with this network's
-        ``sigma_data``; its parameters and persistent buffers, named by their path
-        (``model.enc.16x16_block0.qkv.weight``, ...), must be exactly this network's state-dict
-        keys and shapes (missing, unexpected and mis-shaped keys are named) and are loaded strictly.
+        the file name: a ``VPPrecond`` is refused); its ``sigma_data``, ``label_dim`` (0),
+        ``img_resolution`` and ``img_channels`` present, typed, finite and equal to this network's
+        (:func:`.edm_pickle.check_precond_attrs`); its parameters and persistent buffers, named by
+        their path (``model.enc.16x16_block0.qkv.weight``, ...), must be exactly this network's
+        parameters and buffers, each kind separately, with their shapes and dtypes (missing,
+        unexpected, mis-shaped, mis-typed and shadowing keys are named;
+        :func:`.verification.match_parts`) and are loaded strictly.
         """
-        from .edm_pickle import ema_state_dict  # the loader imports nothing of this module
-        from .verification import CheckpointError, load_weights_into, verify_file
+        from .bounds import DEFAULT_LIMITS
+        from .edm_pickle import check_precond_attrs, ema_parts  # the loader imports nothing of this module
+        from .verification import match_parts, verify_file
 
         if sha256:
             verify_file(path, sha256)
         net = cls.from_config(cfg)
-        state, attrs = ema_state_dict(path, expected_class="EDMPrecond")
-        if int(attrs.get("label_dim", 0) or 0) != 0:
-            raise CheckpointError(f"{path}: the EDMPrecond is class-conditional (label_dim "
-                                  f"{attrs['label_dim']}); this network is unconditional")
-        sd = attrs.get("sigma_data", net.sigma_data)
-        if not isinstance(sd, (int, float)) or abs(float(sd) - net.sigma_data) > 1e-12:
-            raise CheckpointError(f"{path}: the EDMPrecond has sigma_data {sd!r}; the config has {net.sigma_data}")
-        load_weights_into(net, state)
+        params, buffers, attrs = ema_parts(path, "EDMPrecond", limits or DEFAULT_LIMITS)
+        check_precond_attrs(attrs, net.sigma_data, net.img_resolution, net.img_channels, path)
+        match_parts(net, params, buffers, path)
         return net.eval()
 
     # -- the denoiser and the noise prediction -----------------------------------------------

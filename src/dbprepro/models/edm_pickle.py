@@ -1,50 +1,52 @@
-"""Reading EDM's network pickles without executing them (issue 18).
+"""Reading EDM's network pickles as data: nothing executed, nothing built from the stream's own state.
 
 NVlabs' ``edm-*.pkl`` is a plain ``pickle.dump`` (protocol 4) of ``{ema, loss_fn, augment_pipe,
 dataset_kwargs}`` (``../shared/reference/paper-scale-networks.md`` §3.1).  Each network object is a
-``torch_utils.persistence`` call ``_reconstruct_persistent_obj(meta)``, meta = {type 'class',
-version 6, module_src: the defining module's source, class_name, state: the instance __dict__},
-and the ordinary loader ``exec``s ``module_src``; each storage is a nested legacy ``torch.save``
-blob that ``torch.storage._load_from_bytes`` hands to ``torch.load`` (§3.2).  So ``pickle.load``
-runs code from the file, and ``torch.load(weights_only=True)`` rejects the protocol-4 stream (§3.3).
+``torch_utils.persistence`` call ``_reconstruct_persistent_obj(meta)``, meta = {type 'class', version 6,
+module_src: the defining module's source, class_name, state: the instance __dict__}, and the ordinary loader
+``exec``s ``module_src``; each storage is a nested legacy ``torch.save`` blob that
+``torch.storage._load_from_bytes`` hands to ``torch.load`` (§3.2).  So ``pickle.load`` runs code from the file,
+and ``torch.load(weights_only=True)`` rejects the protocol-4 stream (§3.3).
 
-:class:`EDMUnpickler` is the restricted reader (§3.4): the standard unpickler (``pickle``'s Python
-implementation of ``Unpickler``, so that BUILD can be restricted too) whose ``find_class`` maps a
-fixed set of names to inert stand-ins and refuses any other with an :class:`UnsafePickleError`
-naming it (``module.qualname``).  It imports nothing the file names (never ``dnnlib`` or
-``torch_utils``) and executes nothing:
+Design: :func:`read_edm_pickle` runs :class:`.safe_pickle.SafeUnpickler` (an opcode interpreter of its own:
+listed opcodes only; mutation only of containers it created, while open; atoms as keys; bounded depth, object
+count, allocation and time -- see that module) with this table of globals, each of which returns an inert
+record or memory this reader allocated:
 
-* ``torch_utils.persistence._reconstruct_persistent_obj`` -> a :class:`PersistentRecord` (class
-  name among :data:`PERSISTENT_CLASSES`, state, sha256 of ``module_src``; the source is hashed and
-  dropped, never executed or kept); ``torch.nn.modules.container.ModuleDict`` (NEWOBJ + BUILD) ->
-  a :class:`ContainerRecord` holding the BUILD state;
-* ``torch.storage._load_from_bytes`` -> a parser of the legacy blob (five protocol-2 pickles read by
-  a second restricted unpickler: storage classes are its only globals, ``('storage', <class>, key,
-  location, numel, None)`` its only persistent ids; then the element count and the raw bytes); any
-  location (``cuda:0``) lands on the CPU;
-* ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter(_with_state)`` (and
-  ``torch._tensor._rebuild_from_type_v2`` of a plain tensor) -> a bounds-checked view of the storage;
-* ``collections.OrderedDict`` and the builtin containers -> allowed; numpy's
-  ``scalar`` / ``_reconstruct`` / ``ndarray`` / ``dtype`` (``numpy.core`` or ``numpy._core``) ->
-  numeric dtypes only, scalars as Python numbers;
-* persistent ids in the outer stream are refused; BUILD applies only to a ModuleDict record, a numpy
-  dtype or a numeric array, so the stream cannot modify a tensor, a stand-in or a shared marker.
+* ``torch_utils.persistence._reconstruct_persistent_obj`` -> a :class:`PersistentRecord` (class name among
+  :data:`PERSISTENT_CLASSES`, state, sha256 of ``module_src``; the source is hashed and dropped, never executed);
+  ``torch.nn.modules.container.ModuleDict`` (NEWOBJ + one BUILD) -> a :class:`ContainerRecord`;
+* ``torch.storage._load_from_bytes`` -> the legacy blob parsed by a second safe reader (storage classes its
+  only globals, ``('storage', <class>, key, location, numel, None)`` its only persistent id), its raw bytes
+  copied into a new CPU tensor of the announced dtype and size -- a large blob straight from the file as the
+  outer reader meets it (:class:`.torch_guard.StorageBlob`), a small one from its bytes
+  (:func:`.torch_guard.decode_storage`);
+  each blob is decoded at most once; torch's rebuild functions -> bounds-checked views (:mod:`.torch_guard`);
+* numpy: ``dtype(spec)`` -> a :class:`DtypeRecord` for a whitelisted numeric type string, whose BUILD may only
+  set the byte order; ``_reconstruct`` + BUILD -> an :class:`ArrayRecord` whose array is decoded from the
+  state's raw bytes with that type string (``_reconstruct`` without BUILD is refused); ``scalar`` -> a Python
+  number.  No numpy dtype or array object is ever built from the stream's state;
+* ``collections.OrderedDict()`` (empty, filled by SETITEMS).
 
-:func:`read_edm_pickle` reads a file, :func:`module_tensors` walks a record's ``_parameters``,
-persistent ``_buffers`` and ``_modules`` into ``{dotted.path: tensor}``, :func:`ema_state_dict`
-does both for the ``ema`` network.
+Guarantees (``tests/test_edm_pickle.py``, ``tests/test_hostile_checkpoints.py``): no code runs and no module is
+imported; every value the stream can reach is a plain container, an atom, one of these records, or a tensor
+whose memory this reader allocated (views checked to stay inside it); the stream can modify only containers it
+created, before they are used, so never a tensor, a record after its BUILD, or memory it did not allocate; the
+load allocates at most ``Limits.alloc_ratio`` x file size (+ slack), nests at most ``Limits.max_depth``, pushes
+at most ``Limits.max_objects`` and stops after ``Limits.max_seconds``; every refusal names the opcode, global
+or key, with stream values shown by type and size only.
+
+:func:`module_parts` walks a record's ``_parameters``, persistent ``_buffers`` and ``_modules`` into
+parameters and buffers (each record once: a shared or shadowing entry is refused), :func:`ema_state_dict`
+reads the ``ema`` network.
 """
-
 
 from __future__ import annotations
 
-import builtins
 import hashlib
-import io
-import pickle
+import math
 import re
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .verification import CheckpointError
+from .bounds import CheckpointError
+from .safe_pickle import DEFAULT_LIMITS, Budget, Global, Limits, LimitExceeded, Record, SafeUnpickler
+from .safe_pickle import UnsafePickleError, summary
+from .torch_guard import TENSOR_GLOBALS, StorageBlob, blob_reader, check_file_size, large_blob_reader
+
+__all__ = ["ArrayRecord", "ContainerRecord", "DtypeRecord", "StorageBlob", "LimitExceeded", "Limits", "PersistentRecord",
+           "UnsafePickleError", "ema_parts", "ema_state_dict", "module_parts", "module_tensors", "read_edm_pickle"]
 
 #: the persistent classes an EDM pickle holds (training/networks.py, loss.py, augment.py)
 PERSISTENT_CLASSES = frozenset({
@@ -61,20 +69,12 @@ PERSISTENT_CLASSES = frozenset({
     "VELoss", "AugmentPipe",
 })
 PERSISTENCE_VERSION = 6
-_STORAGE_DTYPES = {f"{n}Storage": getattr(torch, t) for n, t in [
-    ("Float", "float32"), ("Double", "float64"), ("Half", "float16"), ("BFloat16", "bfloat16"), ("Long", "int64"),
-    ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool")]}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
-_NUMPY_NUMERIC = re.compile(r"^[<>|=]?([biufc]\d+|\?|[biufcBHILQhilqefdg])$")
+#: numeric numpy type strings (no byte order: that comes from BUILD), e.g. 'f8', 'float64', 'i4', '?'
+_NUMPY_NUMERIC = re.compile(r"^([biufc](1|2|4|8|16)|\?|(float|int|uint|complex)(8|16|32|64|128)|bool)$")
 
 
-class UnsafePickleError(CheckpointError):
-    """The pickle needs something outside the allowlist; nothing of it was executed."""
-
-
-@dataclass
-class PersistentRecord:
+@dataclass(eq=False)
+class PersistentRecord(Record):
     """An object of a ``torch_utils.persistence`` class, as data: its class name, its instance state
     and the sha256 of the module source that the ordinary loader would have executed."""
 
@@ -84,315 +84,255 @@ class PersistentRecord:
     version: int = PERSISTENCE_VERSION
 
 
-class ContainerRecord:
-    """A ``torch.nn.ModuleDict`` as data: the NEWOBJ creates it, BUILD stores the instance state."""
+class ContainerRecord(Record):
+    """A ``torch.nn.ModuleDict`` as data: the NEWOBJ creates it, its one BUILD stores the instance state."""
 
     class_name = "ModuleDict"
+    needs_build = True
 
-    def __init__(self):
+    def __init__(self, *args):
+        if args:
+            raise UnsafePickleError("refused ModuleDict NEWOBJ with arguments")
         self.state: dict = {}
 
-    def __setstate__(self, state):
-        if not isinstance(state, dict):
-            raise UnsafePickleError(f"ModuleDict state is a {type(state).__name__}, not a dict")
-        self.state = state
+    def _build(self, state):
+        if type(state) is not dict:
+            raise UnsafePickleError(f"refused BUILD of ModuleDict with {summary(state)}, not a dict")
+        self.state, self.needs_build = state, False
 
 
-@dataclass
-class _Storage:
-    """A storage of the blob: announced by its persistent id, then ``data`` (a flat CPU tensor)."""
+class DtypeRecord(Record):
+    """A numpy dtype as data: a whitelisted numeric type string and the byte order its BUILD names."""
 
-    key: str
-    dtype: torch.dtype
-    numel: int
-    location: str
-    data: torch.Tensor | None = None
+    def __init__(self, spec, align=False, copy=False):
+        if type(spec) is not str or not _NUMPY_NUMERIC.match(spec):
+            raise UnsafePickleError(f"refused numpy dtype {summary(spec)}: only numeric type strings are read")
+        self.spec, self.order = spec, "<"
 
+    def _build(self, state):
+        ok = (type(state) is tuple and len(state) in (8, 9) and state[1] in ("<", ">", "|", "=")
+              and state[2] is None and state[3] is None and state[4] is None)
+        if not ok:
+            raise UnsafePickleError("refused BUILD of numpy dtype: only a byte order, no fields or sub-arrays")
+        self.order = {"=": "<", "|": "|"}.get(state[1], state[1])
 
-class _Marker:
-    """A name the allowlist accepts only as an argument (a storage class, a tensor type); shared by
-    all loads, and never a BUILD target."""
-
-    def __init__(self, qualname: str, value: Any = None):
-        self.qualname, self.value = qualname, value
-
-    def __repr__(self):
-        return f"<{self.qualname}>"
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.order + self.spec if self.order != "|" else self.spec)
 
 
-def _refuse(what: str) -> UnsafePickleError:
-    return UnsafePickleError(f"refused {what}: not in the EDM pickle allowlist (nothing was executed)")
+class ArrayRecord(Record):
+    """A numeric numpy array as data: ``_reconstruct`` makes it empty, its BUILD decodes the raw bytes."""
 
+    needs_build = True
 
-# -- the stand-ins --------------------------------------------------------------------------------
-def _persistent_record(meta: Any) -> PersistentRecord:
-    """``_reconstruct_persistent_obj(meta)`` as data: ``module_src`` is hashed, never executed."""
-    if not isinstance(meta, dict) or set(meta) != {"type", "version", "module_src", "class_name", "state"}:
-        keys = sorted(map(str, meta)) if isinstance(meta, dict) else type(meta).__name__
-        raise UnsafePickleError(f"torch_utils.persistence record with unexpected fields {keys}")
-    name = meta["class_name"]
-    if meta["type"] != "class" or meta["version"] != PERSISTENCE_VERSION:
-        raise UnsafePickleError(f"torch_utils.persistence record of type {meta['type']!r} version "
-                                f"{meta['version']!r} (only 'class', {PERSISTENCE_VERSION}) for {name!r}")
-    if not isinstance(name, str) or name not in PERSISTENT_CLASSES:
-        raise _refuse(f"persistent class {name!r} (torch_utils.persistence; known: "
-                      f"{', '.join(sorted(PERSISTENT_CLASSES))})")
-    src, state = meta["module_src"], meta["state"]
-    if not isinstance(src, str):
-        raise UnsafePickleError(f"persistent class {name}: module_src is a {type(src).__name__}")
-    state = {} if state is None else state
-    if not isinstance(state, dict):
-        raise UnsafePickleError(f"persistent class {name}: state is a {type(state).__name__}")
-    return PersistentRecord(name, state, hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest())
+    def __init__(self, budget: Budget):
+        self._budget, self.array = budget, None
 
+    def _build(self, state):
+        ok = (type(state) is tuple and len(state) == 5 and type(state[1]) is tuple and len(state[1]) <= 32
+              and all(type(s) is int and 0 <= s < 1 << 48 for s in state[1]) and isinstance(state[2], DtypeRecord)
+              and type(state[3]) is bool and type(state[4]) is bytes)
+        if not ok:
+            raise UnsafePickleError("refused BUILD of numpy array: only (version, shape, numeric dtype, "
+                                    "fortran flag, raw bytes)")
+        dt = state[2].dtype()
+        count = math.prod(state[1])
+        if count * dt.itemsize != len(state[4]):
+            raise UnsafePickleError(f"refused numpy array of shape {state[1]} {dt}: {len(state[4])} data bytes "
+                                    f"for {count * dt.itemsize}")
+        self._budget.charge(len(state[4]), "a numpy array")
+        flat = np.frombuffer(state[4], dtype=dt).copy()
+        self.array, self.needs_build = flat.reshape(state[1], order="F" if state[3] else "C"), False
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    """A strided view of a parsed storage, after checking that it stays inside it."""
-    if not isinstance(storage, _Storage) or storage.data is None:
-        raise UnsafePickleError(f"_rebuild_tensor_v2 on a {type(storage).__name__}, not a storage")
-    if (not isinstance(offset, int) or not isinstance(size, tuple) or not isinstance(stride, tuple)
-            or len(size) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))):
-        raise UnsafePickleError(f"_rebuild_tensor_v2 with invalid geometry offset={offset!r} size={size!r} "
-                                f"stride={stride!r}")
-    if hooks or metadata:
-        raise UnsafePickleError("_rebuild_tensor_v2 with backward hooks or metadata")
-    n = storage.data.numel()
-    last = offset + sum((s - 1) * st for s, st in zip(size, stride)) if all(size) else offset - 1
-    if last >= n or offset > n:
-        raise UnsafePickleError(f"tensor of size {size} stride {stride} offset {offset} overruns its "
-                                f"storage of {n} elements")
-    return torch.as_strided(storage.data, size, stride, offset)
-
-
-def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
-    if not isinstance(data, torch.Tensor) or hooks or state:
-        raise UnsafePickleError("_rebuild_parameter of something other than a plain tensor")
-    return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    if func is not _rebuild_tensor_v2 or not isinstance(new_type, _Marker) or not isinstance(args, tuple) or state:
-        raise UnsafePickleError("_rebuild_from_type_v2 of anything but a plain tensor")
-    return _rebuild_tensor_v2(*args)
-
-
-def _numeric_dtype(spec: Any) -> np.dtype:
-    if isinstance(spec, np.dtype):
-        dt = spec
-    elif isinstance(spec, str) and _NUMPY_NUMERIC.match(spec):
-        dt = np.dtype(spec)
-    else:
-        raise UnsafePickleError(f"numpy dtype {spec!r}: only numeric dtypes are allowed")
-    if dt.hasobject or dt.fields is not None or dt.kind not in "biufc":
-        raise UnsafePickleError(f"numpy dtype {dt!r}: only numeric dtypes are allowed")
-    return dt
-
-
-def _numpy_dtype(spec, align=False, copy=False):
-    _numeric_dtype(spec)
-    return np.dtype(spec, bool(align), bool(copy))
+    def __array__(self, dtype=None, copy=None):
+        return self.array if dtype is None else self.array.astype(dtype)
 
 
 def _numpy_scalar(dtype, data=None):
-    dt = _numeric_dtype(dtype)
-    if not isinstance(data, bytes) or len(data) != dt.itemsize:
-        raise UnsafePickleError(f"numpy scalar of {dt} with {type(data).__name__} data")
+    if not isinstance(dtype, DtypeRecord) or type(data) is not bytes:
+        raise UnsafePickleError(f"refused numpy scalar of {summary(dtype)} with {summary(data)} data")
+    dt = dtype.dtype()
+    if len(data) != dt.itemsize:
+        raise UnsafePickleError(f"refused numpy scalar of {dt} with {len(data)} data bytes")
     return np.frombuffer(data, dtype=dt)[0].item()
 
 
-class _NumericArray(np.ndarray):
-    """What ``_reconstruct`` creates; its BUILD accepts numeric dtypes only."""
-
-    def __setstate__(self, state):
-        if not isinstance(state, tuple) or len(state) != 5:
-            raise UnsafePickleError("numpy array state of an unexpected form")
-        _numeric_dtype(state[2])
-        if not isinstance(state[4], (bytes, bytearray)):
-            raise UnsafePickleError("numpy array whose data are objects, not bytes")
-        super().__setstate__(state)
-
-
-def _numpy_reconstruct(subtype, shape, dtype_code):
-    if not (isinstance(subtype, _Marker) and subtype.value is np.ndarray):
-        raise UnsafePickleError(f"numpy _reconstruct of {subtype!r}")
-    return np.ndarray.__new__(_NumericArray, shape, np.uint8)
-
-
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
-    ("torch.nn.modules.container", "ModuleDict"): ContainerRecord,
-    ("torch.storage", "_load_from_bytes"): None,  # filled below (needs the inner parser)
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch._tensor", "Tensor"): _Marker("torch._tensor.Tensor"),
-    ("torch", "Tensor"): _Marker("torch.Tensor"),
-    ("collections", "OrderedDict"): OrderedDict,
-    **{("builtins", n): getattr(builtins, n)
-       for n in ("set", "frozenset", "list", "tuple", "dict", "bytearray", "complex")},
-    **{(m, "scalar"): _numpy_scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    **{(m, "_reconstruct"): _numpy_reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    ("numpy", "ndarray"): _Marker("numpy.ndarray", np.ndarray),
-    ("numpy", "dtype"): _numpy_dtype,
-}
-_STORAGE_CLASSES = {("torch", n): _Marker(f"torch.{n}", dt) for n, dt in _STORAGE_DTYPES.items()}
+def _persistent_record(meta: Any) -> PersistentRecord:
+    """``_reconstruct_persistent_obj(meta)`` as data: ``module_src`` is hashed, never executed."""
+    fields = {"type", "version", "module_src", "class_name", "state"}
+    if type(meta) is not dict or set(meta) != fields:
+        extra = sorted(summary(k) for k in meta)[:8] if type(meta) is dict else summary(meta)
+        raise UnsafePickleError(f"torch_utils.persistence record with unexpected fields {extra}")
+    name = meta["class_name"]
+    if meta["type"] != "class" or meta["version"] != PERSISTENCE_VERSION:
+        raise UnsafePickleError(f"torch_utils.persistence record of type {summary(meta['type'])} version "
+                                f"{summary(meta['version'])} (only 'class', {PERSISTENCE_VERSION}) for {summary(name)}")
+    if type(name) is not str or name not in PERSISTENT_CLASSES:
+        raise UnsafePickleError(f"refused persistent class {summary(name)} (torch_utils.persistence; known: "
+                                f"{', '.join(sorted(PERSISTENT_CLASSES))})")
+    src, state = meta["module_src"], meta["state"]
+    if type(src) is not str:
+        raise UnsafePickleError(f"persistent class {name}: module_src is {summary(src)}")
+    state = {} if state is None else state
+    if type(state) is not dict:
+        raise UnsafePickleError(f"persistent class {name}: state is {summary(state)}, not a dict")
+    return PersistentRecord(name, state, hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest())
 
 
-# -- the unpicklers -------------------------------------------------------------------------------
-class _RestrictedUnpickler(pickle._Unpickler):
-    """``pickle``'s Python implementation of ``Unpickler`` (the C one cannot be restricted per
-    opcode), with BUILD -- which calls ``__setstate__`` or sets attributes on the object below it --
-    allowed only on the types in ``build_types``."""
-
-    build_types: tuple[type, ...] = ()
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def _load_build(self):
-        inst = self.stack[-2] if len(self.stack) >= 2 else None
-        if not isinstance(inst, self.build_types):
-            kind = type(inst)
-            raise _refuse(f"BUILD on {kind.__module__}.{kind.__qualname__}")
-        pickle._Unpickler.load_build(self)
-
-    dispatch[pickle.BUILD[0]] = _load_build
+def _globals(budget: Budget, limits: Limits) -> dict[tuple[str, str], Global]:
+    numpy = {}
+    for m in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        numpy[(m, "scalar")] = Global(f"{m}.scalar", _numpy_scalar)
+        numpy[(m, "_reconstruct")] = Global(f"{m}._reconstruct", lambda *a: _reconstruct(budget, *a), buildable=True)
+    return {
+        **TENSOR_GLOBALS, **numpy,
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): Global(
+            "torch_utils.persistence._reconstruct_persistent_obj", _persistent_record),
+        ("torch.nn.modules.container", "ModuleDict"): Global("torch.nn.modules.container.ModuleDict",
+                                                             ContainerRecord, buildable=True),
+        ("torch.storage", "_load_from_bytes"): Global("torch.storage._load_from_bytes", blob_reader(budget, limits)),
+        ("numpy", "ndarray"): Global("numpy.ndarray", value="ndarray"),
+        ("numpy", "dtype"): Global("numpy.dtype", DtypeRecord, buildable=True),
+    }
 
 
-class _StorageBlobUnpickler(_RestrictedUnpickler):
-    """The pickles inside one ``_load_from_bytes`` blob: storage classes are the only globals,
-    ``('storage', ...)`` the only persistent ids, no BUILD."""
-
-    def __init__(self, file, pending: list):
-        super().__init__(file)
-        self._pending = pending
-
-    def find_class(self, module, name):
-        marker = _STORAGE_CLASSES.get((module, name))
-        if marker is None:
-            raise _refuse(f"global {module}.{name} inside a storage blob")
-        return marker
-
-    def persistent_load(self, pid):
-        ok = (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-              and isinstance(pid[1], _Marker) and isinstance(pid[1].value, torch.dtype)
-              and isinstance(pid[2], str) and isinstance(pid[3], str) and pid[3].split(":")[0] in ("cpu", "cuda")
-              and isinstance(pid[4], int) and pid[4] >= 0 and (len(pid) == 5 or pid[5] is None))
-        if not ok:
-            raise _refuse(f"persistent id {pid!r} inside a storage blob (only ('storage', <class>, key, "
-                          "location, numel, None))")
-        self._pending.append(_Storage(pid[2], pid[1].value, pid[4], pid[3]))
-        return self._pending[-1]
+def _reconstruct(budget, subtype, shape, typecode):
+    if not (isinstance(subtype, Global) and subtype.value == "ndarray"):
+        raise UnsafePickleError(f"refused numpy _reconstruct of {summary(subtype)}")
+    return ArrayRecord(budget)
 
 
-def _load_storage_blob(blob: Any) -> _Storage:
-    """Parse one legacy ``torch.save`` of a single storage (§3.1) into a CPU tensor."""
-    if not isinstance(blob, (bytes, bytearray)):
-        raise UnsafePickleError(f"_load_from_bytes of a {type(blob).__name__}")
-    f, pending = io.BytesIO(bytes(blob)), []
-
-    def read():
-        return _StorageBlobUnpickler(f, pending).load()
-
-    try:
-        magic, version, info, obj, keys = read(), read(), read(), read(), read()
-    except UnsafePickleError:
-        raise
-    except Exception as e:  # truncated or malformed: not a storage blob
-        raise UnsafePickleError(f"storage blob is not a legacy torch.save of one storage ({e})") from None
-    if magic != _LEGACY_MAGIC or version != _LEGACY_PROTOCOL:
-        raise UnsafePickleError(f"storage blob with magic {magic!r}, protocol {version!r}")
-    if not isinstance(info, dict) or info.get("little_endian") is not True:
-        raise UnsafePickleError(f"storage blob sys_info {info!r} (only little-endian is read)")
-    if not isinstance(obj, _Storage) or len(pending) != 1 or keys != [obj.key]:
-        raise UnsafePickleError("storage blob does not hold exactly one storage")
-    head = f.read(8)
-    if len(head) != 8 or struct.unpack("<q", head)[0] != obj.numel:
-        raise UnsafePickleError(f"storage blob element count does not match numel {obj.numel}")
-    nbytes = obj.numel * torch.empty((), dtype=obj.dtype).element_size()
-    raw = f.read(nbytes)
-    if len(raw) != nbytes or f.read(1):
-        raise UnsafePickleError(f"storage blob has {len(raw)} data bytes for {nbytes} expected, or trailing bytes")
-    obj.data = torch.frombuffer(bytearray(raw), dtype=obj.dtype) if nbytes else torch.empty(0, dtype=obj.dtype)
-    return obj
-
-
-_ALLOWED[("torch.storage", "_load_from_bytes")] = _load_storage_blob
-
-
-# -- the outer stream -----------------------------------------------------------------------------
-class EDMUnpickler(_RestrictedUnpickler):
-    """The restricted unpickler of EDM's pickles (module docstring): allowlisted names map to inert
-    stand-ins; any other global is refused by name; no module is imported, nothing is executed.
-    BUILD only fills a ``ModuleDict`` record, a numpy dtype or a numeric numpy array."""
-
-    build_types = (ContainerRecord, np.dtype, _NumericArray)
-
-    def find_class(self, module, name):
-        target = _ALLOWED.get((module, name), _STORAGE_CLASSES.get((module, name)))
-        if target is None:
-            raise _refuse(f"global {module}.{name}")
-        return target
-
-    def persistent_load(self, pid):
-        raise _refuse(f"persistent id {pid!r} in the outer stream")
-
-
-def read_edm_pickle(path: str | Path) -> Any:
-    """The contents of EDM pickle ``path`` as data (records, tensors, plain containers); an
-    :class:`UnsafePickleError` names whatever the allowlist refuses."""
+def read_edm_pickle(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """The contents of EDM pickle ``path`` as data (records, tensors, plain containers, atoms); an
+    :class:`UnsafePickleError` (:class:`LimitExceeded` for a bound) names whatever is refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: EDM pickle is missing")
+    budget = limits.budget(check_file_size(path, limits))
     try:
         with open(path, "rb") as f:
-            return EDMUnpickler(f).load()
+            data = SafeUnpickler(f, _globals(budget, limits), budget, limits, where=str(path),
+                                 large_bytes=large_blob_reader(budget, limits)).load()
+            if f.read(1):
+                raise UnsafePickleError(f"{path}: bytes after the pickle's STOP")
+            return data
     except UnsafePickleError as e:
-        raise UnsafePickleError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            struct.error, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable EDM pickle ({type(e).__name__}: {e}); "
-                              "nothing executed") from None
+        msg = str(e)
+        raise type(e)(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except (ValueError, TypeError, struct.error, UnicodeDecodeError, OverflowError, RuntimeError, MemoryError) as e:
+        raise CheckpointError(f"{path}: not a readable EDM pickle ({type(e).__name__}); nothing executed") from None
+
+
+def module_parts(record: PersistentRecord | ContainerRecord,
+                 prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``({dotted.path: parameter}, {dotted.path: persistent buffer})`` of a module record: its
+    ``_parameters`` and ``_buffers`` (None entries and ``_non_persistent_buffers_set`` names skipped), then its
+    ``_modules`` recursively.  Refused: a record reached twice (a shared child), a name that is both a parameter
+    and a buffer or a child module (shadowing), a non-tensor entry."""
+    params, buffers, _ = _parts(record, prefix)
+    return params, buffers
 
 
 def module_tensors(record: PersistentRecord | ContainerRecord, prefix: str = "") -> dict[str, torch.Tensor]:
-    """``{dotted.path: tensor}`` of a module record: its ``_parameters`` and persistent ``_buffers``
-    (None entries and ``_non_persistent_buffers_set`` names skipped), then its ``_modules``
-    recursively -- the keys ``state_dict()`` of the original module would have."""
+    """``{dotted.path: tensor}`` of a module record (:func:`module_parts`, parameters and buffers together) in
+    ``state_dict()`` order: each module's parameters, then its buffers, then its children."""
+    return _parts(record, prefix)[2]
+
+
+def _parts(record, prefix):
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    both: dict[str, torch.Tensor] = {}
+    _walk(record, prefix, params, buffers, both, set())
+    return params, buffers, both
+
+
+def _walk(record, prefix, params, buffers, both, seen) -> None:
+    where = prefix[:-1] or "the root"
     if not isinstance(record, (PersistentRecord, ContainerRecord)):
-        raise UnsafePickleError(f"{prefix or 'the root'} is a {type(record).__name__}, not a module record")
-    state, out = record.state, {}
+        raise UnsafePickleError(f"{where} is {summary(record)}, not a module record")
+    if id(record) in seen:
+        raise UnsafePickleError(f"{where}: a module record reached twice (shared children are refused)")
+    seen.add(id(record))
+    state = record.state
     skip = state.get("_non_persistent_buffers_set") or set()
-    for kind in ("_parameters", "_buffers"):
-        for name, value in (state.get(kind) or {}).items():
+    if not isinstance(skip, (set, frozenset)):
+        raise UnsafePickleError(f"{where}: _non_persistent_buffers_set is {summary(skip)}")
+    names: dict[str, str] = {}
+    for kind, out in (("_parameters", params), ("_buffers", buffers), ("_modules", None)):
+        entries = state.get(kind) or {}
+        if not isinstance(entries, dict):
+            raise UnsafePickleError(f"{where}: {kind} is {summary(entries)}, not a dict")
+        for name, value in entries.items():
+            if type(name) is not str:
+                raise UnsafePickleError(f"{where}: {kind} key {summary(name)} is not a string")
+            if name in names:
+                raise UnsafePickleError(f"{prefix}{name} is both in {names[name]} and {kind} of {record.class_name} "
+                                        "(a shadowing entry)")
+            names[name] = kind
             if value is None or (kind == "_buffers" and name in skip):
                 continue
+            if out is None:
+                _walk(value, f"{prefix}{name}.", params, buffers, both, seen)
+                continue
             if not isinstance(value, torch.Tensor):
-                raise UnsafePickleError(f"{prefix}{name} ({record.class_name}.{kind}) is a {type(value).__name__}")
-            out[f"{prefix}{name}"] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if child is None:
-            continue
-        for key, value in module_tensors(child, f"{prefix}{name}.").items():
-            if key in out:
-                raise UnsafePickleError(f"{key} appears twice in the module tree")
-            out[key] = value
-    return out
+                raise UnsafePickleError(f"{prefix}{name} ({record.class_name}.{kind}) is {summary(value)}")
+            out[f"{prefix}{name}"] = both[f"{prefix}{name}"] = value
 
 
-def ema_state_dict(source: str | Path | dict,
-                   expected_class: str = "EDMPrecond") -> tuple[dict[str, torch.Tensor], dict]:
-    """The ``ema`` network of an EDM pickle (a path, or what :func:`read_edm_pickle` returned):
-    its state dict and its plain attributes (``sigma_data``, ``label_dim``, ...).  Its class must be
-    ``expected_class`` (read from the pickle, whatever the file is called)."""
-    data = read_edm_pickle(source) if not isinstance(source, dict) else source
+def _ema(source, expected_class, limits: Limits) -> PersistentRecord:
+    data = read_edm_pickle(source, limits) if not isinstance(source, dict) else source
     where = "the pickle" if isinstance(source, dict) else str(source)
     if not isinstance(data, dict) or "ema" not in data:
-        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(f"{where}: no 'ema' network (found {keys})")
+        found = sorted(summary(k) for k in data)[:8] if isinstance(data, dict) else summary(data)
+        raise CheckpointError(f"{where}: no 'ema' network (found {found})")
     ema = data["ema"]
-    name = getattr(ema, "class_name", type(ema).__name__)
+    name = ema.class_name if isinstance(ema, (PersistentRecord, ContainerRecord)) else summary(ema)
     if not isinstance(ema, PersistentRecord) or name != expected_class:
         raise CheckpointError(f"{where}: the 'ema' network is {name}, not {expected_class}; this file needs "
                               f"the network class of its own preconditioning (read from the pickle, not its name)")
-    attrs = {k: v for k, v in ema.state.items() if not k.startswith("_") and not isinstance(v, torch.Tensor)}
-    return module_tensors(ema), attrs
+    return ema
+
+
+def _attrs(ema: PersistentRecord) -> dict:
+    return {k: v for k, v in ema.state.items() if type(k) is str and not k.startswith("_")}
+
+
+def ema_state_dict(source: str | Path | dict, expected_class: str = "EDMPrecond",
+                   limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, torch.Tensor], dict]:
+    """The ``ema`` network of an EDM pickle (a path, or what :func:`read_edm_pickle` returned): its state dict
+    and its plain attributes (``sigma_data``, ``label_dim``, ...).  Its class must be ``expected_class`` (read
+    from the pickle, whatever the file is called).  :func:`ema_parts` keeps parameters and buffers apart."""
+    ema = _ema(source, expected_class, limits)
+    return module_tensors(ema), _attrs(ema)
+
+
+def ema_parts(source: str | Path | dict, expected_class: str = "EDMPrecond", limits: Limits = DEFAULT_LIMITS):
+    """``(parameters, buffers, attributes)`` of the ``ema`` network (:func:`ema_state_dict`)."""
+    ema = _ema(source, expected_class, limits)
+    params, buffers = module_parts(ema)
+    return params, buffers, _attrs(ema)
+
+
+def check_precond_attrs(attrs: dict, sigma_data: float, img_resolution: int, img_channels: int,
+                        where: str | Path) -> None:
+    """The preconditioning's scalar hyper-parameters, each present with its type, finite and in range, and
+    equal to the network's: ``sigma_data`` (a finite float > 0), ``label_dim`` (an int >= 0; 0: unconditional),
+    ``img_resolution`` and ``img_channels`` (ints >= 1).  The first that fails is named."""
+    def number(key, kinds, ok):
+        if key not in attrs:
+            raise CheckpointError(f"{where}: the EDMPrecond has no {key}")
+        v = attrs[key]
+        if type(v) not in kinds or not ok(v):
+            raise CheckpointError(f"{where}: the EDMPrecond's {key} is {summary(v)}, not a valid value")
+        return v
+
+    sd = number("sigma_data", (float, int), lambda v: math.isfinite(v) and v > 0)
+    if abs(float(sd) - sigma_data) > 1e-12:
+        raise CheckpointError(f"{where}: the EDMPrecond has sigma_data {sd!r}; the config has {sigma_data}")
+    if number("label_dim", (int,), lambda v: v >= 0) != 0:
+        raise CheckpointError(f"{where}: the EDMPrecond is class-conditional (label_dim {attrs['label_dim']}); "
+                              "this network is unconditional")
+    for key, want in (("img_resolution", img_resolution), ("img_channels", img_channels)):
+        if number(key, (int,), lambda v: v >= 1) != want:
+            raise CheckpointError(f"{where}: the EDMPrecond has {key} {attrs[key]}; the config has {want}")

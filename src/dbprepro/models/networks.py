@@ -13,7 +13,8 @@ A registered class owns:
 * ``name`` (the registry key, the config's ``families.networks`` value) and ``family``;
 * ``from_config(cfg)``: the architecture from its hyper-parameters (the paper-scale defaults when
   ``cfg`` is empty);
-* ``load_state(path)``: the official weights file read safely (never by executing code) into an
+* ``load_state(path, cfg, sha256, limits)``: the official weights file (checked against ``sha256``
+  when given) read safely under :class:`.bounds.Limits` (never by executing code) into an
   instance, through a documented key map where the official names differ;
 * ``eps(x_vp, sigma)``.
 """
@@ -54,7 +55,8 @@ class EpsNetwork(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None) -> "EpsNetwork":
+    def load_state(cls, path: str | Path, cfg: dict[str, Any] | None = None,
+                   sha256: str | None = None, limits=None) -> "EpsNetwork":
         raise NotImplementedError
 
     @property
@@ -87,18 +89,20 @@ NETWORK_FILE = "network.json"
 
 
 def save_network_dir(path: str | Path, name: str, config: dict[str, Any], weights: str | Path,
-                     sha256: str, scheduler) -> None:
+                     sha256: str, scheduler, pinned: bool = True) -> None:
     """The model folder of a family's own network (rule download_network): ``network.json``
     (registered ``name``, its ``config`` overrides, the official ``weights`` file - left where it
     was downloaded, never converted: its licence forbids redistributing derived tensors - and
-    that file's ``sha256``) and ``scheduler/``, the DDPM noise schedule the continuous purifiers
+    that file's ``sha256``, and whether the config pinned it or it was trusted on first use:
+    ``sha256_pinned``) and ``scheduler/``, the DDPM noise schedule the continuous purifiers
     map noise levels with.  Written atomically."""
     from ..io import atomic_dir
 
     network_class(name)  # a ValueError naming the registered ones
     rel = os.path.relpath(Path(weights).resolve(), Path(path).resolve())  # the folder moves with results/
     with atomic_dir(path) as tmp:
-        spec = {"network": name, "config": dict(config), "weights": rel, "sha256": sha256}
+        spec = {"network": name, "config": dict(config), "weights": rel, "sha256": sha256,
+                "sha256_pinned": bool(pinned)}  # false: trusted on first use, recorded here to be pinned
         (tmp / NETWORK_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
         scheduler.save_pretrained(tmp / "scheduler")
 

@@ -19,16 +19,13 @@ import torch
 from torch import nn
 
 from ..io import sha256_file
+from .bounds import DEFAULT_LIMITS, CheckpointError, summary
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HTML_STARTS = (b"<!doctype html", b"<html")
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".t7", ".bin", ".pt.tar", ".pth.tar")
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or data file is missing, not what was pinned, unsafe, or does not fit."""
 
 
 def _expected_sha256(sha256: str, what: str | Path) -> str:
@@ -120,25 +117,28 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: no state dict inside (got {type(obj).__name__}; "
                               f"looked under {', '.join(_CONTAINER_KEYS)})")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad = [summary(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: state dict has non-tensor entries: {', '.join(bad[:10])}")
     out: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
-        key = str(key)
+        if type(key) is not str:
+            raise CheckpointError(f"{path}: state dict key {summary(key)} is not a string")
         new = key[len("module."):] if key.startswith("module.") else key
         if new in out:
-            raise CheckpointError(f"{path}: both {key!r} and {new!r} present after removing 'module.'")
+            raise CheckpointError(f"{path}: both {summary(key)} and {summary(new)} present after removing 'module.'")
         out[new] = value
     return out
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, limits=None) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``.pt/.pth/.t7/.bin``).
 
-    Torch files go through ``torch.load(..., map_location="cpu", weights_only=True)``
-    only; anything needing other globals (a code payload) is refused with a
-    :class:`CheckpointError`.  Common containers (``{"state_dict": ...}``,
+    Torch files are checked by :func:`.torch_guard.guard_torch_file` (size, zip records,
+    the pickle's structure: a bounded load) and then go through ``torch.load(...,
+    map_location="cpu", weights_only=True)`` only; anything needing other globals (a code
+    payload) is refused with a :class:`CheckpointError`.  ``limits``: the guard's
+    :class:`.bounds.Limits` (default ones if None).  Common containers (``{"state_dict": ...}``,
     ``{"model": ...}``, ``{"net": ...}``) are unwrapped and a ``module.`` prefix
     (DataParallel) is removed.
     """
@@ -164,6 +164,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not name.endswith(_PICKLE_SUFFIXES):
         raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors or "
                               f"one of {', '.join(_PICKLE_SUFFIXES)}")
+    from .torch_guard import guard_torch_file
+
+    guard_torch_file(path, limits or DEFAULT_LIMITS)  # bounded before torch reads it (size, zip, data.pkl)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
@@ -208,3 +211,27 @@ def load_weights_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) 
                               "wrong architecture or settings? " + " | ".join(parts))
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def match_parts(model: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
+                where: str | Path = "checkpoint") -> nn.Module:
+    """Load a checkpoint's ``params`` and persistent ``buffers`` into ``model``, matched separately against
+    its parameters and buffers: a name under the other kind (or under both), or a dtype that differs from
+    the model's, is refused naming the first such tensor; then :func:`load_weights_into` (names, shapes)."""
+    own_p = dict(model.named_parameters())
+    own_b = {k: v for k, v in model.state_dict().items() if k not in own_p}
+    for key in params:
+        if key in buffers:
+            raise CheckpointError(f"{where}: {key} is both a parameter and a buffer (shadowing)")
+    for mine, other, kind, other_kind in ((params, own_b, "parameter", "buffer"), (buffers, own_p, "buffer",
+                                                                                     "parameter")):
+        for key in mine:
+            if key in other:
+                raise CheckpointError(f"{where}: {key} is a {kind} in the checkpoint but a {other_kind} of "
+                                      f"{type(model).__name__}")
+    own = {**own_p, **own_b}
+    for key, value in {**params, **buffers}.items():
+        if key in own and value.dtype != own[key].dtype:
+            raise CheckpointError(f"{where}: {key} is {value.dtype} in the checkpoint, {own[key].dtype} in the "
+                                  "model")
+    return load_weights_into(model, {**params, **buffers})

@@ -62,13 +62,14 @@ def train_diffusion(input, output, params, wildcards) -> None:
 
 @stage
 def download_classifier(input, output, params, wildcards) -> None:
-    from ..models.checkpoints import download_url, load_state_dict, load_weights_into
+    from ..models.checkpoints import download_url, load_state_dict, load_weights_into, trusted_sha256, verify_file
     from ..models.classifiers import build_classifier, save_classifier
 
     clf = params.classifier
     dl = clf["download"]
     raw = download_url(dl["url"], dl["sha256"], Path(params.downloads) / dl["filename"],
                        allow_unpinned=dl.get("allow_unpinned", False))
+    verify_file(raw, trusted_sha256(raw, dl["sha256"]))  # a pickle-format file: read only under a pinned or recorded hash
     model = build_classifier(clf["arch"], **clf["kwargs"])
     load_weights_into(model, load_state_dict(raw))
     save_classifier(model, clf["arch"], clf["kwargs"], output.model)
@@ -88,19 +89,23 @@ def download_diffusion(input, output, params, wildcards) -> None:
 @stage
 def download_network(input, output, params, wildcards) -> None:
     """A family's own network (``families.networks``): the official file fetched (or placed by
-    hand) and checked against its sha256, loaded once by the network's safe loader to prove it
+    hand) and checked against its sha256 -- unpinned (``allow_unpinned``), the sha256 printed and
+    recorded on first use (``dbprepro_unpinned.json``, and ``network.json`` with ``sha256_pinned``
+    false) before the file is parsed --, loaded once by the network's safe loader to prove it
     fits, and its model folder written beside the base model's noise schedule."""
-    from ..io import sha256_file
-    from ..models.checkpoints import download_url
+    from ..models.checkpoints import download_url, trusted_sha256
     from ..models.diffusion import load_diffusion
     from ..models.networks import network_class, save_network_dir
 
     sec, dl = params.network, params.network["download"]
     raw = download_url(dl["url"], dl["sha256"], Path(params.downloads) / dl["filename"],
                        allow_unpinned=dl.get("allow_unpinned", False))
-    network_class(sec["network"]).load_state(raw, sec.get("config") or {})  # refuses a file that does not fit
+    sha = trusted_sha256(raw, dl["sha256"])  # unpinned: the hash printed and recorded on first use, else refused
+    # verified against that hash, then read by the safe loader (refuses a file that does not fit)
+    network_class(sec["network"]).load_state(raw, sec.get("config") or {}, sha256=sha)
     _, scheduler = load_diffusion(input.base)
-    save_network_dir(output.model, sec["network"], sec.get("config") or {}, raw, sha256_file(raw), scheduler)
+    save_network_dir(output.model, sec["network"], sec.get("config") or {}, raw, sha, scheduler,
+                     pinned=dl["sha256"] is not None)
 
 
 @stage

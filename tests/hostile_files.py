@@ -1,0 +1,305 @@
+"""Crafted checkpoint files for tests/test_hostile_checkpoints.py (issue 25): one builder per class of attack
+on the package's loaders, written byte by byte (opcodes) or with the EDM-style pickler of test_edm_pickle.py.
+Each builder takes a folder and returns the file it wrote."""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zipfile
+
+import torch
+from test_edm_pickle import (Call, FakeGlobal, Persistent, _module_state, dumps, edm_tree, small_net, storage_blob,
+                             tensor_call)
+
+PROTO, STOP, MARK = b"\x80\x04", b".", b"("
+EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE, NONE = b"}", b"]", b")", b"N"
+TUPLE, TUPLE1, TUPLE2, TUPLE3 = b"t", b"\x85", b"\x86", b"\x87"
+REDUCE, BUILD, SETITEM, APPEND, APPENDS, ADDITEMS = b"R", b"b", b"s", b"a", b"e", b"\x90"
+NEWTRUE, NEWFALSE, FROZENSET = b"\x88", b"\x89", b"\x91"
+
+
+def u(s: str) -> bytes:
+    b = s.encode()
+    return b"\x8c" + bytes([len(b)]) + b if len(b) < 256 else b"X" + struct.pack("<I", len(b)) + b
+
+
+def ux(s: str) -> bytes:
+    """BINUNICODE: what torch's weights-only unpickler reads (it has no SHORT_BINUNICODE)."""
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def g(module: str, name: str) -> bytes:
+    return u(module) + u(name) + b"\x93"
+
+
+def i(n: int) -> bytes:
+    return b"J" + struct.pack("<i", n)
+
+
+def by(data: bytes) -> bytes:
+    return b"B" + struct.pack("<I", len(data)) + data
+
+
+def put(k: int) -> bytes:
+    return b"r" + struct.pack("<I", 100_000 + k)
+
+
+def get(k: int) -> bytes:
+    return b"j" + struct.pack("<I", 100_000 + k)
+
+
+def wrap(body: bytes) -> bytes:
+    """``{"x": <body>}`` as a protocol-4 stream."""
+    return PROTO + EMPTY_DICT + u("x") + body + SETITEM + STOP
+
+
+def body(obj) -> bytes:
+    """``obj`` pickled (protocol 3: no frames) without PROTO and STOP, to splice into a stream."""
+    return dumps(obj, protocol=3)[2:-1]
+
+
+def write(folder, name, data: bytes):
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+# -- numpy -------------------------------------------------------------------------------------------------
+DTYPE = g("numpy", "dtype") + u("f8") + NEWFALSE + NEWTRUE + TUPLE3 + REDUCE
+DTYPE_STATE = MARK + i(3) + u("<") + NONE + NONE + NONE + i(-1) + i(-1) + i(0) + TUPLE
+ARRAY = (g("numpy.core.multiarray", "_reconstruct") + g("numpy", "ndarray") + i(0) + TUPLE1 + b"C\x01b" + TUPLE3
+         + REDUCE)
+
+
+def _array(dtype_ref: bytes) -> bytes:
+    return ARRAY + put(1) + MARK + i(1) + i(2) + TUPLE1 + dtype_ref + NEWFALSE + by(b"\0" * 16) + TUPLE + BUILD
+
+
+def dtype_rebuilt_after_use(d):
+    """The dtype passes the numeric check, an array uses it, then a second BUILD re-shapes it."""
+    evil_state = MARK + i(3) + u("<") + NONE + NONE + NONE + i(4096) + i(1) + i(0) + TUPLE
+    return write(d, "dtype_rebuild.pkl", wrap(EMPTY_LIST + MARK + DTYPE + put(0) + DTYPE_STATE + BUILD
+                                              + _array(get(0)) + get(0) + evil_state + BUILD + APPENDS))
+
+
+def dtype_with_subarray(d):
+    """A dtype state with a sub-array (reads past the buffer under numpy's own BUILD)."""
+    sub = MARK + i(3) + u("<") + DTYPE + i(100_000) + TUPLE1 + TUPLE2 + NONE + NONE + i(-1) + i(-1) + i(0) + TUPLE
+    return write(d, "dtype_subarray.pkl", wrap(DTYPE + sub + BUILD))
+
+
+def setitem_into_array(d):
+    """SETITEM on an array: attacker bytes at an attacker offset of its buffer."""
+    return write(d, "setitem_array.pkl", wrap(EMPTY_LIST + MARK + DTYPE + put(0) + DTYPE_STATE + BUILD
+                                              + _array(get(0)) + i(1 << 20) + by(b"\xff" * 8) + SETITEM + APPENDS))
+
+
+def reconstruct_without_build(d):
+    """``_reconstruct`` without BUILD: an array over uninitialised heap memory."""
+    return write(d, "reconstruct_nobuild.pkl", wrap(ARRAY))
+
+
+# -- opcodes on objects the reader did not create ------------------------------------------------------------
+def _tensor() -> bytes:
+    return body(tensor_call(storage_blob(torch.arange(4, dtype=torch.float32)), (4,)))
+
+
+def setitem_on_tensor(d):
+    return write(d, "setitem_tensor.pkl", wrap(_tensor() + i(0) + i(7) + SETITEM))
+
+
+def appends_on_record(d):
+    record = body(Persistent("Linear", _module_state(), "pass\n"))
+    return write(d, "appends_record.pkl", wrap(record + MARK + i(1) + APPENDS))
+
+
+def additems_on_frozenset(d):
+    return write(d, "additems_frozenset.pkl", wrap(MARK + i(1) + FROZENSET + MARK + i(2) + ADDITEMS))
+
+
+def appends_on_used_list(d):
+    """A list mutated after it became part of a tuple (and a list appended to itself: a cycle)."""
+    return write(d, "appends_sealed.pkl", wrap(EMPTY_LIST + put(0) + TUPLE1 + get(0) + get(0) + APPEND))
+
+
+def refused_opcode_dup(d):
+    return write(d, "dup.pkl", wrap(EMPTY_LIST + b"2" + APPEND))
+
+
+# -- memory amplification --------------------------------------------------------------------------------------
+def bytearray_400mb(d):
+    return write(d, "bytearray.pkl", wrap(g("builtins", "bytearray") + i(400_000_000) + TUPLE1 + REDUCE))
+
+
+def list_of_bytearray(d):
+    inner = g("builtins", "bytearray") + i(50_000_000) + TUPLE1 + REDUCE
+    return write(d, "list_bytearray.pkl", wrap(g("builtins", "list") + inner + TUPLE1 + REDUCE))
+
+
+def blob_reparsed(d):
+    """One memoised 1 MB storage blob decoded on each of 400 references."""
+    blob = storage_blob(torch.zeros(1 << 18, dtype=torch.float32))
+    fn = g("torch.storage", "_load_from_bytes") + put(0)
+    calls = get(0) + by(blob) + put(1) + TUPLE1 + REDUCE + (get(0) + get(1) + TUPLE1 + REDUCE) * 400
+    return write(d, "blob_reparsed.pkl", wrap(fn + POP + EMPTY_LIST + MARK + calls + APPENDS))
+
+
+POP = b"0"
+
+
+def huge_bytes_header(d):
+    """A 14-byte stream announcing a 1 TB bytes object."""
+    return write(d, "huge_bytes.pkl", PROTO + b"\x8e" + struct.pack("<Q", 1 << 40) + STOP)
+
+
+# -- exponential time ------------------------------------------------------------------------------------------
+def _dag(levels: int) -> bytes:
+    """Pushes t_levels, t_0 = (), t_k = (t_k-1, t_k-1): 2^levels tuples along its paths, levels + 1 objects."""
+    out = EMPTY_TUPLE + put(0) + POP
+    for k in range(1, levels + 1):
+        out += get(k - 1) + get(k - 1) + TUPLE2 + put(k) + POP
+    return out + get(levels)
+
+
+def dag_as_dict_key(d):
+    """A memo-shared tuple DAG whose hash visits 2^60 tuples."""
+    return write(d, "dag_key.pkl", wrap(EMPTY_DICT + _dag(60) + i(1) + SETITEM))
+
+
+def dag_in_frozenset(d):
+    return write(d, "dag_frozenset.pkl", wrap(MARK + _dag(60) + FROZENSET))
+
+
+def dag_as_class_name(d):
+    """A persistence record whose class name is a tuple DAG: an error message that repr()s it never ends."""
+    meta = (EMPTY_DICT + MARK + u("type") + u("class") + u("version") + i(6) + u("module_src") + u("")
+            + u("class_name") + _dag(60) + u("state") + EMPTY_DICT + b"u")
+    return write(d, "dag_class_name.pkl", wrap(g("torch_utils.persistence", "_reconstruct_persistent_obj")
+                                               + meta + TUPLE1 + REDUCE))
+
+
+LEVELS = 18  # as deep as Limits.max_depth lets module records nest
+
+
+def shared_module_tree(d):
+    """Module records whose two children are the same record, LEVELS levels: 2^LEVELS paths."""
+    rec = Persistent("Linear", _module_state(), "pass\n")
+    for _ in range(LEVELS):
+        rec = Persistent("UNetBlock", _module_state(modules=[("a", rec), ("b", rec)]), "pass\n")
+    ema = Persistent("EDMPrecond", _module_state({"sigma_data": 0.5, "label_dim": 0, "img_resolution": 8,
+                                                  "img_channels": 3}, modules=[("model", rec)]), "pass\n")
+    return write(d, "shared_tree.pkl", dumps({"ema": ema}))
+
+
+# -- crashes -------------------------------------------------------------------------------------------------
+def deep_tuple(d):
+    return write(d, "deep_tuple.pkl", wrap(EMPTY_TUPLE + TUPLE1 * 1_000_000))
+
+
+def deep_marks(d):
+    return write(d, "deep_marks.pkl", PROTO + MARK * 1_000_000 + STOP)
+
+
+# -- the torch (Score SDE / classifier) path ----------------------------------------------------------------
+def torch_zip(d, name, data_pkl: bytes, extra: dict | None = None, deflate: dict | None = None):
+    path = d / name
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", data_pkl)
+        zf.writestr("archive/version", b"3\n")
+        for k, v in (extra or {}).items():
+            zf.writestr(f"archive/{k}", v)
+        for k, size in (deflate or {}).items():
+            info = zipfile.ZipInfo(f"archive/{k}")
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                chunk = b"\0" * (1 << 20)
+                for _ in range(size >> 20):
+                    f.write(chunk)
+    return path
+
+
+def zip_bomb(d):
+    """A torch zip whose one deflated record expands ~1000x (194 MB from ~190 KB)."""
+    pkl = b"\x80\x02" + EMPTY_DICT + STOP
+    return torch_zip(d, "zip_bomb.pth", pkl, deflate={"data/0": 194 << 20})
+
+
+def zip_deep_tuple(d):
+    return torch_zip(d, "zip_deep.pth", b"\x80\x02" + EMPTY_TUPLE + TUPLE1 * 1_000_000 + STOP)
+
+
+def zip_dag_key(d):
+    return torch_zip(d, "zip_dag.pth", b"\x80\x02" + EMPTY_DICT + _dag(60) + i(1) + SETITEM + STOP)
+
+
+def zip_storage_numel(d):
+    """A storage id announcing 10^11 floats over a 4-byte record (torch allocates from the id)."""
+    pid = MARK + u("storage") + b"ctorch\nFloatStorage\n" + u("0") + u("cpu") + b"\x8a\x05" + (10 ** 11).to_bytes(
+        5, "little") + TUPLE + b"Q"
+    rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n" + MARK + pid + i(0) + i(1) + TUPLE1 + i(1) + TUPLE1 + NEWFALSE \
+        + b"ccollections\nOrderedDict\n" + EMPTY_TUPLE + REDUCE + TUPLE + REDUCE
+    return torch_zip(d, "zip_numel.pth", b"\x80\x02" + EMPTY_DICT + u("model") + EMPTY_DICT + u("w") + rebuild
+                     + SETITEM + SETITEM + STOP, extra={"data/0": b"\0" * 4})
+
+
+def zip_dag_value(d):
+    """A Score SDE dict whose 'model' entry holds tuple DAGs (allowed by the guard as values, and by torch): the
+    refusal names its type, never its repr (2^60 tuples)."""
+    dag = EMPTY_TUPLE + put(0) + b"".join(get(k - 1) + get(k - 1) + TUPLE2 + put(k) for k in range(1, 61))
+    dag = EMPTY_LIST + MARK + dag + APPENDS  # a list of t_0 ... t_60 (torch's reader has no POP)
+    return torch_zip(d, "zip_dag_value.pth", b"\x80\x02" + EMPTY_DICT + ux("model") + EMPTY_DICT + ux("w") + dag
+                     + SETITEM + SETITEM + STOP)
+
+
+# -- load_state: wrong values ----------------------------------------------------------------------------------
+def edm_with(d, name, mutate):
+    ema = edm_tree(small_net(), "pass\n")
+    mutate(ema)
+    return write(d, name, dumps({"ema": ema}))
+
+
+def _linear(ema):
+    return ema.state["_modules"]["model"].state["_modules"]["map_layer0"].state
+
+
+EDM_STATE_CASES = {
+    "sigma_data_nan": lambda e: e.state.update(sigma_data=math.nan),
+    "sigma_data_missing": lambda e: e.state.pop("sigma_data"),
+    "sigma_data_tensor": lambda e: e.state.update(sigma_data=Call(FakeGlobal("torch._utils", "_rebuild_tensor_v2"),
+                                                                  Call(FakeGlobal("torch.storage", "_load_from_bytes"),
+                                                                       storage_blob(torch.ones(1))), 0, (), (),
+                                                                  False, None)),
+    "label_dim_half": lambda e: e.state.update(label_dim=0.5),
+    "resolution_wrong": lambda e: e.state.update(img_resolution=16),
+    "channels_str": lambda e: e.state.update(img_channels="3"),
+    "buffer_shadows_parameter": lambda e: _linear(e)["_buffers"].update(weight=_linear(e)["_parameters"]["weight"]),
+    "parameter_as_buffer": lambda e: _linear(e)["_buffers"].update(bias=_linear(e)["_parameters"].pop("bias")),
+    "dtype_float64": lambda e: _linear(e)["_parameters"].update(bias=_linear(e)["_parameters"]["bias"].double()),
+}
+
+
+def state_dict_file(d, name, legacy: bool):
+    """A module's ``state_dict()`` (an OrderedDict with ``_metadata``, float32 and float64 tensors), saved as a
+    classifier file is: the legacy format or the zip format."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    net[1].double()
+    path = d / name
+    torch.save({"state_dict": net.state_dict()}, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def ordered_dict_build(d):
+    """An OrderedDict given attributes other than a state dict's _metadata."""
+    od = b"ccollections\nOrderedDict\n" + EMPTY_TUPLE + REDUCE
+    return torch_zip(d, "od_build.pth", b"\x80\x02" + od + EMPTY_DICT + ux("__class__") + i(1) + SETITEM + BUILD
+                     + STOP)
+
+
+def bytes_of(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
