@@ -213,3 +213,30 @@ def test_key_columns_skip_floats_and_stop_when_unique():
     dup = pd.concat([t, t.iloc[:1]], ignore_index=True)
     key, unique = key_columns(dup, dup)
     assert not unique and key == ["defense", "threat", "setting", "attack", "n_images"]
+
+
+def _stage_io(recorded, new, fail):
+    from types import SimpleNamespace
+
+    out = new / "reproduction"
+    output = SimpleNamespace(csv=str(out / "compare.csv"), md=str(out / "compare.md"),
+                             cells=str(out / "compare_cells.csv"))
+    params = SimpleNamespace(tolerance=dict(atol=0.01, rtol=0.05, flip_images=2, flip_share=0.02, fail=fail),
+                             alpha=0.05)
+    return SimpleNamespace(recorded=str(recorded)), output, params
+
+
+def test_the_compare_runs_stage_writes_the_reports_and_fails_beyond_noise(recorded, tmp_path):
+    """The rule compare_runs (workflow/rules/reproduce.smk): the run is results/ above its output."""
+    from dbprepro.pipeline.reproduce import compare_runs as stage
+
+    new = _write_run(tmp_path / "new")
+    stage(*_stage_io(recorded, new, fail=True), {})
+    assert (new / "reproduction" / "compare.md").read_text().startswith("**Identical.**")
+    claims = _claims()
+    claims.loc[2, ["p_value", "p_holm", "verdict"]] = [0.001, 0.002, "holds"]
+    moved = _write_run(tmp_path / "moved", claims=claims)
+    with pytest.raises(RuntimeError, match="c_null: different"):
+        stage(*_stage_io(recorded, moved, fail=True), {})
+    stage(*_stage_io(recorded, moved, fail=False), {})
+    assert "NOT reproduced" in (moved / "reproduction" / "compare.md").read_text()
