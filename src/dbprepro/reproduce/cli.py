@@ -46,7 +46,7 @@ def add_compare_command(sub) -> None:
     c.add_argument("recorded", help="the recorded run: a results/ folder (tables/, attacks/) or a folder of tables "
                                     "such as docs/results_tables")
     c.add_argument("new", help="the new run, the same kinds of folder (e.g. results)")
-    c.add_argument("--out", default="results/reproduction",
+    c.add_argument("--out", default="results/compare-runs",
                    help="folder of compare.md, compare.csv and compare_cells.csv [%(default)s]")
     c.add_argument("--atol", type=float, default=_DEFAULT.atol,
                    help="table numbers: absolute part of |new - recorded| <= atol + rtol |recorded| [%(default)s]")
