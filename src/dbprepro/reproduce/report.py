@@ -84,13 +84,10 @@ def markdown(cmp: Comparison, level: int = 3) -> str:
         lines += [f"- {section} `{name}`: {status}" + _why(cmp, section, name) for section, name, status in
                   cmp.failures] + [""]
     lines += [f"{h} Tables", ""]
-    lines += _md_table(["table", "rows", "identical", "within tolerance", "different", "status"],
-                       [[f"`{t.name}`", t.rows, t.identical, t.within, t.different, t.status] for t in cmp.tables])
-    within = [(t.name, d) for t in cmp.tables for d in t.diffs if d.status == WITHIN]
-    if within:
-        lines += ["Rows within tolerance (first cells that moved):", ""]
-        lines += [f"- `{name}` {d.describe()}" for name, d in within[:30]]
-        lines += ([f"- ... and {len(within) - 30} more rows (compare_cells.csv)"] if len(within) > 30 else []) + [""]
+    lines += _md_table(["table", "rows", "identical", "within tolerance", "different", "status",
+                        "largest move within tolerance (relative)"],
+                       [[f"`{t.name}`", t.rows, t.identical, t.within, t.different, t.status, t.largest_move()]
+                        for t in cmp.tables])
     if cmp.runs:
         lines += [f"{h} Attack runs", ""]
         lines += _md_table(["run", "images", "flipped (single)", "share", "allowed", "status"],

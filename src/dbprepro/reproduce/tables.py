@@ -50,6 +50,18 @@ class TableComparison:
     diffs: list[RowDiff] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def largest_move(self) -> str:
+        """The numeric cell within tolerance that moved most (relative to its recorded value), as
+        'column: recorded -> new (rule)'; '' when none moved."""
+        best, text = -1.0, ""
+        for d in self.diffs:
+            for col, r, v, rule in d.cells:
+                if rule and isinstance(r, (int, float)) and isinstance(v, (int, float)):
+                    rel = abs(v - r) / max(abs(r), 1e-12)
+                    if rel > best:
+                        best, text = rel, f"{col}: {_fmt(r)} -> {_fmt(v)} ({rule})"
+        return text
+
 
 def _fmt(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
@@ -73,8 +85,9 @@ def key_columns(a: pd.DataFrame, b: pd.DataFrame) -> tuple[list[str], bool]:
 def _keyed(df: pd.DataFrame, key: list[str]) -> dict[tuple, dict]:
     occurrence = df.groupby(key, dropna=False, sort=False).cumcount() if key else pd.Series(range(len(df)))
     out = {}
-    for (_, row), occ in zip(df.iterrows(), occurrence):
-        out[tuple(_plain(row[k]) for k in key) + (int(occ),)] = {c: _plain(v) for c, v in row.items()}
+    for row, occ in zip(df.to_dict("records"), occurrence):  # records keep each column's type (ids stay ints)
+        row = {c: _plain(v) for c, v in row.items()}
+        out[tuple(row[k] for k in key) + (int(occ),)] = row
     return out
 
 
