@@ -90,6 +90,9 @@ def compare_records(run: str, recorded: pd.DataFrame, new: pd.DataFrame, tol: To
         return res
     over = {c: f for c, f in res.flips.items() if f > res.allowed + 1e-9}
     res.status = DIFFERENT if over else WITHIN
+    moved = [c for c in a.columns if c in b.columns and not a[c].equals(b[c])]
+    if moved:
+        res.notes.append(f"columns that differ: {', '.join(moved[:8])}{' ...' if len(moved) > 8 else ''}")
     return res
 
 
