@@ -107,6 +107,7 @@ def compare_claims(recorded: Path, new: Path, tol: Tolerance) -> tuple[list[Clai
     elif old:
         notes.append("neither claims.csv has family-wise verdicts or directions: their verdicts are compared as "
                      "written")
+    recomputed = bool(old and directions)
     va, vb = family_verdicts(a, directions, tol.alpha), family_verdicts(b, directions, tol.alpha)
     if not directions and "verdict_raw" not in a.columns and "verdict_raw" not in b.columns:
         va, vb = a["verdict"], b["verdict"]  # both raw-level tables: their own verdicts, as written
@@ -124,9 +125,10 @@ def compare_claims(recorded: Path, new: Path, tol: Tolerance) -> tuple[list[Clai
         c.estimates_agree = _estimates_agree(r, v, tol)
         c.verdict_same = r["verdict"] is not None and r["verdict"] == v["verdict"]
         same_numbers = all((_nan(r[k]) and _nan(v[k])) or r[k] == v[k] for k in NUMBERS)
+        as_written = ia.loc[cid, "verdict"] == ib.loc[cid, "verdict"] and not recomputed
         if not (c.estimates_agree and c.verdict_same):
             c.status = DIFFERENT
-        elif not same_numbers:
+        elif not (same_numbers and as_written):  # a recomputed verdict is never bit for bit the recorded one
             c.status = WITHIN
         out.append(c)
     return out, notes
