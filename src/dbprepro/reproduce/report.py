@@ -1,7 +1,12 @@
 """The reproduction check's reports: ``compare.csv`` (one row per table, attack run and claim),
 ``compare_cells.csv`` (every table cell that moved, with the rule that admitted it) and
 ``compare.md`` (Markdown without a title, its sections at a chosen heading level, so that a
-document can include it verbatim)."""
+document can include it verbatim).
+
+``compare.csv``'s counts: for a table, ``n`` rows of which ``identical`` / ``within_tolerance`` /
+``different``; for an attack run, ``n`` images of which ``different`` flipped their headline outcome
+(``correct_single``) and ``identical`` did not (every outcome column in ``detail``); a claim has its
+estimates, intervals and verdicts in ``detail``."""
 
 from __future__ import annotations
 
