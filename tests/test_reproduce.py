@@ -241,3 +241,16 @@ def test_the_compare_runs_stage_writes_the_reports_and_fails_beyond_noise(record
         stage(*_stage_io(recorded, moved, fail=True), {})
     stage(*_stage_io(recorded, moved, fail=False), {})
     assert "NOT reproduced" in (moved / "reproduction" / "compare.md").read_text()
+
+
+def test_the_config_defaults_are_the_command_defaults():
+    """reproduction.* in the schema and dbprepro compare-runs' defaults are one tolerance."""
+    from dbprepro.config import load_configs
+
+    from pathlib import Path
+
+    cfg = load_configs([Path(__file__).resolve().parents[1] / "config.yaml"])["reproduction"]
+    default = Tolerance()
+    assert {k: cfg[k] for k in ("atol", "rtol", "flip_images", "flip_share")} == {
+        k: getattr(default, k) for k in ("atol", "rtol", "flip_images", "flip_share")}
+    assert cfg["recorded"] == "docs/results_tables" and cfg["fail"] is True
