@@ -20,7 +20,7 @@ def tolerance_from_args(args: argparse.Namespace) -> Tolerance:
 
 def _cmd_compare_runs(args: argparse.Namespace) -> int:
     from .compare import compare_runs
-    from .report import write_reports
+    from .report import why, write_reports
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -36,7 +36,7 @@ def _cmd_compare_runs(args: argparse.Namespace) -> int:
     print(f"{cmp.verdict}: {len(cmp.failures)} of {len(list(cmp.items()))} compared items beyond noise; "
           f"reports in {out}/compare.md, compare.csv, compare_cells.csv")
     for section, name, status in cmp.failures:
-        print(f"  {section} {name}: {status}")
+        print(f"  {section} {name}: {status}{why(cmp, section, name)}")
     return 0 if cmp.ok else 1
 
 

@@ -86,7 +86,7 @@ def markdown(cmp: Comparison, level: int = 3) -> str:
              "interval and the same family-wise verdict.", ""]
     if cmp.failures:
         lines += [f"{h} Beyond noise", ""]
-        lines += [f"- {section} `{name}`: {status}" + _why(cmp, section, name) for section, name, status in
+        lines += [f"- {section} `{name}`: {status}" + why(cmp, section, name) for section, name, status in
                   cmp.failures] + [""]
     lines += [f"{h} Tables", ""]
     lines += _md_table(["table", "rows", "identical", "within tolerance", "different", "status",
@@ -109,7 +109,8 @@ def markdown(cmp: Comparison, level: int = 3) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _why(cmp: Comparison, section: str, name: str) -> str:
+def why(cmp: Comparison, section: str, name: str) -> str:
+    """': <what moved>' for one compared item: the rows, flips or estimates and verdicts."""
     if section == "table":
         t = next(t for t in cmp.tables if t.name == name)
         named = [d.describe() for d in t.diffs if d.status != WITHIN] + t.notes
