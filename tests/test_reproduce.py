@@ -10,7 +10,7 @@ import pytest
 from dbprepro.cli import main
 from dbprepro.reproduce import Tolerance, compare_runs
 from dbprepro.reproduce.tables import key_columns
-from dbprepro.reproduce.tolerance import DIFFERENT, IDENTICAL, WITHIN, ci_groups, compare_cell
+from dbprepro.reproduce.tolerance import DIFFERENT, IDENTICAL, WITHIN, Shape, ci_groups, compare_cell
 
 RUN = "vanilla/linf/dwbox/pgd"
 
@@ -192,9 +192,10 @@ def test_cell_rules():
                                                                                              "ci_high_dwbox")
     row = dict(defense="v", n_images=64, robust_accuracy=0.5, ci_low=0.48, ci_high=0.52)
     tol = Tolerance(atol=0, rtol=0)
+    shape = Shape(cols, groups)
 
     def cell(col, a, b):
-        return compare_cell(col, a, b, row, row, cols, tol, groups)[0]
+        return compare_cell(col, a, b, row, row, shape, tol)[0]
 
     assert cell("robust_accuracy", 0.5, 0.5) == IDENTICAL
     assert cell("robust_accuracy", 0.5, 0.52) == WITHIN  # the CI half-width
@@ -202,7 +203,7 @@ def test_cell_rules():
     assert cell("robust_accuracy", 32 / 64, 35 / 64) == DIFFERENT
     assert cell("p_value", 0.01, 0.04) == WITHIN and cell("p_value", 0.04, 0.06) == DIFFERENT
     assert cell("detail", "x1: 0.50 of 64", "x1: 0.50 of 64 images") == DIFFERENT
-    assert compare_cell("detail", "a 0.5000", "a 0.5001", row, row, cols, Tolerance(), groups)[0] == WITHIN
+    assert compare_cell("detail", "a 0.5000", "a 0.5001", row, row, shape, Tolerance())[0] == WITHIN
     assert cell("defense", "v", "w") == DIFFERENT
     with pytest.raises(ValueError, match="flip_images"):
         Tolerance(flip_images=-1)
@@ -254,3 +255,19 @@ def test_the_config_defaults_are_the_command_defaults():
     assert {k: cfg[k] for k in ("atol", "rtol", "flip_images", "flip_share")} == {
         k: getattr(default, k) for k in ("atol", "rtol", "flip_images", "flip_share")}
     assert cfg["recorded"] == "docs/results_tables" and cfg["fail"] is True
+
+
+def test_signed_columns_take_their_scale_and_counts_move_by_images():
+    """A difference near 0 moves at the scale of its column; a count of images (waterfall's
+    removed) by the images an attack run may flip; an accuracy 0 -> 1 is no count."""
+    cols = ["key", "n_images", "difference", "removed", "accuracy"]
+    shape = Shape.of(cols, {"key": ["a", "b"], "n_images": [24, 24], "difference": [-12.0, 0.4],
+                            "removed": [14, 0], "accuracy": [0.0, 1.0]})
+    assert shape.scales == {"difference": 12.0} and shape.counts == {"removed", "n_images"}
+    row = dict(key="b", n_images=24, difference=0.4, removed=14, accuracy=0.0)
+    tol = Tolerance()  # 0.01 + 0.05 x 12 = 0.61 for the signed column
+    assert compare_cell("difference", 0.4, 0.9, row, row, shape, tol) == (WITHIN, "atol/rtol")
+    assert compare_cell("difference", 0.4, 1.2, row, row, shape, tol)[0] == DIFFERENT
+    assert compare_cell("removed", 14, 16, row, row, shape, tol) == (WITHIN, "images")
+    assert compare_cell("removed", 14, 17, row, row, shape, tol)[0] == DIFFERENT
+    assert compare_cell("accuracy", 0.0, 1.0, row, row, shape, tol)[0] == DIFFERENT

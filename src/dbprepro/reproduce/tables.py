@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .tolerance import DIFFERENT, IDENTICAL, ONLY_NEW, ONLY_RECORDED, WITHIN, Tolerance, ci_groups, compare_cell
+from .tolerance import DIFFERENT, IDENTICAL, ONLY_NEW, ONLY_RECORDED, WITHIN, Shape, Tolerance, compare_cell
 
 #: tables compared by their own rule, not cell by cell (claims.csv: :mod:`.claims`)
 SPECIAL = ("claims.csv",)
@@ -117,7 +117,7 @@ def compare_table(name: str, recorded: Path, new: Path, tol: Tolerance) -> Table
     res.key = key
     ra, rb = _keyed(a, key), _keyed(b, key)
     columns = [c for c in a.columns if c in b.columns]
-    groups = ci_groups(columns)
+    shape = Shape.of(columns, {c: a[c].tolist() for c in columns})
     for k in list(ra) + [k for k in rb if k not in ra]:
         label = _name_key(key, k, unique)
         if k not in rb or k not in ra:
@@ -128,7 +128,7 @@ def compare_table(name: str, recorded: Path, new: Path, tol: Tolerance) -> Table
         for c in columns:
             if c in key:
                 continue
-            status, rule = compare_cell(c, ra[k][c], rb[k][c], ra[k], rb[k], columns, tol, groups)
+            status, rule = compare_cell(c, ra[k][c], rb[k][c], ra[k], rb[k], shape, tol)
             if status != IDENTICAL:
                 cells.append((c, ra[k][c], rb[k][c], rule if status == WITHIN else ""))
         status = DIFFERENT if any(rule == "" for *_, rule in cells) else WITHIN if cells else IDENTICAL

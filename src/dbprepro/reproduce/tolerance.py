@@ -6,7 +6,10 @@ weights, and a few images change their outcome.  :class:`Tolerance` bounds how f
 move for the runs still to count as the same result.  A numeric cell is *within tolerance* when
 any of these rules admits the difference between its recorded value r and its new value v:
 
-``absolute/relative``  |v - r| <= atol + rtol x |r|                   (every number);
+``absolute/relative``  |v - r| <= atol + rtol x |r| (every number); in a signed column (values of
+                       both signs in the recorded table: differences, gains, correlations) the
+                       relative part is taken of the column's largest |value|, as a number near 0
+                       that is a difference of two others has no scale of its own;
 ``interval``           the cell is an estimate or a bound of a confidence interval in the same row
                        (columns ``<x>ci_low<y>`` / ``<x>ci_high<y>``; the estimate is the column
                        just before ``ci_low``): |v - r| <= the larger half-width of the two rows'
@@ -15,7 +18,9 @@ any of these rules admits the difference between its recorded value r and its ne
 ``images``             the row counts images (a column ``n_images``, ``n_images<y>`` or ``n``) and
                        both values are shares of them (value x n is a whole number, to the table's
                        rounding): the share moved by at most max(flip_images, flip_share x n)
-                       images, the same allowance as an attack run's flipped outcomes;
+                       images, the same allowance as an attack run's flipped outcomes; a count
+                       column (whole numbers only, some above 1, e.g. images removed by a stage)
+                       of such a row may move by as many images;
 ``p-value``            columns ``p``, ``p_value``, ``p_holm`` and ``*_p``: both on the same side of
                        ``alpha`` (p-values move a lot with a single image near a decision; the
                        decision is what a table reports).
@@ -64,14 +69,15 @@ class Tolerance:
         """Images of ``n`` whose outcome may change within noise: max(flip_images, flip_share x n)."""
         return max(float(self.flip_images), self.flip_share * n)
 
-    def close(self, recorded: float, new: float) -> bool:
-        """The absolute/relative rule."""
-        return abs(new - recorded) <= self.atol + self.rtol * abs(recorded) + 1e-12
+    def close(self, recorded: float, new: float, scale: float = 0.0) -> bool:
+        """The absolute/relative rule; ``scale``: the signed column's largest |value| (else 0)."""
+        return abs(new - recorded) <= self.atol + self.rtol * max(abs(recorded), scale) + 1e-12
 
     def describe(self) -> str:
-        return (f"|new - recorded| <= {self.atol:g} + {self.rtol:g} x |recorded|, or within the larger CI "
-                f"half-width of the two rows, or (shares of n images) at most max({self.flip_images}, "
-                f"{self.flip_share:g} x n) images; p-values on the same side of alpha = {self.alpha:g}; "
+        return (f"|new - recorded| <= {self.atol:g} + {self.rtol:g} x |recorded| (signed columns: x the column's "
+                f"largest |value|), or within the larger CI half-width of the two rows, or (shares and counts of "
+                f"n images) at most max({self.flip_images}, {self.flip_share:g} x n) images; p-values on the same "
+                f"side of alpha = {self.alpha:g}; "
                 f"attack runs: at most max({self.flip_images}, {self.flip_share:g} x n) of n images flipped")
 
     def as_dict(self) -> dict:
@@ -130,10 +136,36 @@ def _is_share(value: float, n: float, decimals: int = 4) -> bool:
     return abs(k - round(k)) <= 0.5 * 10 ** -decimals * n + 1e-9
 
 
-def compare_cell(col: str, recorded, new, row_recorded: dict, row_new: dict, columns: list[str],
-                 tol: Tolerance, groups: dict[str, tuple[str, str]]) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Shape:
+    """What the rules need to know of a table's columns: their order, the interval groups
+    (:func:`ci_groups`), the count columns and the scale of each signed column."""
+
+    columns: list
+    groups: dict
+    counts: frozenset = frozenset()
+    scales: dict = None
+
+    @classmethod
+    def of(cls, columns: list[str], values: dict[str, list]) -> Shape:
+        """From the recorded table's columns and their values (column -> list)."""
+        counts, scales = set(), {}
+        for col in columns:
+            nums = [x for x in (as_number(v) for v in values.get(col, [])) if x is not None and math.isfinite(x)]
+            if not nums or any(isinstance(v, bool) for v in values.get(col, [])):
+                continue
+            if all(x == round(x) for x in nums) and max(nums) > 1:
+                counts.add(col)
+            if min(nums) < 0 < max(nums):
+                scales[col] = max(abs(x) for x in nums)
+        return cls(list(columns), ci_groups(list(columns)), frozenset(counts), scales)
+
+
+def compare_cell(col: str, recorded, new, row_recorded: dict, row_new: dict, shape: Shape,
+                 tol: Tolerance) -> tuple[str, str]:
     """(status, rule) of one cell: ``identical``, ``within tolerance`` (the rule that admitted it)
     or ``different``."""
+    columns, groups = shape.columns, shape.groups
     if (is_missing(recorded) and is_missing(new)) or recorded == new:
         return IDENTICAL, ""
     r, v = as_number(recorded), as_number(new)
@@ -143,7 +175,7 @@ def compare_cell(col: str, recorded, new, row_recorded: dict, row_new: dict, col
         return DIFFERENT, ""
     if is_p_column(col):
         return (WITHIN, "p-value side") if (r < tol.alpha) == (v < tol.alpha) else (DIFFERENT, "")
-    if tol.close(r, v):
+    if tol.close(r, v, (shape.scales or {}).get(col, 0.0)):
         return WITHIN, "atol/rtol"
     if col in groups:
         lo, hi = groups[col]
@@ -154,8 +186,14 @@ def compare_cell(col: str, recorded, new, row_recorded: dict, row_new: dict, col
     n_col = n_column(col, columns)
     if n_col is not None:
         n = _num(row_recorded.get(n_col))
-        if math.isfinite(n) and n >= 1 and n == _num(row_new.get(n_col)) and _is_share(r, n) and _is_share(v, n):
-            if abs(v - r) * n <= tol.allowed_flips(int(n)) + 1e-6:
+        if math.isfinite(n) and n >= 1 and n == _num(row_new.get(n_col)):
+            if col in shape.counts and r == round(r) and v == round(v):
+                moved = abs(v - r)  # a count of images
+            elif _is_share(r, n) and _is_share(v, n):
+                moved = abs(v - r) * n  # a share of the n images
+            else:
+                moved = math.inf
+            if moved <= tol.allowed_flips(int(n)) + 1e-6:
                 return WITHIN, "images"
     return DIFFERENT, ""
 
