@@ -201,6 +201,8 @@ def test_cell_rules():
     assert cell("robust_accuracy", 0.5, 0.52) == WITHIN  # the CI half-width
     assert cell("robust_accuracy", 32 / 64, 34 / 64) == WITHIN  # 2 images of 64
     assert cell("robust_accuracy", 32 / 64, 35 / 64) == DIFFERENT
+    assert cell("robust_accuracy", 0.4531, 0.4844) == WITHIN  # 29/64 -> 31/64 as written: 2 images
+    assert cell("ci_low", 0.48, 0.40) == DIFFERENT  # an interval's bound beyond its half-width
     assert cell("p_value", 0.01, 0.04) == WITHIN and cell("p_value", 0.04, 0.06) == DIFFERENT
     assert cell("detail", "x1: 0.50 of 64", "x1: 0.50 of 64 images") == DIFFERENT
     assert compare_cell("detail", "a 0.5000", "a 0.5001", row, row, shape, Tolerance())[0] == WITHIN

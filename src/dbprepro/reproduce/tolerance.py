@@ -20,7 +20,9 @@ any of these rules admits the difference between its recorded value r and its ne
                        rounding): the share moved by at most max(flip_images, flip_share x n)
                        images, the same allowance as an attack run's flipped outcomes; a count
                        column (whole numbers only, some above 1, e.g. images removed by a stage)
-                       of such a row may move by as many images;
+                       of such a row may move by as many images.  For a share or a count this
+                       rule alone decides (an accuracy over n images moves by images, whatever
+                       its interval);
 ``p-value``            columns ``p``, ``p_value``, ``p_holm`` and ``*_p``: both on the same side of
                        ``alpha`` (p-values move a lot with a single image near a decision; the
                        decision is what a table reports).
@@ -175,6 +177,10 @@ def compare_cell(col: str, recorded, new, row_recorded: dict, row_new: dict, sha
         return DIFFERENT, ""
     if is_p_column(col):
         return (WITHIN, "p-value side") if (r < tol.alpha) == (v < tol.alpha) else (DIFFERENT, "")
+    moved = _images_moved(col, r, v, row_recorded, row_new, shape)
+    if moved is not None:  # a share or a count of the row's images: the images rule alone decides
+        return (WITHIN, "images") if moved <= tol.allowed_flips(int(_num(row_recorded[n_column(col, columns)]))) \
+            + 1e-6 else (DIFFERENT, "")
     if tol.close(r, v, (shape.scales or {}).get(col, 0.0)):
         return WITHIN, "atol/rtol"
     if col in groups:
@@ -183,19 +189,22 @@ def compare_cell(col: str, recorded, new, row_recorded: dict, row_new: dict, sha
         halves = [h for h in halves if math.isfinite(h)]
         if halves and abs(v - r) <= max(halves) + 1e-9:
             return WITHIN, "CI half-width"
-    n_col = n_column(col, columns)
-    if n_col is not None:
-        n = _num(row_recorded.get(n_col))
-        if math.isfinite(n) and n >= 1 and n == _num(row_new.get(n_col)):
-            if col in shape.counts and r == round(r) and v == round(v):
-                moved = abs(v - r)  # a count of images
-            elif _is_share(r, n) and _is_share(v, n):
-                moved = abs(v - r) * n  # a share of the n images
-            else:
-                moved = math.inf
-            if moved <= tol.allowed_flips(int(n)) + 1e-6:
-                return WITHIN, "images"
     return DIFFERENT, ""
+
+
+def _images_moved(col: str, r: float, v: float, row_recorded: dict, row_new: dict, shape: Shape) -> float | None:
+    """How many images a share or count of the row's n images moved by; None when the cell is neither."""
+    n_col = n_column(col, shape.columns)
+    if n_col is None:
+        return None
+    n = _num(row_recorded.get(n_col))
+    if not (math.isfinite(n) and n >= 1 and n == _num(row_new.get(n_col))):
+        return None
+    if col in shape.counts and r == round(r) and v == round(v):
+        return abs(v - r)
+    if _is_share(r, n) and _is_share(v, n):
+        return float(abs(round(v * n) - round(r * n)))  # whole images (the tables round to 4 decimals)
+    return None
 
 
 def _num(value) -> float:
