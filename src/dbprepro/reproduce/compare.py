@@ -42,6 +42,21 @@ class RunTree:
         raise FileNotFoundError(f"{p}: neither a results/ folder (tables/, attacks/) nor a folder of CSV tables")
 
 
+def resolve_recorded(path, base) -> str:
+    """``reproduction.recorded`` as a path: relative paths are relative to ``base`` (the repository)."""
+    p = Path(path)
+    return str(p if p.is_absolute() else Path(base) / p)
+
+
+def has_attack_records(path) -> bool:
+    """Whether the run at ``path`` has per-image attack records (False for a folder of tables or
+    for no run at all: then Snakemake names the missing input)."""
+    try:
+        return RunTree.locate(path).attacks is not None
+    except FileNotFoundError:
+        return False
+
+
 @dataclass
 class Comparison:
     """Everything :func:`compare_runs` found; ``ok`` when the runs agree within noise."""
