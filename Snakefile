@@ -31,6 +31,7 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/paper2.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/sanity.smk"
+include: "workflow/rules/reproduce.smk"  # compare_runs: an explicit target, not in all
 
 
 rule all:

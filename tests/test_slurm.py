@@ -2,7 +2,8 @@
 
 In CI that cluster is the single node set up by ``scripts/slurm_local.sh`` (run by ``.ci/run``); the
 profile is used as shipped except for the few values in ``LOCAL_OVERRIDES`` below. The run must
-reproduce the local run (fixture ``smoke_run``) byte for byte.
+reproduce the local run (fixture ``smoke_run``) byte for byte, and ``dbprepro compare-runs`` on the
+two result trees must report every table, attack run and claim identical.
 """
 
 import os
@@ -12,6 +13,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -179,3 +181,12 @@ def test_smoke_dag_through_sbatch_reproduces_local_run(slurm_cluster, smoke_run,
     assert local and sorted(cluster) == sorted(local)
     differ = [name for name in local if cluster[name] != local[name]]
     assert not differ, f"tables differ between local and SLURM runs: {differ}"
+    # and the reproduction check says so: every table, attack run and claim identical (dbprepro compare-runs)
+    from dbprepro.cli import main
+
+    report = tmp_path / "reproduction"
+    assert main(["compare-runs", str(smoke_run / "results"), str(workdir / "results"), "--out", str(report),
+                 "--quiet"]) == 0
+    summary = pd.read_csv(report / "compare.csv")
+    assert set(summary["section"]) == {"table", "attack run", "claim"}, summary
+    assert summary["status"].eq("identical").all(), summary[summary.status != "identical"]

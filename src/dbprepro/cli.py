@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_doctor)
     _add_cost_commands(sub)
     _add_evaluate_command(sub)
+    from .reproduce.cli import add_compare_command
+
+    add_compare_command(sub)  # compare-runs: the reproduction check (dbprepro.reproduce)
     r = sub.add_parser("results-doc", help="write docs/results.md from the tables of the run recorded in dvc.lock")
     r.add_argument("--tables", default="results/tables", help="[%(default)s]")
     r.add_argument("--lock", default="dvc.lock", help="[%(default)s]")
