@@ -169,3 +169,15 @@ def test_replicate_rules_run_their_stage_and_keep_their_provenance_apart():
     assert str(p) == "results/replicates/seed2/provenance/train_addt/defense=addt.json"
     assert str(provenance_path("train_classifier", {}, ["results/models/classifier"])) == \
         "results/provenance/train_classifier.json"
+
+
+def test_results_doc_shows_claims_replicates_only_when_present(tmp_path):
+    from dbprepro.results_doc import render_results
+
+    (tmp_path / "claims.csv").write_text("claim_id,where,verdict\na,x,holds\n")
+    assert "claims_replicates" not in render_results(tmp_path, "0" * 32 + ".dir")
+    (tmp_path / "claims_replicates.csv").write_text("claim_id,n_holds,verdict\na,2,holds\n")
+    text = render_results(tmp_path, "0" * 32 + ".dir")
+    assert text.index("`results/tables/claims.csv`") < text.index("`results/tables/claims_replicates.csv`") \
+        < text.index("`results/tables/waterfall.csv`")
+    assert "| a " in text.split("claims_replicates.csv")[1]

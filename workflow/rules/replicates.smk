@@ -1,3 +1,4 @@
+# The rule below runs the function of its name in src/dbprepro/pipeline/replicates.py.
 # Replicate training seeds (replicates.seeds): each seed other than the top-level one is a Snakemake module of
 # this same Snakefile with its config's seed replaced (replicates.module_seed moves its results to
 # results/replicates/seed<S>/, common.smk), so every rule runs again as its own job (`replicate_seed<S>__<rule>`;
@@ -6,7 +7,6 @@
 # split (data.split_seed) and the downloaded models (common.smk), whose rules are not imported.
 # Why modules, not a {seed} wildcard in every rule: the rule files stay as they are, each replicate's params (its
 # seed) come from its own config, so the main run's jobs and outputs are untouched by the replicates.
-# The rule below runs the function of its name in src/dbprepro/pipeline/replicates.py.
 
 REPLICATE_SEEDS = config["replicates"]["seeds"]
 
