@@ -86,6 +86,21 @@ def all_targets():
     ]
 
 
+def replicate_config(seed):
+    """The config of replicate ``seed``'s module: this run's config with ``seed`` replaced."""
+    import copy
+
+    cfg = copy.deepcopy(config)
+    cfg["seed"] = seed
+    cfg["replicates"] = dict(seeds=[], module_seed=seed)
+    return cfg
+
+
+def replicate_claims(seed):
+    """The claims table of one replicate seed (the main run's for the top-level seed)."""
+    return f"{RESULTS if seed == config['seed'] else replicate_results(seed)}/tables/claims.csv"
+
+
 def replicates_targets():
     """claims_replicates.csv (workflow/rules/replicates.smk) when replicates.seeds is set."""
     if not config["replicates"]["seeds"]:

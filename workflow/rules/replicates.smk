@@ -11,21 +11,6 @@
 REPLICATE_SEEDS = config["replicates"]["seeds"]
 
 
-def replicate_config(seed):
-    """The config of replicate ``seed``'s module: this run's config with ``seed`` replaced."""
-    import copy
-
-    cfg = copy.deepcopy(config)
-    cfg["seed"] = seed
-    cfg["replicates"] = dict(seeds=[], module_seed=seed)
-    return cfg
-
-
-def replicate_claims(seed):
-    """The claims table of one replicate seed (the main run's for the top-level seed)."""
-    return f"{RESULTS if seed == config['seed'] else replicate_results(seed)}/tables/claims.csv"
-
-
 for replicate_seed in [s for s in REPLICATE_SEEDS if s != config["seed"]]:
     replicate_module = f"replicate_seed{replicate_seed}"
     replicate_rule = f"{replicate_module}__"  # rule names: replicate_seed<S>__<rule> (dbprepro.pipeline.run)
