@@ -61,7 +61,10 @@ def classifier_dir():
 
 def diffusion_dir(defense="vanilla"):
     """A purifier's network: trained per seed (the base DDPM, ADDT variants), or downloaded once
-    (diffusion.source download, a family's official network) and shared by every replicate seed."""
+    (diffusion.source download, a family's official network) and shared by every replicate seed.
+    A wildcard pattern ("{defense}") gives an input function that decides per job."""
+    if "{" in defense:
+        return lambda wildcards: diffusion_dir(defense.format(**dict(wildcards.items())))
     downloaded = (defense == "vanilla" and config["diffusion"]["source"] == "download") or defense in EXPERIMENT.networks
     return f"{SHARED_RESULTS if downloaded else RESULTS}/models/diffusion/{defense}"
 
