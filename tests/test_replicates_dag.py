@@ -30,6 +30,19 @@ def test_replicates_dag_reruns_only_the_claims_inputs_per_extra_seed(tmp_path):
     assert "results/replicates/seed2/models/classifier" in out and "logs/replicates/seed1/train_classifier.log" in out
 
 
+def test_replicates_share_downloaded_models_at_paper_scale(tmp_path):
+    """config/cifar10.yaml downloads the classifier and the DDPM: an extra seed retrains only the
+    ADDT variants, on the shared downloads (nothing is downloaded twice)."""
+    configs = [str(ROOT / "config.yaml"), str(ROOT / "config" / "cifar10.yaml"), str(ROOT / "config" / "replicates.yaml")]
+    r = snakemake(tmp_path, "-n", configfiles=configs)
+    assert r.returncode == 0, r.stderr
+    jobs = job_counts(r.stdout + r.stderr)
+    own = {k.split("__", 1)[1] for k in jobs if k.startswith("replicate_seed1__")}
+    assert "train_addt" in own and not {"train_classifier", "train_diffusion"} & own
+    assert not any(k.startswith("download") for k in own) and jobs["download_diffusion"] == 1
+    assert "results/replicates/seed1/models/diffusion/vanilla" not in r.stdout
+
+
 @pytest.mark.slow
 def test_smoke_replicates_run_end_to_end(smoke_run, tmp_path):
     """Seeds [0, 1] at smoke size on a copy of the smoke run: seed 0 is that run (nothing of it
