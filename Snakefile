@@ -2,6 +2,7 @@
 #   snakemake --cores all                                  embedded default (config.yaml, digits)
 #   snakemake --cores all --configfile config/smoke.yaml    CI-sized run (overlays config.yaml)
 #   snakemake results/tables/clean_accuracy.csv            one target and only what it needs
+#   snakemake --cores all --configfile config/replicates.yaml   + replicate training seeds (claims_replicates.csv)
 # Rules live in workflow/rules/ by pipeline stage; all logic is in the dbprepro package.
 
 configfile: "config.yaml"
@@ -32,6 +33,7 @@ include: "workflow/rules/paper2.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/sanity.smk"
 include: "workflow/rules/reproduce.smk"  # compare_runs: an explicit target, not in all
+include: "workflow/rules/replicates.smk"  # replicates.seeds: a module per extra seed
 
 
 rule all:

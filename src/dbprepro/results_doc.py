@@ -78,6 +78,13 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | dict | None], ...]
      SANITY_COLUMNS, None),
 )
 
+#: sections shown only when their table is in the run, after the first (claims.csv) section:
+#: claims_replicates.csv exists when the run had replicates.seeds (dbprepro.claims.replicates)
+OPTIONAL_SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | dict | None], ...] = (
+    ("Every claim across replicate training seeds (per seed, and a combined test across the seeds)",
+     "claims_replicates.csv", None, None),
+)
+
 STAMP = re.compile(r"results/tables` DVC hash `([0-9a-f]{32}\.dir)`")
 
 
@@ -99,7 +106,8 @@ def stamped_hash(markdown: str) -> str | None:
 
 def render_results(tables_dir: str | Path, tables_hash: str) -> str:
     """The Markdown of every table of :data:`SECTIONS` found in ``tables_dir`` (a missing table is
-    named as missing, never filled in), stamped with ``tables_hash``."""
+    named as missing, never filled in) and of :data:`OPTIONAL_SECTIONS` present there, stamped with
+    ``tables_hash``."""
     tables_dir = Path(tables_dir)
     lines = ["# Results on the embedded default", "",
              "> **Generated - do not edit by hand.**  `dbprepro results-doc` wrote this file from the tables of the run",
@@ -108,7 +116,8 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
              "> files (the verdicts: `dbprepro.claims`).",
              ""]
     lines += verdict_lead(tables_dir / "claims.csv")
-    for heading, name, columns, keep in SECTIONS:
+    optional = [s for s in OPTIONAL_SECTIONS if (tables_dir / s[1]).is_file()]
+    for heading, name, columns, keep in [*SECTIONS[:1], *optional, *SECTIONS[1:]]:
         lines += [f"## {heading}", "", f"`results/tables/{name}`", ""]
         path = tables_dir / name
         if not path.is_file():

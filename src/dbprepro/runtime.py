@@ -201,9 +201,12 @@ def _digest(path: Path) -> str | dict[str, str] | None:
 
 def provenance_path(rule: str, wildcards: dict, outputs) -> Path:
     """Where the provenance record of a job goes: ``<results>/provenance/<rule>[/<k=v,...>].json``
-    with ``<results>`` the first component of the job's first (relative) output path."""
+    with ``<results>`` the first component of the job's first (relative) output path, or
+    ``<results>/replicates/seed<S>`` for a replicate seed's job (workflow/rules/replicates.smk)."""
     first = Path(str(list(outputs)[0])) if len(outputs) else Path("results/x")
     root = Path(first.parts[0]) if not first.is_absolute() else first.parent
+    if not first.is_absolute() and len(first.parts) > 3 and first.parts[1] == "replicates":
+        root = Path(*first.parts[:3])
     wc = ",".join(f"{k}={v}" for k, v in dict(wildcards).items())
     return root / "provenance" / rule / f"{wc}.json" if wc else root / "provenance" / f"{rule}.json"
 

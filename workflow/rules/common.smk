@@ -18,8 +18,19 @@ except ConfigError as err:
 
 
 ATTACK_NAMES = attack_names()
-RESULTS = "results"
-LOGS = "logs"
+# A replicate seed's module (workflow/rules/replicates.smk sets replicates.module_seed) writes its own
+# results and logs; the seed-independent outputs (data split, downloads, downloaded models) stay shared.
+MODULE_SEED = config["replicates"]["module_seed"]
+SHARED_RESULTS = "results"
+
+
+def replicate_results(seed):
+    """Where replicate ``seed`` (replicates.seeds, workflow/rules/replicates.smk) writes its results."""
+    return f"{SHARED_RESULTS}/replicates/seed{seed}"
+
+
+RESULTS = SHARED_RESULTS if MODULE_SEED is None else replicate_results(MODULE_SEED)
+LOGS = "logs" if MODULE_SEED is None else f"logs/replicates/seed{MODULE_SEED}"
 EXPERIMENT = Experiment.from_config(config)  # the defenses (sampler, weights) and the attack grid
 ADDT_VARIANTS = EXPERIMENT.addt_variants
 DEFENSES = ["vanilla", *ADDT_VARIANTS]
@@ -34,19 +45,28 @@ RUNTIME = dict(seed=config["seed"], device=config["device"], deterministic=confi
 
 
 def split_files():
+    """The data split: data.split_seed, not seed, fixes it, so every replicate seed shares it."""
     return dict(
-        train=f"{RESULTS}/data/train.npz",
-        test=f"{RESULTS}/data/test.npz",
-        manifest=f"{RESULTS}/data/split.json",
+        train=f"{SHARED_RESULTS}/data/train.npz",
+        test=f"{SHARED_RESULTS}/data/test.npz",
+        manifest=f"{SHARED_RESULTS}/data/split.json",
     )
 
 
 def classifier_dir():
-    return f"{RESULTS}/models/classifier"
+    """The classifier: trained per seed, or downloaded once (shared by every replicate seed)."""
+    root = SHARED_RESULTS if config["classifier"]["source"] == "download" else RESULTS
+    return f"{root}/models/classifier"
 
 
 def diffusion_dir(defense="vanilla"):
-    return f"{RESULTS}/models/diffusion/{defense}"
+    """A purifier's network: trained per seed (the base DDPM, ADDT variants), or downloaded once
+    (diffusion.source download, a family's official network) and shared by every replicate seed.
+    A wildcard pattern ("{defense}") gives an input function that decides per job."""
+    if "{" in defense:
+        return lambda wildcards: diffusion_dir(defense.format(**dict(wildcards.items())))
+    downloaded = (defense == "vanilla" and config["diffusion"]["source"] == "download") or defense in EXPERIMENT.networks
+    return f"{SHARED_RESULTS if downloaded else RESULTS}/models/diffusion/{defense}"
 
 
 def all_targets():
@@ -65,7 +85,30 @@ def all_targets():
         f"{RESULTS}/tables/paper_vs_reproduced.md",
         *([f"{RESULTS}/tables/claims.csv", f"{RESULTS}/tables/claims.md"] if config["claims"]["enabled"] else []),
         *sanity_targets(),
+        *replicates_targets(),
     ]
+
+
+def replicate_config(seed):
+    """The config of replicate ``seed``'s module: this run's config with ``seed`` replaced."""
+    import copy
+
+    cfg = copy.deepcopy(config)
+    cfg["seed"] = seed
+    cfg["replicates"] = dict(seeds=[], module_seed=seed)
+    return cfg
+
+
+def replicate_claims(seed):
+    """The claims table of one replicate seed (the main run's for the top-level seed)."""
+    return f"{RESULTS if seed == config['seed'] else replicate_results(seed)}/tables/claims.csv"
+
+
+def replicates_targets():
+    """claims_replicates.csv (workflow/rules/replicates.smk) when replicates.seeds is set."""
+    if not config["replicates"]["seeds"]:
+        return []
+    return [f"{RESULTS}/tables/claims_replicates.csv", f"{RESULTS}/tables/claims_replicates.md"]
 
 
 def sanity_targets():

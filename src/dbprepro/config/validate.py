@@ -165,6 +165,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
     _diffhammer_checks(cfg["attacks"]["diffhammer"])
     _sanity_checks(cfg, names)
     _network_checks(cfg)
+    _replicates_checks(cfg)
     an = cfg["analysis"]
     if an["threat_model"] is not None and an["threat_model"] not in names:
         raise ConfigError(f"config key analysis.threat_model: {an['threat_model']!r} is not a name in "
@@ -362,3 +363,26 @@ def check_dag_config(cfg: dict[str, Any]) -> None:
     if an["enabled"] and an["fixed_configs"] > n_fixed:
         raise ConfigError(f"config key analysis.fixed_configs: {an['fixed_configs']} configurations, but "
                           f"evaluation.fixed_configs = {n_fixed} clean-evaluates only configurations 0..{n_fixed - 1}")
+
+
+def _replicates_checks(cfg: dict[str, Any]) -> None:
+    """``replicates``: the seeds are distinct non-negative integers (YAML floats such as 1.0 are
+    refused), at least 2 of them for a combined test, with the claims table they compare; the
+    internal ``module_seed`` marks one replicate's module (its own seed, no seeds of its own)."""
+    rep = cfg["replicates"]
+    seeds = rep["seeds"]
+    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+    if bad:
+        raise ConfigError(f"config key replicates.seeds: {bad} are not non-negative integers")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"config key replicates.seeds: duplicate seeds in {seeds}")
+    if len(seeds) == 1:
+        raise ConfigError(f"config key replicates.seeds: {seeds} is one seed; a combined test across seeds needs "
+                          "at least 2 (or [] for no replicates)")
+    if seeds and not cfg["claims"]["enabled"]:
+        raise ConfigError("config key replicates.seeds: needs claims.enabled (claims_replicates.csv compares the "
+                          "seeds' claims tables)")
+    module_seed = rep["module_seed"]
+    if module_seed is not None and (module_seed != cfg["seed"] or seeds):
+        raise ConfigError(f"config key replicates.module_seed: internal (set by workflow/rules/replicates.smk); "
+                          f"{module_seed} must equal seed ({cfg['seed']}) with replicates.seeds empty")

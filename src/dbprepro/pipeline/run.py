@@ -28,6 +28,13 @@ def stage(fn: Callable[..., None]) -> Callable[..., None]:
     return fn
 
 
+def stage_name(rule: str) -> str:
+    """The stage of a rule: a replicate seed's copy of a rule (``replicate_seed<S>__<rule>``,
+    workflow/rules/replicates.smk) runs the stage of ``<rule>``."""
+    head, sep, tail = rule.partition("__")
+    return tail if sep and head.startswith("replicate_seed") else rule
+
+
 def run_stage(smk: Any) -> None:
     """Entry point of ``workflow/scripts/stage.py``: logging, torch set-up, then the stage.
 
@@ -40,7 +47,7 @@ def run_stage(smk: Any) -> None:
     from ..runtime import IMPORTS, configure_torch, provenance, setup_logging
 
     setup_logging(smk.log[0] if smk.log else None)
-    name = smk.rule
+    name = stage_name(smk.rule)
     if name not in STAGES:
         raise KeyError(f"no dbprepro stage for rule {name!r}; known: {', '.join(sorted(STAGES))}")
     configure_torch(threads=smk.threads, deterministic=smk.params.get("deterministic", True))
@@ -108,6 +115,7 @@ def run_stage_inline(name: str, input, output, params, wildcards, logfiles) -> N
     """Run a light stage in the calling (Snakemake) process, logging to the rule's log file
     without touching the process-wide logging or torch settings; one at a time (see
     ``_INLINE_LOCK``)."""
+    name = stage_name(name)
     if name not in STAGES:
         raise KeyError(f"no dbprepro stage for rule {name!r}")
     with _INLINE_LOCK:
