@@ -12,13 +12,14 @@ from dbprepro.results_doc import (SECTIONS, recorded_tables_hash, render_results
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
 SNAPSHOT = ROOT / "docs" / "results_tables"
+REPRODUCTION = ROOT / "docs" / "reproduction"  # the kept compare-runs check (dbprepro compare-runs --describe)
 KNOWN_DVC_HASH = "40901a28ad303e6396563e3fcc50a39c.dir"  # `dvc add` of the folder of test_tables_hash_is_dvcs
 
 
 def test_the_tables_copy_is_the_recorded_runs_and_the_document_is_what_they_render_to():
     """Every number of docs/results.md: a cell of the recorded run's tables (a typed or edited number fails)."""
     assert tables_hash(SNAPSHOT) == recorded_tables_hash(ROOT / "dvc.lock")
-    assert DOC.read_text() == render_results(SNAPSHOT, recorded_tables_hash(ROOT / "dvc.lock"))
+    assert DOC.read_text() == render_results(SNAPSHOT, recorded_tables_hash(ROOT / "dvc.lock"), REPRODUCTION)
 
 
 def test_tables_hash_is_dvcs(tmp_path):
@@ -37,7 +38,7 @@ def test_docs_results_belongs_to_the_run_recorded_in_dvc_lock():
 def test_docs_results_has_no_hand_written_text(tmp_path):
     """Outside its tables, docs/results.md is exactly the generator's template: no typed number or claim."""
     text = DOC.read_text()
-    empty = render_results(tmp_path, stamped_hash(text))  # the template with every table missing
+    empty = render_results(tmp_path, stamped_hash(text), REPRODUCTION)  # the template with every table missing
     template = [line for line in empty.splitlines() if line != "(not in this run)"]
     prose = [line for line in text.splitlines() if not line.startswith("|")]
     assert prose == template
@@ -147,3 +148,28 @@ def test_the_document_leads_with_the_family_wise_verdicts(tmp_path):
     table = text.split("## Every testable claim")[1].split("\n## ")[0]
     order = [table.index(f"| {c} ") for c in ("c_hold", "c_hold2", "c_con", "c_sug", "c_ns")]
     assert order == sorted(order)  # holds, contradicted, suggestive, not significant; table order kept within
+
+
+def test_the_kept_reproduction_check_is_of_the_recorded_run():
+    """docs/reproduction (dbprepro compare-runs --describe): its recorded side is the run dvc.lock records, and
+    the results doc shows it verbatim."""
+    import json
+
+    about = json.loads((REPRODUCTION / "about.json").read_text())
+    assert about["recorded_tables_hash"] == recorded_tables_hash(ROOT / "dvc.lock")
+    assert about["new_tables_hash"] != about["recorded_tables_hash"] or about["verdict"]
+    report = (REPRODUCTION / "compare.md").read_text().rstrip()
+    section = DOC.read_text().split("## Reproduction: the recorded run against another run of the same code")[1]
+    assert report in section and f"Verdict: **{about['verdict']}**" in section
+
+
+def test_a_reproduction_check_of_another_run_is_not_shown(tmp_path):
+    import json
+
+    (tmp_path / "compare.md").write_text("### Tables\n\nsecret 0.123\n")
+    (tmp_path / "about.json").write_text(json.dumps(dict(recorded_tables_hash="1" * 32 + ".dir", new_tables_hash="x",
+                                                         new_run="y", verdict="reproduced within noise")))
+    text = render_results(tmp_path, "0" * 32 + ".dir", tmp_path)
+    assert "secret 0.123" not in text and "of another recorded run" in text
+    text = render_results(tmp_path, "1" * 32 + ".dir", tmp_path)
+    assert "secret 0.123" in text and "Verdict: **reproduced within noise**" in text

@@ -284,9 +284,9 @@ def _cmd_results_doc(args: argparse.Namespace) -> int:
 
     if not Path(args.tables).is_dir():
         raise FileNotFoundError(f"{args.tables}: no tables (run the DAG, or `dbprepro pull` the recorded run)")
-    write_results_doc(args.tables, args.lock, args.out, snapshot=args.snapshot or None)
-    copy = f", tables copied to {args.snapshot}" if args.snapshot else ""
-    print(f"{args.out} written from {args.tables} (the run recorded in {args.lock}){copy}")
+    write_results_doc(args.tables, args.lock, args.out, args.snapshot or None, args.reproduction or None)
+    print(f"{args.out} written from {args.tables} (the run recorded in {args.lock})"
+          + (f", tables copied to {args.snapshot}" if args.snapshot else ""))
     return 0
 
 
@@ -361,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--snapshot", default="docs/results_tables",
                    help="copy of the tables beside the document, checked against dvc.lock's hash first "
                         "('' for none) [%(default)s]")
+    r.add_argument("--reproduction", default="docs/reproduction", help="kept compare-runs check [%(default)s]")
     r.set_defaults(func=_cmd_results_doc)
 
     u = sub.add_parser("pull", help="dvc pull the recorded artifacts, check them against dvc.lock and let "

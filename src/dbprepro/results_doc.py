@@ -104,10 +104,10 @@ def stamped_hash(markdown: str) -> str | None:
     return m.group(1) if m else None
 
 
-def render_results(tables_dir: str | Path, tables_hash: str) -> str:
+def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str | Path | None = None) -> str:
     """The Markdown of every table of :data:`SECTIONS` found in ``tables_dir`` (a missing table is
     named as missing, never filled in) and of :data:`OPTIONAL_SECTIONS` present there, stamped with
-    ``tables_hash``."""
+    ``tables_hash``; then the kept reproduction check in ``reproduction`` (:func:`reproduction_section`)."""
     tables_dir = Path(tables_dir)
     lines = ["# Results on the embedded default", "",
              "> **Generated - do not edit by hand.**  `dbprepro results-doc` wrote this file from the tables of the run",
@@ -132,7 +132,26 @@ def render_results(tables_dir: str | Path, tables_hash: str) -> str:
         if columns is not None:
             df = df[[c for c in columns if c in df.columns]]
         lines += [df.to_markdown(index=False, disable_numparse=True), ""]
+    if reproduction is not None:
+        lines += reproduction_section(Path(reproduction), tables_hash)
     return "\n".join(lines)
+
+
+def reproduction_section(folder: Path, tables_hash: str) -> list[str]:
+    """``dbprepro compare-runs --describe`` kept in ``folder`` (``docs/reproduction``): the recorded run
+    against another run of the same code, shown verbatim, only while its recorded side is the run
+    ``dvc.lock`` records (``about.json``'s tables hash)."""
+    about_path, report = folder / "about.json", folder / "compare.md"
+    lines = ["## Reproduction: the recorded run against another run of the same code", ""]
+    if not (about_path.is_file() and report.is_file()):
+        return lines + ["(no comparison kept in `docs/reproduction/`)", ""]
+    about = json.loads(about_path.read_text())
+    if about.get("recorded_tables_hash") != tables_hash:
+        return lines + ["(the comparison in `docs/reproduction/` is of another recorded run: run "
+                        "`dbprepro compare-runs` again)", ""]
+    return lines + [f"`dbprepro compare-runs` (tolerances: [design.md](design.md#reproduction)): the recorded run "
+                    f"against {about['new_run']} (its tables: DVC hash `{about['new_tables_hash']}`). "
+                    f"Verdict: **{about['verdict']}**.", "", report.read_text().rstrip(), ""]
 
 
 def _by_verdict(claims: pd.DataFrame) -> pd.DataFrame:
@@ -174,7 +193,7 @@ def tables_hash(folder: str | Path) -> str:
 
 
 def write_results_doc(tables_dir: str | Path, lock_path: str | Path, out: str | Path,
-                      snapshot: str | Path | None = None) -> str:
+                      snapshot: str | Path | None = None, reproduction: str | Path | None = None) -> str:
     """Render the tables of ``tables_dir`` with the hash ``lock_path`` records and write ``out``;
     with ``snapshot``, first check that ``tables_dir`` is the recorded run's tables (its hash) and
     copy them there, replacing what was there."""
@@ -188,7 +207,7 @@ def write_results_doc(tables_dir: str | Path, lock_path: str | Path, out: str | 
         if snapshot.exists():
             shutil.rmtree(snapshot)
         shutil.copytree(tables_dir, snapshot)
-    text = render_results(tables_dir, recorded)
+    text = render_results(tables_dir, recorded, reproduction)
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     return text

@@ -37,7 +37,26 @@ def _cmd_compare_runs(args: argparse.Namespace) -> int:
           f"reports in {out}/compare.md, compare.csv, compare_cells.csv")
     for section, name, status in cmp.failures:
         print(f"  {section} {name}: {status}{why(cmp, section, name)}")
+    if args.describe:
+        write_about(out / "about.json", args.recorded, args.new, args.describe, cmp.verdict)
     return 0 if cmp.ok else 1
+
+
+def write_about(path: Path, recorded: str, new: str, description: str, verdict: str) -> dict:
+    """What a kept comparison compared (for ``docs/reproduction``, which the results doc shows only
+    while the DVC hash of the recorded run's tables is the one ``dvc.lock`` records): that hash,
+    the new run's, the description of the new run and the check's verdict."""
+    import json
+
+    from ..results_doc import tables_hash
+
+    def tables(run: str) -> Path:
+        return Path(run) / "tables" if (Path(run) / "tables").is_dir() else Path(run)
+
+    about = dict(recorded_tables_hash=tables_hash(tables(recorded)), new_tables_hash=tables_hash(tables(new)),
+                 new_run=description, verdict=verdict)
+    path.write_text(json.dumps(about, indent=1, sort_keys=True) + "\n")
+    return about
 
 
 def add_compare_command(sub) -> None:
@@ -63,4 +82,7 @@ def add_compare_command(sub) -> None:
                    help="Markdown level of the report's section headings (to include it in a document) "
                         "[%(default)s]")
     c.add_argument("--quiet", action="store_true", help="log only the items beyond noise")
+    c.add_argument("--describe", help="also write about.json beside the reports: this description of the new run "
+                                      "(e.g. its commit and thread count) and both runs' tables hashes, to keep "
+                                      "the comparison in docs/reproduction for the results doc")
     c.set_defaults(func=_cmd_compare_runs)
