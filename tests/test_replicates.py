@@ -112,6 +112,7 @@ def test_replicates_table_counts_seeds_and_combines():
     assert t.loc["strong", "estimate"] == pytest.approx(np.mean([0.30, 0.28, 0.33]))
     assert t.loc["strong", "verdict"] == "holds" and t.loc["strong", "combined_test"] == rep.RE_TEST
     assert t.loc["null", "p_value"] == 1.0 and t.loc["null", "verdict"] == "not significant"
+    assert t.loc["null", "combined_test"] == rep.P_TEST  # zero-width intervals: the seeds' own p-values
     assert t.loc["ranks", "combined_test"] == rep.P_TEST and np.isnan(t.loc["ranks", "ci_low"])
     assert t.loc["ranks", "p_value"] == pytest.approx(2 * 2 * 0.0167 / 2)
     assert t.loc["mixed", "verdict"] == "not significant"
@@ -120,6 +121,14 @@ def test_replicates_table_counts_seeds_and_combines():
     assert np.allclose(t["p_holm"].to_numpy(float), rep.stats.holm(p), equal_nan=True)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         rep.replicates_table({0: tables[0]})
+
+
+def test_zero_width_intervals_with_an_effect_are_not_read_as_a_null():
+    """Every image flips in every seed: intervals [1, 1], exact p tiny; the combination must not give NaN."""
+    tables = {s: _claims(s, [("all", 1, 1.0, 1.0, 1.0, 1e-6, 64, "holds")]) for s in (0, 1, 2)}
+    t = rep.replicates_table(tables, alpha=ALPHA).set_index("claim_id")
+    assert t.loc["all", "combined_test"] == rep.P_TEST and t.loc["all", "p_value"] == pytest.approx(2e-6)
+    assert t.loc["all", "verdict"] == "holds"
 
 
 def test_write_claims_replicates(tmp_path):

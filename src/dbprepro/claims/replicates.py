@@ -42,6 +42,22 @@ the failure of the independent-seeds pooling.  The price of V is the
 ``tau_dl`` (the square root of DerSimonian-Laird's tau^2, as if the seeds were independent) is shown as the
 between-seed spread beside ``sd_seeds`` (S), in the estimate's units; neither decides the test.
 
+What it assumes and costs (checked by an independent simulation with binary per-image outcomes and
+bootstrap intervals, 2026-12-07: size at most alpha in every regime tried, 0.000-0.053):
+
+- the estimand is the mean effect over training seeds, with the seed effect roughly normal; 2 or 3
+  seeds cannot check that.  A bimodal training outcome (a seed that sometimes collapses) can make
+  every seed land in the common mode, and the test then rejects for the mode rather than the mean
+  (simulated size 0.10-0.13 with a 1-in-3 collapse);
+- it is conservative, and with binary outcomes much less powerful than one seed's own McNemar test:
+  V counts the seed x image variance twice (in the mean SE^2 and in S^2 at its upper bound).  With
+  2 seeds the combined test detected a shared effect in 0.34-0.52 of simulations where one seed's
+  test had 0.85-0.95; with 3 seeds in 0.64-0.89.  A combined ``not significant`` is therefore weak
+  evidence of no effect;
+- ``n_holds`` describes each seed on its own images, not replication: when seeds differ and the
+  method has no effect on average, every seed "holds" in a sizeable share of simulations, so read the
+  combined verdict, not the count.
+
 Rows whose test has no interval (an exact rank test over a handful of defenses) are combined from
 their p-values instead: twice the mean of the seeds' one-sided p-values, valid under any dependence
 between them (Rueschendorf 1982; Vovk & Wang 2020), in the better-supported direction and doubled
@@ -160,7 +176,9 @@ def _combined(sub: pd.DataFrame, confidence: float) -> dict:
     if len(sub) < 2:
         return dict(nan, estimate=float(est.mean()), p_value=float("nan"), combined_test="fewer than 2 seeds")
     se = se_from_ci(sub["ci_low"], sub["ci_high"], confidence)
-    if not (np.isfinite(se).all() and np.isfinite(est).all()):
+    # no interval, or every interval of zero width (all seeds' images agree, or rounding): the
+    # random-effects variance is 0 or undefined, so the seeds' own exact p-values are combined instead
+    if not (np.isfinite(se).all() and np.isfinite(est).all()) or not (se > 0).any():
         p = combine_p_values(est, sub["p_value"].to_numpy(float))
         return dict(nan, estimate=float(est.mean()), sd_seeds=float(est.std(ddof=1)), p_value=p,
                     combined_test=P_TEST)
