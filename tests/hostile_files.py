@@ -403,3 +403,24 @@ class _SkipUnpickler(__import__("pickle").Unpickler):
 
     def find_class(self, module, name):
         return lambda *a, **k: None
+
+
+def long_module_name(d, n=2000, length=1 << 20):
+    """A 1 MB module name over a child with ``n`` parameters, all one memoised tensor: n paths of 1 MB each."""
+    t = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    child = Persistent("Linear", _module_state(params=[(f"p{k}", t) for k in range(n)]), "pass\n")
+    ema = Persistent("EDMPrecond", _module_state({"sigma_data": 0.5, "label_dim": 0, "img_resolution": 8,
+                                                  "img_channels": 3}, modules=[("m" * length, child)]), "pass\n")
+    return write(d, "long_name.pkl", dumps({"ema": ema}))
+
+
+def many_long_paths(d, n=4000, depth=8):
+    """Names under the per-name bound, nested ``depth`` deep, over ``n`` memoised tensors: the sum of the paths
+    is bounded too."""
+    t = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    rec = Persistent("Linear", _module_state(params=[(f"p{k}", t) for k in range(n)]), "pass\n")
+    for k in range(depth):
+        rec = Persistent("UNetBlock", _module_state(modules=[(f"{k}" + "n" * 250, rec)]), "pass\n")
+    ema = Persistent("EDMPrecond", _module_state({"sigma_data": 0.5, "label_dim": 0, "img_resolution": 8,
+                                                  "img_channels": 3}, modules=[("model", rec)]), "pass\n")
+    return write(d, "long_paths.pkl", dumps({"ema": ema}))

@@ -88,6 +88,10 @@ CASES = {name: (b, "edm", None, {}, "UnsafePickleError", rx) for name, (b, rx) i
 CASES.update({
     "shared_module_tree": (H.shared_module_tree, "edm_ema", None, {}, "UnsafePickleError",
                            r"model(\.a)+\.b: a module record reached twice"),
+    "long_module_name": (H.long_module_name, "edm_ema", None, {}, "UnsafePickleError",
+                         r"_modules key 'm{60}'\.\.\. makes a path of 1048576 characters"),
+    "many_long_paths": (H.many_long_paths, "edm_ema", None, {}, "UnsafePickleError",
+                        r"makes a path of \d+ characters, \d+ in all .*all paths 4194304 characters"),
     "limit_file_size": (lambda d: H.deep_marks(d), "edm", None, {"max_file_bytes": 1000}, "LimitExceeded",
                         r"more than Limits\.max_file_bytes = 1000"),
     "limit_objects": (lambda d: H.write(d, "many.pkl", H.wrap(H.EMPTY_LIST + H.MARK + H.i(1) * 5000 + H.APPENDS)),

@@ -37,7 +37,7 @@ at most ``Limits.max_objects`` and stops after ``Limits.max_seconds``; every ref
 or key, with stream values shown by type and size only.
 
 :func:`module_parts` walks a record's ``_parameters``, persistent ``_buffers`` and ``_modules`` into
-parameters and buffers (each record once: a shared or shadowing entry is refused), :func:`ema_state_dict`
+parameters and buffers (each record once: a shared or shadowing entry is refused; names and paths bounded), :func:`ema_state_dict`
 reads the ``ema`` network.
 """
 
@@ -228,9 +228,16 @@ def module_parts(record: PersistentRecord | ContainerRecord,
     """``({dotted.path: parameter}, {dotted.path: persistent buffer})`` of a module record: its
     ``_parameters`` and ``_buffers`` (None entries and ``_non_persistent_buffers_set`` names skipped), then its
     ``_modules`` recursively.  Refused: a record reached twice (a shared child), a name that is both a parameter
-    and a buffer or a child module (shadowing), a non-tensor entry."""
+    and a buffer or a child module (shadowing), a non-tensor entry, a name or dotted path longer than
+    :data:`MAX_NAME` / :data:`MAX_PATH` characters, paths adding up to more than :data:`MAX_TOTAL_PATHS` (so
+    tensors shared under many names cannot multiply a long prefix), each checked before its path is built."""
     params, buffers, _ = _parts(record, prefix)
     return params, buffers
+
+
+#: the longest module, parameter or buffer name, the longest dotted path and the sum of all paths' lengths a
+#: walk accepts (EDM's longest paths have ~50 characters, its networks a few hundred tensors)
+MAX_NAME, MAX_PATH, MAX_TOTAL_PATHS = 256, 2048, 1 << 22
 
 
 def module_tensors(record: PersistentRecord | ContainerRecord, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -243,11 +250,12 @@ def _parts(record, prefix):
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     both: dict[str, torch.Tensor] = {}
-    _walk(record, prefix, params, buffers, both, set())
+    _walk(record, prefix, params, buffers, both, set(), [len(prefix)])
     return params, buffers, both
 
 
-def _walk(record, prefix, params, buffers, both, seen) -> None:
+def _walk(record, prefix, params, buffers, both, seen, total) -> None:
+    """``total[0]``: the characters of every path made so far, bounded before each path is built."""
     where = prefix[:-1] or "the root"
     if not isinstance(record, (PersistentRecord, ContainerRecord)):
         raise UnsafePickleError(f"{where} is {summary(record)}, not a module record")
@@ -266,6 +274,11 @@ def _walk(record, prefix, params, buffers, both, seen) -> None:
         for name, value in entries.items():
             if type(name) is not str:
                 raise UnsafePickleError(f"{where}: {kind} key {summary(name)} is not a string")
+            total[0] += len(prefix) + len(name)
+            if len(name) > MAX_NAME or len(prefix) + len(name) > MAX_PATH or total[0] > MAX_TOTAL_PATHS:
+                raise UnsafePickleError(f"{where}: {kind} key {summary(name)} makes a path of "
+                                        f"{len(prefix) + len(name)} characters, {total[0]} in all (names are at most "
+                                        f"{MAX_NAME}, paths {MAX_PATH}, all paths {MAX_TOTAL_PATHS} characters)")
             if name in names:
                 raise UnsafePickleError(f"{prefix}{name} is both in {names[name]} and {kind} of {record.class_name} "
                                         "(a shadowing entry)")
@@ -273,7 +286,7 @@ def _walk(record, prefix, params, buffers, both, seen) -> None:
             if value is None or (kind == "_buffers" and name in skip):
                 continue
             if out is None:
-                _walk(value, f"{prefix}{name}.", params, buffers, both, seen)
+                _walk(value, f"{prefix}{name}.", params, buffers, both, seen, total)
                 continue
             if not isinstance(value, torch.Tensor):
                 raise UnsafePickleError(f"{prefix}{name} ({record.class_name}.{kind}) is {summary(value)}")
