@@ -273,3 +273,25 @@ def test_the_guard_passes_what_torchs_weights_only_loader_reads(tmp_path, legacy
     guard_torch_file(path)
     loaded = load_state_dict(path)
     assert list(loaded) == list(sd) and all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+def test_the_zip_entry_count_is_refused_before_any_entry_is_parsed(tmp_path, monkeypatch):
+    """The end record's count is bounded before :class:`zipfile.ZipFile` reads the central directory."""
+    import zipfile
+
+    from dbprepro.models import zip_layout
+    from dbprepro.models.safe_pickle import LimitExceeded, Limits
+    from dbprepro.models.torch_guard import guard_torch_file
+
+    path = H.zip_many_entries(tmp_path, n=11)
+
+    def no_zipfile(*a, **k):
+        raise AssertionError("ZipFile constructed before the entry count was checked")
+
+    monkeypatch.setattr(zip_layout.zipfile, "ZipFile", no_zipfile)
+    with pytest.raises(LimitExceeded, match=r"11 zip records \(Limits\.max_zip_entries = 10\)"):
+        guard_torch_file(path, Limits(max_zip_entries=10))
+    monkeypatch.undo()
+    assert zip_layout.zipfile.ZipFile is zipfile.ZipFile
+    with pytest.raises(Exception, match="data.pkl records"):  # within the bound the layout is read and checked
+        guard_torch_file(path, Limits(max_zip_entries=11))
