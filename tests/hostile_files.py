@@ -265,7 +265,28 @@ def _linear(ema):
     return ema.state["_modules"]["model"].state["_modules"]["map_layer0"].state
 
 
+def _first(ema, cls):
+    """The state of the first record of class ``cls`` under ``ema`` (depth first)."""
+    stack = [ema]
+    while stack:
+        rec = stack.pop()
+        if getattr(rec, "class_name", None) == cls:
+            return rec.state
+        stack += [c for c in (rec.state.get("_modules") or {}).values() if hasattr(c, "state")][::-1]
+    raise AssertionError(f"no {cls} record")
+
+
 EDM_STATE_CASES = {
+    "sigma_data_bigint": lambda e: e.state.update(sigma_data=2 ** 2000),
+    "use_fp16_true": lambda e: e.state.update(use_fp16=True),
+    "sigma_min_nan": lambda e: e.state.update(sigma_min=math.nan),
+    "sigma_max_below_min": lambda e: e.state.update(sigma_max=-1.0),
+    "endpoint_false": lambda e: _first(e, "PositionalEmbedding").update(endpoint=False),
+    "max_positions_inf": lambda e: _first(e, "PositionalEmbedding").update(max_positions=math.inf),
+    "skip_scale_nan": lambda e: _first(e, "UNetBlock").update(skip_scale=math.nan),
+    "skip_scale_other": lambda e: _first(e, "UNetBlock").update(skip_scale=1.0),
+    "num_heads_other": lambda e: _first(e, "UNetBlock").update(num_heads=7),
+    "group_norm_eps_negative": lambda e: _first(e, "GroupNorm").update(eps=-1.0),
     "sigma_data_nan": lambda e: e.state.update(sigma_data=math.nan),
     "sigma_data_missing": lambda e: e.state.pop("sigma_data"),
     "sigma_data_tensor": lambda e: e.state.update(sigma_data=Call(FakeGlobal("torch._utils", "_rebuild_tensor_v2"),
@@ -424,3 +445,15 @@ def many_long_paths(d, n=4000, depth=8):
     ema = Persistent("EDMPrecond", _module_state({"sigma_data": 0.5, "label_dim": 0, "img_resolution": 8,
                                                   "img_channels": 3}, modules=[("model", rec)]), "pass\n")
     return write(d, "long_paths.pkl", dumps({"ema": ema}))
+
+
+def dtype_not_numpy(d, spec="i16"):
+    """A numpy array whose dtype string looks numeric but names no numpy type."""
+    dt = g("numpy", "dtype") + u(spec) + NEWFALSE + NEWTRUE + TUPLE3 + REDUCE + DTYPE_STATE + BUILD
+    return write(d, f"dtype_{spec}.pkl", wrap(ARRAY + MARK + i(1) + i(2) + TUPLE1 + dt + NEWFALSE + by(b"\0" * 32)
+                                              + TUPLE + BUILD))
+
+
+def astral_string(d, n=1 << 20):
+    """One string of ``n`` UTF-8 bytes, all ASCII but one astral character: ~n characters of 4 bytes in memory."""
+    return write(d, "astral.pkl", wrap(ux("a" * (n - 4) + "\U0001F600")))

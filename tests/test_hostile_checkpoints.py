@@ -83,6 +83,9 @@ EDM_REFUSALS = {
     "dag_as_class_name": (H.dag_as_class_name, r"refused persistent class tuple of 2"),
     "deep_tuple": (H.deep_tuple, r"nesting deeper than 100 \(Limits\.max_depth\)"),
     "deep_marks": (H.deep_marks, r"MARKs nested deeper than 100"),
+    **{f"dtype_{spec}": ((lambda sp: lambda d: H.dtype_not_numpy(d, sp))(spec),
+                         rf"refused numpy dtype '{spec}': only the numeric type strings of edm_pickle\.NUMPY_NUMERIC")
+       for spec in ("i16", "u16", "float8", "int128", "complex8")},
 }
 CASES = {name: (b, "edm", None, {}, "UnsafePickleError", rx) for name, (b, rx) in EDM_REFUSALS.items()}
 CASES.update({
@@ -99,6 +102,8 @@ CASES.update({
     "many_small_values": (lambda d: H.write(d, "small_values.pkl", H.wrap(H.EMPTY_LIST + H.MARK + H.u("ab") * 1_000_000
                                                                           + H.APPENDS)),
                           "edm", None, {}, "LimitExceeded", r"would allocate \d+ bytes; the allocation bound"),
+    "string_in_memory_size": (H.astral_string, "edm", None, {"alloc_ratio": 2.0, "alloc_slack": 0}, "LimitExceeded",
+                              r"a string would allocate \d+ bytes; the allocation bound"),
     "limit_wall_clock": (lambda d: H.write(d, "benign_slow.pkl", edm_pickle_bytes(small_net(), "pass\n")), "edm",
                          None, {"max_seconds": 0.0}, "LimitExceeded", r"wall-clock bound of 0 s passed"),
     "limit_allocation": (lambda d: H.write(d, "benign_alloc.pkl", edm_pickle_bytes(small_net(), "pass\n")), "edm",
@@ -132,6 +137,16 @@ STATE_MESSAGES = {
     "buffer_shadows_parameter": r"model\.map_layer0\.weight is both in _parameters and _buffers",
     "parameter_as_buffer": r"model\.map_layer0\.bias is a buffer in the checkpoint but a parameter",
     "dtype_float64": r"model\.map_layer0\.bias is torch\.float64 in the checkpoint, torch\.float32",
+    "sigma_data_bigint": r"sigma_data is a int, not a valid value",
+    "use_fp16_true": r"EDMPrecond record ema has use_fp16 True, not a valid value",
+    "sigma_min_nan": r"has sigma_min nan, not a valid value",
+    "sigma_max_below_min": r"sigma_max -1\.0, not above sigma_min 0",
+    "endpoint_false": r"PositionalEmbedding record model\.map_noise has endpoint False",
+    "max_positions_inf": r"model\.map_noise has max_positions inf",
+    "skip_scale_nan": r"UNetBlock record model\.\S+ has skip_scale nan",
+    "skip_scale_other": r"UNetBlock record model\.\S+ has skip_scale 1\.0; the network computes with 0\.707",
+    "num_heads_other": r"UNetBlock record model\.\S+ has num_heads 7; the network computes with [01]",
+    "group_norm_eps_negative": r"GroupNorm record model\.\S+ has eps -1\.0",
 }
 for _name, _mutate in H.EDM_STATE_CASES.items():
     CASES[_name] = ((lambda m, n: lambda d: H.edm_with(d, f"{n}.pkl", m))(_mutate, _name), "edm_state", SMALL, {},
@@ -295,3 +310,20 @@ def test_the_zip_entry_count_is_refused_before_any_entry_is_parsed(tmp_path, mon
     assert zip_layout.zipfile.ZipFile is zipfile.ZipFile
     with pytest.raises(Exception, match="data.pkl records"):  # within the bound the layout is read and checked
         guard_torch_file(path, Limits(max_zip_entries=11))
+
+
+def test_a_type_error_inside_an_allowed_function_is_not_reported_as_an_argument_count():
+    """``with N arguments`` only when the call does not bind; a value the function cannot read is named so."""
+    import io
+
+    from dbprepro.models.safe_pickle import Global, Limits, SafeUnpickler, UnsafePickleError
+
+    def two(a, b):
+        raise TypeError("inside")
+
+    table = {("m", "two"): Global("m.two", two)}
+    for args, said in ((H.i(1) + H.i(2) + H.TUPLE2, r"m\.two of arguments it does not read \(tuple of 2\)"),
+                       (H.i(1) + H.TUPLE1, r"m\.two with 1 arguments")):
+        stream = H.PROTO + H.g("m", "two") + args + H.REDUCE + H.STOP
+        with pytest.raises(UnsafePickleError, match=said):
+            SafeUnpickler(io.BytesIO(stream), table, Limits().budget(1 << 20)).load()
