@@ -381,20 +381,22 @@ def zip_duplicate_name(d):
                                                ("archive/version", b"3\n")]))
 
 
-def zip_many_entries(d, n=100_001):
-    """More records than ``Limits.max_zip_entries``: refused from the end record, before any entry is parsed."""
+def zip_many_entries(d, n=100_001, declared=None, name="zip_many.pth"):
+    """More records than ``Limits.max_zip_entries``: refused from the end record, before any entry is parsed
+    (``declared``: the count the end records give, if not ``n``)."""
     local, central, pos = [], [], 0
     for k in range(n):
-        name = b"archive/%06d" % k
-        local.append(b"PK\x03\x04" + struct.pack("<5H3L2H", 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0) + name)
-        central.append(b"PK\x01\x02" + struct.pack("<6H3L5H2L", 20, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0, 0, 0, 0,
-                                                   0, pos) + name)
+        rec_name = b"archive/%06d" % k
+        local.append(b"PK\x03\x04" + struct.pack("<5H3L2H", 20, 0, 0, 0, 0, 0, 0, 0, len(rec_name), 0) + rec_name)
+        central.append(b"PK\x01\x02" + struct.pack("<6H3L5H2L", 20, 20, 0, 0, 0, 0, 0, 0, 0, len(rec_name), 0, 0, 0,
+                                                   0, 0, pos) + rec_name)
         pos += len(local[-1])
     cd = b"".join(central)
+    n = n if declared is None else declared
     eocd = b"PK\x05\x06" + struct.pack("<4H2LH", 0, 0, 0xFFFF, 0xFFFF, len(cd), pos, 0)
     loc = b"PK\x06\x07" + struct.pack("<LQL", 0, pos + len(cd), 1)
     rec = b"PK\x06\x06" + struct.pack("<Q2H2L4Q", 44, 45, 45, 0, 0, n, n, len(cd), pos)
-    return write(d, "zip_many.pth", b"".join(local) + cd + rec + loc + eocd)
+    return write(d, name, b"".join(local) + cd + rec + loc + eocd)
 
 
 def legacy_key_dag(d):

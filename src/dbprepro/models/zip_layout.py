@@ -10,7 +10,8 @@ accepts only the layout ``torch.save`` writes and refuses anything else by name:
   directory record, without a comment; a zip64 end record and locator, if present, sit right before it and
   agree with it;
 * the central directory ends exactly where the end records start, so no prefix offset exists;
-* its declared entry count is read from the end record and bounded *before* any record is parsed;
+* its declared entry count is read from the end record and bounded *before* any record is parsed, and exactly
+  that many central entries fill the central directory;
 * the local records, in offset order, start at byte 0 and follow one another with no gap up to the central
   directory (a data descriptor, if flagged, is the only thing allowed after a record's data), each with the
   name its central entry gives; no name occurs twice.
@@ -70,7 +71,8 @@ def check_zip_layout(f, path: Path, limits: Limits) -> zipfile.ZipFile:
     f.seek(0)
     if f.read(4) != LOCAL:
         raise _bad(path, "it does not start with a local file header")
-    n, cd_off, _ = end_records(f, path, size, limits)
+    n, cd_off, cd_size = end_records(f, path, size, limits)
+    _scan_central(f, path, n, cd_off, cd_size)
     f.seek(0)
     zf = zipfile.ZipFile(f)
     try:
@@ -79,6 +81,22 @@ def check_zip_layout(f, path: Path, limits: Limits) -> zipfile.ZipFile:
         zf.close()
         raise
     return zf
+
+
+def _scan_central(f, path: Path, n: int, cd_off: int, cd_size: int) -> None:
+    """The declared ``n`` central entries fill the central directory exactly (so the reader that loops over the
+    bytes and the one that counts entries see the same ones, and no more than the bound are ever parsed)."""
+    pos, end = cd_off, cd_off + cd_size
+    for _ in range(n):
+        f.seek(pos)
+        head = f.read(46)
+        if len(head) != 46 or head[:4] != CENTRAL:
+            raise _bad(path, f"no central entry at {pos}")
+        pos += 46 + sum(struct.unpack("<3H", head[28:34]))
+        if pos > end:
+            raise _bad(path, "central entries run past the central directory")
+    if pos != end:
+        raise _bad(path, f"{end - pos} bytes in the central directory after its {n} declared entries")
 
 
 def _check_records(f, zf: zipfile.ZipFile, path: Path, n: int, cd_off: int) -> None:
