@@ -265,7 +265,28 @@ def _linear(ema):
     return ema.state["_modules"]["model"].state["_modules"]["map_layer0"].state
 
 
+def _first(ema, cls):
+    """The state of the first record of class ``cls`` under ``ema`` (depth first)."""
+    stack = [ema]
+    while stack:
+        rec = stack.pop()
+        if getattr(rec, "class_name", None) == cls:
+            return rec.state
+        stack += [c for c in (rec.state.get("_modules") or {}).values() if hasattr(c, "state")][::-1]
+    raise AssertionError(f"no {cls} record")
+
+
 EDM_STATE_CASES = {
+    "sigma_data_bigint": lambda e: e.state.update(sigma_data=2 ** 2000),
+    "use_fp16_true": lambda e: e.state.update(use_fp16=True),
+    "sigma_min_nan": lambda e: e.state.update(sigma_min=math.nan),
+    "sigma_max_below_min": lambda e: e.state.update(sigma_max=-1.0),
+    "endpoint_false": lambda e: _first(e, "PositionalEmbedding").update(endpoint=False),
+    "max_positions_inf": lambda e: _first(e, "PositionalEmbedding").update(max_positions=math.inf),
+    "skip_scale_nan": lambda e: _first(e, "UNetBlock").update(skip_scale=math.nan),
+    "skip_scale_other": lambda e: _first(e, "UNetBlock").update(skip_scale=1.0),
+    "num_heads_other": lambda e: _first(e, "UNetBlock").update(num_heads=7),
+    "group_norm_eps_negative": lambda e: _first(e, "GroupNorm").update(eps=-1.0),
     "sigma_data_nan": lambda e: e.state.update(sigma_data=math.nan),
     "sigma_data_missing": lambda e: e.state.pop("sigma_data"),
     "sigma_data_tensor": lambda e: e.state.update(sigma_data=Call(FakeGlobal("torch._utils", "_rebuild_tensor_v2"),
@@ -303,3 +324,138 @@ def bytes_of(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+# -- files Python's zip reader and torch's read differently (issue 25 review) ----------------------------------
+def _legacy(obj: bytes, keys: bytes) -> bytes:
+    """torch's legacy format around a hand-written object pickle and storage-key pickle."""
+    import pickle
+
+    head = b"".join(pickle.dumps(x, 2) for x in (0x1950A86A20F9469CFC6C, 1001, {
+        "protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}))
+    return head + obj + keys
+
+
+def polyglot_legacy_zip(d):
+    """A legacy stream (a deep tuple: torch's reader recurses into a segfault) with a benign torch zip appended:
+    a zip to Python's ``is_zipfile``, a legacy file to torch, which decides by the first bytes."""
+    obj = b"\x80\x02" + EMPTY_DICT + ux("model") + EMPTY_DICT + SETITEM + NONE + TUPLE1 * 1_000_000 + NONE + SETITEM
+    return write(d, "polyglot.pth", _legacy(obj + STOP, b"\x80\x02" + EMPTY_LIST + STOP) + bytes_of({"model": {}}))
+
+
+def _zip_bytes(records: list) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a duplicate name
+            for name, data in records:
+                zf.writestr(name, data)
+    return out.getvalue()
+
+
+HOSTILE_PKL = b"\x80\x02" + EMPTY_DICT + ux("model") + EMPTY_DICT + SETITEM + NONE + TUPLE1 * 1_000_000 + NONE \
+    + SETITEM + STOP
+BENIGN_PKL = b"\x80\x02" + EMPTY_DICT + ux("model") + EMPTY_DICT + SETITEM + STOP
+
+
+def zip_prefixed(d):
+    """A hostile archive followed by a benign one padded so that both central directories sit at the same
+    absolute offset: Python's reader (prefix tolerant) reads the benign one, miniz (absolute offsets) the hostile."""
+    def build(pkl, pad):
+        return _zip_bytes([("archive/data.pkl", pkl), ("archive/version", b"3\n"), ("archive/pad", b"\0" * pad)])
+
+    def cd(raw):
+        return struct.unpack("<L", raw[-6:-2])[0]
+
+    hostile = build(HOSTILE_PKL, 0)
+    benign = build(BENIGN_PKL, cd(hostile) - cd(build(BENIGN_PKL, 0)))
+    assert cd(benign) == cd(hostile)
+    return write(d, "zip_prefixed.pth", hostile + benign)
+
+
+def zip_duplicate_name(d):
+    """Two ``data.pkl`` records: Python's reader keeps the last (benign), another reader may take the first."""
+    return write(d, "zip_dup.pth", _zip_bytes([("archive/data.pkl", HOSTILE_PKL), ("archive/data.pkl", BENIGN_PKL),
+                                               ("archive/version", b"3\n")]))
+
+
+def zip_many_entries(d, n=100_001, declared=None, name="zip_many.pth"):
+    """More records than ``Limits.max_zip_entries``: refused from the end record, before any entry is parsed
+    (``declared``: the count the end records give, if not ``n``)."""
+    local, central, pos = [], [], 0
+    for k in range(n):
+        rec_name = b"archive/%06d" % k
+        local.append(b"PK\x03\x04" + struct.pack("<5H3L2H", 20, 0, 0, 0, 0, 0, 0, 0, len(rec_name), 0) + rec_name)
+        central.append(b"PK\x01\x02" + struct.pack("<6H3L5H2L", 20, 20, 0, 0, 0, 0, 0, 0, 0, len(rec_name), 0, 0, 0,
+                                                   0, 0, pos) + rec_name)
+        pos += len(local[-1])
+    cd = b"".join(central)
+    n = n if declared is None else declared
+    eocd = b"PK\x05\x06" + struct.pack("<4H2LH", 0, 0, 0xFFFF, 0xFFFF, len(cd), pos, 0)
+    loc = b"PK\x06\x07" + struct.pack("<LQL", 0, pos + len(cd), 1)
+    rec = b"PK\x06\x06" + struct.pack("<Q2H2L4Q", 44, 45, 45, 0, 0, n, n, len(cd), pos)
+    return write(d, name, b"".join(local) + cd + rec + loc + eocd)
+
+
+def legacy_key_dag(d):
+    """A legacy file whose storage-key list holds a memo-shared tuple DAG (2^60 tuples to hash or print)."""
+    return write(d, "legacy_key_dag.pth", _legacy(b"\x80\x02" + EMPTY_DICT + STOP,
+                                                  b"\x80\x02" + EMPTY_LIST + MARK + _dag(60) + APPENDS + STOP))
+
+
+def legacy_int_key(d):
+    """A legacy file whose storage key is the int of its (string) persistent-id key: torch's lookup fails."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf, _use_new_zipfile_serialization=False)
+    raw = buf.getvalue()
+    import pickle
+
+    f = io.BytesIO(raw)
+    for _ in range(4):
+        _SkipUnpickler(f).load()
+    start = f.tell()
+    key = _SkipUnpickler(f).load()[0]
+    return write(d, "legacy_intkey.pth", raw[:start] + pickle.dumps([int(key)], 2) + raw[f.tell():])
+
+
+class _SkipUnpickler(__import__("pickle").Unpickler):
+    def persistent_load(self, pid):
+        return None
+
+    def find_class(self, module, name):
+        return lambda *a, **k: None
+
+
+def long_module_name(d, n=2000, length=1 << 20):
+    """A 1 MB module name over a child with ``n`` parameters, all one memoised tensor: n paths of 1 MB each."""
+    t = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    child = Persistent("Linear", _module_state(params=[(f"p{k}", t) for k in range(n)]), "pass\n")
+    ema = Persistent("EDMPrecond", _module_state({"sigma_data": 0.5, "label_dim": 0, "img_resolution": 8,
+                                                  "img_channels": 3}, modules=[("m" * length, child)]), "pass\n")
+    return write(d, "long_name.pkl", dumps({"ema": ema}))
+
+
+def many_long_paths(d, n=4000, depth=8):
+    """Names under the per-name bound, nested ``depth`` deep, over ``n`` memoised tensors: the sum of the paths
+    is bounded too."""
+    t = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    rec = Persistent("Linear", _module_state(params=[(f"p{k}", t) for k in range(n)]), "pass\n")
+    for k in range(depth):
+        rec = Persistent("UNetBlock", _module_state(modules=[(f"{k}" + "n" * 250, rec)]), "pass\n")
+    ema = Persistent("EDMPrecond", _module_state({"sigma_data": 0.5, "label_dim": 0, "img_resolution": 8,
+                                                  "img_channels": 3}, modules=[("model", rec)]), "pass\n")
+    return write(d, "long_paths.pkl", dumps({"ema": ema}))
+
+
+def dtype_not_numpy(d, spec="i16"):
+    """A numpy array whose dtype string looks numeric but names no numpy type."""
+    dt = g("numpy", "dtype") + u(spec) + NEWFALSE + NEWTRUE + TUPLE3 + REDUCE + DTYPE_STATE + BUILD
+    return write(d, f"dtype_{spec}.pkl", wrap(ARRAY + MARK + i(1) + i(2) + TUPLE1 + dt + NEWFALSE + by(b"\0" * 32)
+                                              + TUPLE + BUILD))
+
+
+def astral_string(d, n=1 << 20):
+    """One string of ``n`` UTF-8 bytes, all ASCII but one astral character: ~n characters of 4 bytes in memory."""
+    return write(d, "astral.pkl", wrap(ux("a" * (n - 4) + "\U0001F600")))

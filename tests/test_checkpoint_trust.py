@@ -65,3 +65,31 @@ def test_a_file_changed_after_its_record_is_refused_before_parsing(tiny_diffusio
         download_network(SimpleNamespace(base=str(base)), SimpleNamespace(model=str(tmp_path / "out")),
                          SimpleNamespace(network=_edm_section("file:///nonexistent"), downloads=str(downloads)),
                          SimpleNamespace())
+
+
+def test_download_classifier_keeps_the_trusted_hash_in_its_declared_output(tmp_path):
+    """Rule download_classifier: the file lands at the rule's ``raw`` output, and the sha256 an unpinned first
+    use trusted is recorded in the model folder (a declared output), not only beside the download."""
+    import hashlib
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from dbprepro.models.classifiers import SmallCNN, load_classifier
+    from dbprepro.pipeline.models import download_classifier
+
+    torch.manual_seed(0)
+    src = tmp_path / "mirror" / "weights.pt"
+    src.parent.mkdir()
+    net = SmallCNN()
+    torch.save(net.state_dict(), src)
+    dl = {"url": src.as_uri(), "sha256": None, "filename": "weights.pt", "allow_unpinned": True}
+    output = SimpleNamespace(model=str(tmp_path / "classifier"), raw=str(tmp_path / "downloads" / "weights.pt"))
+    download_classifier(None, output, SimpleNamespace(classifier={"arch": "small_cnn", "kwargs": {}, "download": dl}),
+                        None)
+    source = json.loads((tmp_path / "classifier" / "config.json").read_text())["source"]
+    assert source == {"url": src.as_uri(), "filename": "weights.pt", "sha256_pinned": False,
+                      "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
+    loaded = load_classifier(tmp_path / "classifier").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())

@@ -83,11 +83,18 @@ EDM_REFUSALS = {
     "dag_as_class_name": (H.dag_as_class_name, r"refused persistent class tuple of 2"),
     "deep_tuple": (H.deep_tuple, r"nesting deeper than 100 \(Limits\.max_depth\)"),
     "deep_marks": (H.deep_marks, r"MARKs nested deeper than 100"),
+    **{f"dtype_{spec}": ((lambda sp: lambda d: H.dtype_not_numpy(d, sp))(spec),
+                         rf"refused numpy dtype '{spec}': only the numeric type strings of edm_pickle\.NUMPY_NUMERIC")
+       for spec in ("i16", "u16", "float8", "int128", "complex8")},
 }
 CASES = {name: (b, "edm", None, {}, "UnsafePickleError", rx) for name, (b, rx) in EDM_REFUSALS.items()}
 CASES.update({
     "shared_module_tree": (H.shared_module_tree, "edm_ema", None, {}, "UnsafePickleError",
                            r"model(\.a)+\.b: a module record reached twice"),
+    "long_module_name": (H.long_module_name, "edm_ema", None, {}, "UnsafePickleError",
+                         r"_modules key 'm{60}'\.\.\. makes a path of 1048576 characters"),
+    "many_long_paths": (H.many_long_paths, "edm_ema", None, {}, "UnsafePickleError",
+                        r"makes a path of \d+ characters, \d+ in all .*all paths 4194304 characters"),
     "limit_file_size": (lambda d: H.deep_marks(d), "edm", None, {"max_file_bytes": 1000}, "LimitExceeded",
                         r"more than Limits\.max_file_bytes = 1000"),
     "limit_objects": (lambda d: H.write(d, "many.pkl", H.wrap(H.EMPTY_LIST + H.MARK + H.i(1) * 5000 + H.APPENDS)),
@@ -95,6 +102,8 @@ CASES.update({
     "many_small_values": (lambda d: H.write(d, "small_values.pkl", H.wrap(H.EMPTY_LIST + H.MARK + H.u("ab") * 1_000_000
                                                                           + H.APPENDS)),
                           "edm", None, {}, "LimitExceeded", r"would allocate \d+ bytes; the allocation bound"),
+    "string_in_memory_size": (H.astral_string, "edm", None, {"alloc_ratio": 2.0, "alloc_slack": 0}, "LimitExceeded",
+                              r"a string would allocate \d+ bytes; the allocation bound"),
     "limit_wall_clock": (lambda d: H.write(d, "benign_slow.pkl", edm_pickle_bytes(small_net(), "pass\n")), "edm",
                          None, {"max_seconds": 0.0}, "LimitExceeded", r"wall-clock bound of 0 s passed"),
     "limit_allocation": (lambda d: H.write(d, "benign_alloc.pkl", edm_pickle_bytes(small_net(), "pass\n")), "edm",
@@ -106,6 +115,21 @@ CASES.update({
                           r"storage '0' declares 400000000000 bytes, its record 'archive/data/0' has 4"),
     "ordered_dict_build": (H.ordered_dict_build, "torch_file", None, {}, "UnsafePickleError",
                            r"refused BUILD of an OrderedDict with dict of 1 \(only a state dict's _metadata"),
+    "polyglot_legacy_zip": (H.polyglot_legacy_zip, "torch_file", None, {}, "UnsafePickleError",
+                            r"not a zip by its first bytes but holding a zip end record"),
+    "zip_prefixed": (H.zip_prefixed, "torch_file", None, {}, "UnsafePickleError",
+                     r"central directory at \d+ of \d+ bytes does not end at the end records"),
+    "zip_duplicate_name": (H.zip_duplicate_name, "torch_file", None, {}, "UnsafePickleError",
+                           r"two records named 'archive/data\.pkl'"),
+    "zip_many_entries": (H.zip_many_entries, "torch_file", None, {}, "LimitExceeded",
+                         r"100001 zip records \(Limits\.max_zip_entries = 100000\)"),
+    "zip_entries_beyond_count": (lambda d: H.zip_many_entries(d, 3, declared=1, name="zip_beyond.pth"), "torch_file",
+                                 None, {}, "UnsafePickleError",
+                                 r"\d+ bytes in the central directory after its 1 declared entries"),
+    "legacy_key_dag": (H.legacy_key_dag, "torch_file", None, {}, "UnsafePickleError",
+                       r"a storage key that is not a string \(tuple of 2\)"),
+    "legacy_int_key": (H.legacy_int_key, "torch_file", None, {}, "UnsafePickleError",
+                       r"a storage key that is not a string \(\d+\)"),
     "zip_dag_value": (H.zip_dag_value, "ddpmpp", DDPM_SMALL, {}, "CheckpointError",
                       r"model\['w'\] is a list, not a tensor"),
 })
@@ -116,6 +140,16 @@ STATE_MESSAGES = {
     "buffer_shadows_parameter": r"model\.map_layer0\.weight is both in _parameters and _buffers",
     "parameter_as_buffer": r"model\.map_layer0\.bias is a buffer in the checkpoint but a parameter",
     "dtype_float64": r"model\.map_layer0\.bias is torch\.float64 in the checkpoint, torch\.float32",
+    "sigma_data_bigint": r"sigma_data is a int, not a valid value",
+    "use_fp16_true": r"EDMPrecond record ema has use_fp16 True, not a valid value",
+    "sigma_min_nan": r"has sigma_min nan, not a valid value",
+    "sigma_max_below_min": r"sigma_max -1\.0, not above sigma_min 0",
+    "endpoint_false": r"PositionalEmbedding record model\.map_noise has endpoint False",
+    "max_positions_inf": r"model\.map_noise has max_positions inf",
+    "skip_scale_nan": r"UNetBlock record model\.\S+ has skip_scale nan",
+    "skip_scale_other": r"UNetBlock record model\.\S+ has skip_scale 1\.0; the network computes with 0\.707",
+    "num_heads_other": r"UNetBlock record model\.\S+ has num_heads 7; the network computes with [01]",
+    "group_norm_eps_negative": r"GroupNorm record model\.\S+ has eps -1\.0",
 }
 for _name, _mutate in H.EDM_STATE_CASES.items():
     CASES[_name] = ((lambda m, n: lambda d: H.edm_with(d, f"{n}.pkl", m))(_mutate, _name), "edm_state", SMALL, {},
@@ -257,3 +291,42 @@ def test_the_guard_passes_what_torchs_weights_only_loader_reads(tmp_path, legacy
     guard_torch_file(path)
     loaded = load_state_dict(path)
     assert list(loaded) == list(sd) and all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+def test_the_zip_entry_count_is_refused_before_any_entry_is_parsed(tmp_path, monkeypatch):
+    """The end record's count is bounded before :class:`zipfile.ZipFile` reads the central directory."""
+    import zipfile
+
+    from dbprepro.models import zip_layout
+    from dbprepro.models.safe_pickle import LimitExceeded, Limits
+    from dbprepro.models.torch_guard import guard_torch_file
+
+    path = H.zip_many_entries(tmp_path, n=11)
+
+    def no_zipfile(*a, **k):
+        raise AssertionError("ZipFile constructed before the entry count was checked")
+
+    monkeypatch.setattr(zip_layout.zipfile, "ZipFile", no_zipfile)
+    with pytest.raises(LimitExceeded, match=r"11 zip records \(Limits\.max_zip_entries = 10\)"):
+        guard_torch_file(path, Limits(max_zip_entries=10))
+    monkeypatch.undo()
+    assert zip_layout.zipfile.ZipFile is zipfile.ZipFile
+    with pytest.raises(Exception, match="data.pkl records"):  # within the bound the layout is read and checked
+        guard_torch_file(path, Limits(max_zip_entries=11))
+
+
+def test_a_type_error_inside_an_allowed_function_is_not_reported_as_an_argument_count():
+    """``with N arguments`` only when the call does not bind; a value the function cannot read is named so."""
+    import io
+
+    from dbprepro.models.safe_pickle import Global, Limits, SafeUnpickler, UnsafePickleError
+
+    def two(a, b):
+        raise TypeError("inside")
+
+    table = {("m", "two"): Global("m.two", two)}
+    for args, said in ((H.i(1) + H.i(2) + H.TUPLE2, r"m\.two of arguments it does not read \(tuple of 2\)"),
+                       (H.i(1) + H.TUPLE1, r"m\.two with 1 arguments")):
+        stream = H.PROTO + H.g("m", "two") + args + H.REDUCE + H.STOP
+        with pytest.raises(UnsafePickleError, match=said):
+            SafeUnpickler(io.BytesIO(stream), table, Limits().budget(1 << 20)).load()

@@ -81,3 +81,14 @@ def summary(obj: Any) -> str:
     except Exception:  # pragma: no cover - builtin containers always have a length
         size = None
     return f"{kind} of {size}" if size is not None else f"a {kind}"
+
+
+def binds(fn: Any, args: tuple) -> bool:
+    """Whether ``fn`` takes ``args`` by its signature (so a TypeError it raised is about their values)."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(*args)
+    except (TypeError, ValueError):
+        return False
+    return True

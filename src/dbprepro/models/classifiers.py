@@ -45,9 +45,10 @@ def build_classifier(arch: str, **kwargs) -> nn.Module:
     raise ValueError(f"unknown classifier arch {arch!r}; known: small_cnn, wrn-28-10")
 
 
-def save_classifier(model: nn.Module, arch: str, kwargs: dict, path) -> None:
-    """Save to a folder: ``config.json`` (arch + constructor arguments) and ``model.safetensors``,
-    atomically (the folder appears under ``path`` only when complete)."""
+def save_classifier(model: nn.Module, arch: str, kwargs: dict, path, source: dict | None = None) -> None:
+    """Save to a folder: ``config.json`` (arch + constructor arguments, and ``source``: where downloaded
+    weights came from and their sha256, when given) and ``model.safetensors``, atomically (the folder appears
+    under ``path`` only when complete)."""
     import json
 
     from safetensors.torch import save_file
@@ -57,7 +58,8 @@ def save_classifier(model: nn.Module, arch: str, kwargs: dict, path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps({"arch": arch, "kwargs": kwargs}, indent=2, sort_keys=True) + "\n")
+        spec = {"arch": arch, "kwargs": kwargs, **({"source": source} if source is not None else {})}
+        (tmp / "config.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
 
 @timed_load  # counted in the job's provenance timing (dbprepro.dagprofile)

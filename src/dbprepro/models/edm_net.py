@@ -314,21 +314,26 @@ class EDMSongUNet(EpsNetwork):
         entry must be an ``EDMPrecond`` record (the class name is read from the pickle, not from
         the file name: a ``VPPrecond`` is refused); its ``sigma_data``, ``label_dim`` (0),
         ``img_resolution`` and ``img_channels`` present, typed, finite and equal to this network's
-        (:func:`.edm_pickle.check_precond_attrs`); its parameters and persistent buffers, named by
+        (:func:`.edm_pickle.check_precond_attrs`); the scalar hyper-parameters of its module records
+        (``use_fp16``, ``sigma_min``/``sigma_max``, the noise embedding's, each block's ``skip_scale``, ...)
+        typed, in range and equal to what this network computes with (:func:`.edm_attrs.check_module_attrs`); its parameters and persistent buffers, named by
         their path (``model.enc.16x16_block0.qkv.weight``, ...), must be exactly this network's
         parameters and buffers, each kind separately, with their shapes and dtypes (missing,
         unexpected, mis-shaped, mis-typed and shadowing keys are named;
         :func:`.verification.match_parts`) and are loaded strictly.
         """
         from .bounds import DEFAULT_LIMITS
-        from .edm_pickle import check_precond_attrs, ema_parts  # the loader imports nothing of this module
+        from .edm_attrs import check_module_attrs
+        from .edm_pickle import check_precond_attrs, ema_parts, read_edm_pickle  # they import nothing of this module
         from .verification import match_parts, verify_file
 
         if sha256:
             verify_file(path, sha256)
         net = cls.from_config(cfg)
-        params, buffers, attrs = ema_parts(path, "EDMPrecond", limits or DEFAULT_LIMITS)
+        data = read_edm_pickle(path, limits or DEFAULT_LIMITS)
+        params, buffers, attrs = ema_parts(data, "EDMPrecond")
         check_precond_attrs(attrs, net.sigma_data, net.img_resolution, net.img_channels, path)
+        check_module_attrs(data["ema"], net, path)
         match_parts(net, params, buffers, path)
         return net.eval()
 

@@ -37,7 +37,7 @@ at most ``Limits.max_objects`` and stops after ``Limits.max_seconds``; every ref
 or key, with stream values shown by type and size only.
 
 :func:`module_parts` walks a record's ``_parameters``, persistent ``_buffers`` and ``_modules`` into
-parameters and buffers (each record once: a shared or shadowing entry is refused), :func:`ema_state_dict`
+parameters and buffers (each record once: a shared or shadowing entry is refused; names and paths bounded), :func:`ema_state_dict`
 reads the ``ema`` network.
 """
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ import numpy as np
 import torch
 
 from .bounds import CheckpointError
+from .edm_attrs import real
 from .safe_pickle import DEFAULT_LIMITS, Budget, Global, Limits, LimitExceeded, Record, SafeUnpickler
 from .safe_pickle import UnsafePickleError, summary
 from .torch_guard import TENSOR_GLOBALS, StorageBlob, blob_reader, check_file_size, large_blob_reader
@@ -69,8 +69,12 @@ PERSISTENT_CLASSES = frozenset({
     "VELoss", "AugmentPipe",
 })
 PERSISTENCE_VERSION = 6
-#: numeric numpy type strings (no byte order: that comes from BUILD), e.g. 'f8', 'float64', 'i4', '?'
-_NUMPY_NUMERIC = re.compile(r"^([biufc](1|2|4|8|16)|\?|(float|int|uint|complex)(8|16|32|64|128)|bool)$")
+#: the numeric numpy type strings read (no byte order: that comes from BUILD), a fixed list of what numpy
+#: accepts on every platform (no long double, no string, object or void types)
+NUMPY_NUMERIC = frozenset({
+    "?", "bool", "b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16",
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64",
+    "complex64", "complex128"})
 
 
 @dataclass(eq=False)
@@ -105,8 +109,9 @@ class DtypeRecord(Record):
     """A numpy dtype as data: a whitelisted numeric type string and the byte order its BUILD names."""
 
     def __init__(self, spec, align=False, copy=False):
-        if type(spec) is not str or not _NUMPY_NUMERIC.match(spec):
-            raise UnsafePickleError(f"refused numpy dtype {summary(spec)}: only numeric type strings are read")
+        if type(spec) is not str or spec not in NUMPY_NUMERIC:
+            raise UnsafePickleError(f"refused numpy dtype {summary(spec)}: only the numeric type strings of "
+                                    "edm_pickle.NUMPY_NUMERIC are read")
         self.spec, self.order = spec, "<"
 
     def _build(self, state):
@@ -117,7 +122,8 @@ class DtypeRecord(Record):
         self.order = {"=": "<", "|": "|"}.get(state[1], state[1])
 
     def dtype(self) -> np.dtype:
-        return np.dtype(self.order + self.spec if self.order != "|" else self.spec)
+        dt = np.dtype(self.spec)
+        return dt.newbyteorder(self.order) if self.order != "|" else dt
 
 
 class ArrayRecord(Record):
@@ -176,7 +182,10 @@ def _persistent_record(meta: Any) -> PersistentRecord:
     state = {} if state is None else state
     if type(state) is not dict:
         raise UnsafePickleError(f"persistent class {name}: state is {summary(state)}, not a dict")
-    return PersistentRecord(name, state, hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest())
+    h = hashlib.sha256()
+    for k in range(0, len(src), 1 << 16):  # encoded a slice at a time: no second copy of the whole source
+        h.update(src[k:k + (1 << 16)].encode("utf-8", "surrogatepass"))
+    return PersistentRecord(name, state, h.hexdigest())
 
 
 def _globals(budget: Budget, limits: Limits) -> dict[tuple[str, str], Global]:
@@ -228,9 +237,16 @@ def module_parts(record: PersistentRecord | ContainerRecord,
     """``({dotted.path: parameter}, {dotted.path: persistent buffer})`` of a module record: its
     ``_parameters`` and ``_buffers`` (None entries and ``_non_persistent_buffers_set`` names skipped), then its
     ``_modules`` recursively.  Refused: a record reached twice (a shared child), a name that is both a parameter
-    and a buffer or a child module (shadowing), a non-tensor entry."""
+    and a buffer or a child module (shadowing), a non-tensor entry, a name or dotted path longer than
+    :data:`MAX_NAME` / :data:`MAX_PATH` characters, paths adding up to more than :data:`MAX_TOTAL_PATHS` (so
+    tensors shared under many names cannot multiply a long prefix), each checked before its path is built."""
     params, buffers, _ = _parts(record, prefix)
     return params, buffers
+
+
+#: the longest module, parameter or buffer name, the longest dotted path and the sum of all paths' lengths a
+#: walk accepts (EDM's longest paths have ~50 characters, its networks a few hundred tensors)
+MAX_NAME, MAX_PATH, MAX_TOTAL_PATHS = 256, 2048, 1 << 22
 
 
 def module_tensors(record: PersistentRecord | ContainerRecord, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -243,11 +259,12 @@ def _parts(record, prefix):
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     both: dict[str, torch.Tensor] = {}
-    _walk(record, prefix, params, buffers, both, set())
+    _walk(record, prefix, params, buffers, both, set(), [len(prefix)])
     return params, buffers, both
 
 
-def _walk(record, prefix, params, buffers, both, seen) -> None:
+def _walk(record, prefix, params, buffers, both, seen, total) -> None:
+    """``total[0]``: the characters of every path made so far, bounded before each path is built."""
     where = prefix[:-1] or "the root"
     if not isinstance(record, (PersistentRecord, ContainerRecord)):
         raise UnsafePickleError(f"{where} is {summary(record)}, not a module record")
@@ -266,6 +283,11 @@ def _walk(record, prefix, params, buffers, both, seen) -> None:
         for name, value in entries.items():
             if type(name) is not str:
                 raise UnsafePickleError(f"{where}: {kind} key {summary(name)} is not a string")
+            total[0] += len(prefix) + len(name)
+            if len(name) > MAX_NAME or len(prefix) + len(name) > MAX_PATH or total[0] > MAX_TOTAL_PATHS:
+                raise UnsafePickleError(f"{where}: {kind} key {summary(name)} makes a path of "
+                                        f"{len(prefix) + len(name)} characters, {total[0]} in all (names are at most "
+                                        f"{MAX_NAME}, paths {MAX_PATH}, all paths {MAX_TOTAL_PATHS} characters)")
             if name in names:
                 raise UnsafePickleError(f"{prefix}{name} is both in {names[name]} and {kind} of {record.class_name} "
                                         "(a shadowing entry)")
@@ -273,7 +295,7 @@ def _walk(record, prefix, params, buffers, both, seen) -> None:
             if value is None or (kind == "_buffers" and name in skip):
                 continue
             if out is None:
-                _walk(value, f"{prefix}{name}.", params, buffers, both, seen)
+                _walk(value, f"{prefix}{name}.", params, buffers, both, seen, total)
                 continue
             if not isinstance(value, torch.Tensor):
                 raise UnsafePickleError(f"{prefix}{name} ({record.class_name}.{kind}) is {summary(value)}")
@@ -327,7 +349,7 @@ def check_precond_attrs(attrs: dict, sigma_data: float, img_resolution: int, img
             raise CheckpointError(f"{where}: the EDMPrecond's {key} is {summary(v)}, not a valid value")
         return v
 
-    sd = number("sigma_data", (float, int), lambda v: math.isfinite(v) and v > 0)
+    sd = number("sigma_data", (float, int), lambda v: real(v) is not None and v > 0)  # no int -> float overflow
     if abs(float(sd) - sigma_data) > 1e-12:
         raise CheckpointError(f"{where}: the EDMPrecond has sigma_data {sd!r}; the config has {sigma_data}")
     if number("label_dim", (int,), lambda v: v >= 0) != 0:

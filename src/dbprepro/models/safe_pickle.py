@@ -12,17 +12,18 @@ network pickles (:mod:`.edm_pickle`) and by the pre-scan of torch files (:mod:`.
 * **Mutation only of containers it created, while they are open.**  ``APPEND(S)``, ``SETITEM(S)`` and
   ``ADDITEMS`` act only on a list/dict/set this reader created, ``BUILD`` (once) only on a record whose
   :class:`Global` declares it buildable or a fresh OrderedDict (a state dict's ``_metadata``, a dict of dicts),
-  and only while it is *open*: an object is sealed the moment it becomes
-  a child of another object, an argument of a call, or is fetched from the memo.  So the stream cannot change a
-  tensor, a record that was already used, or anything it did not create, and it cannot build a cycle.
+  and only while it is *open*: an object is sealed the moment it becomes a child of another object, an argument
+  of a call, or is fetched from the memo.  So the stream cannot change a tensor, a used record, or anything it
+  did not create, and it cannot build a cycle.
 * **Large payloads in place.**  A ``bytes`` payload of at least :data:`LARGE_BYTES` may be handed, unread, to
   the caller's ``large_bytes`` hook (EDM's storage blobs: read from the file straight into a new tensor).
 * **Atoms as keys.**  Dict keys and set members must be ``str``/``bytes``/``int``/``float``/``bool``/``None``:
   hashing is linear in the file (no tuple-DAG hashed along every path).
 * **Bounds** (:class:`Limits`): nesting depth of every object (also the mark stack), number of objects, total
-  allocation (every string, bytes, container slot and decoded storage is charged to a :class:`Budget`, itself a
-  small multiple of the file size), and a wall-clock deadline.  A bound that is hit raises
-  :class:`LimitExceeded` naming it, before the allocation it refuses.
+  allocation (every bytes, container slot and decoded storage is charged to a :class:`Budget`, itself a small
+  multiple of the file size; a string by its worst in-memory size, 4 bytes a character, with the bytes it is
+  decoded from), and a wall-clock deadline.  A bound that is hit raises :class:`LimitExceeded` naming it, before
+  the allocation it refuses.
 * **Bounded messages.**  Errors describe stream values by :func:`summary` (type and size; a string key by at
   most 60 of its characters), never by ``repr`` of stream data.
 """
@@ -34,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .bounds import DEFAULT_LIMITS, Budget, LimitExceeded, Limits, UnsafePickleError, summary
+from .bounds import DEFAULT_LIMITS, Budget, LimitExceeded, Limits, UnsafePickleError, binds, summary
 
 __all__ = ["ATOMS", "DEFAULT_LIMITS", "Budget", "Global", "LimitExceeded", "Limits", "OPCODES", "Record",
            "SafeUnpickler", "UnsafePickleError", "summary"]
@@ -218,6 +219,8 @@ class SafeUnpickler:
             if value is not None:
                 return self._made(value, 0, False, 0)
         data = self._readn(n, kind)
+        if kind == "a string":  # n UTF-8 bytes make at most n characters of 4 bytes: 3n beyond the n read
+            self.budget.charge(3 * n, kind)
         return str(data, "utf-8", "surrogatepass") if kind == "a string" else data
 
     def op_LONG4(self):
@@ -308,8 +311,9 @@ class SafeUnpickler:
         depth = self._children(args)
         try:
             result = fn.fn(*args)
-        except TypeError:  # a wrong number of arguments: named, not a Python traceback about our functions
-            raise self._fail(f"refused {opname} of {fn.qualname} with {len(args)} arguments") from None
+        except TypeError:  # named, not a Python traceback about our functions
+            said = f"with {len(args)} arguments" if not binds(fn.fn, args) else "of arguments it does not read"
+            raise self._fail(f"refused {opname} of {fn.qualname} {said} ({summary(args)})") from None
         if isinstance(result, ATOMS):
             self._push(result)
             return
@@ -392,7 +396,4 @@ _DISPATCH = {c: f for c, (_, f) in OPCODES.items()}
 def _opname(code: int) -> str:
     import pickletools
 
-    for op in pickletools.opcodes:
-        if op.code == chr(code):
-            return op.name
-    return f"0x{code:02x} (not a pickle opcode)"
+    return next((op.name for op in pickletools.opcodes if op.code == chr(code)), f"0x{code:02x} (not a pickle opcode)")

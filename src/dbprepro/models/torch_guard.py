@@ -14,11 +14,16 @@ Shared by EDM's pickles (:mod:`.edm_pickle`) and the torch-file guard:
   (:func:`large_blob_reader`, :class:`StorageBlob`) -- and each blob decoded once.
 
 :func:`guard_torch_file` is run before every ``torch.load(weights_only=True)`` of a third-party file (Score SDE's
-checkpoint, classifier files; the package's own resumable training checkpoints are not third-party): the file size; for the zip format the record count, every record's declared size
+checkpoint, classifier files; the package's own resumable training checkpoints are not third-party): the file
+size; the format decided as torch decides it (a zip starts with a local header; a legacy file that also holds a
+zip end record is refused); for the zip format the layout :mod:`.zip_layout` checks (no prefix, no duplicate
+name, no bytes outside records; the record count bounded from the end record before any entry is parsed), every
+record's declared size
 (their sum bounded like any allocation: a deflated record that would expand past it -- a zip bomb -- is refused
 before anything is inflated; a stored record's sizes must agree) and ``data.pkl`` read by the safe reader with
 torch's tensor globals only (depth, object count, atoms as keys, no cycles), each storage's ``numel`` x item size
-equal to its record's size; for the legacy format the same pickle checks and the storage bytes that follow
+equal to its record's size; for the legacy format the same pickle checks, the storage keys strings (checked before any hash or
+comparison) naming exactly the storages of the object, and the storage bytes that follow
 matching the declared storages exactly.  So ``torch.load`` then builds a bounded structure from a file whose
 allocation is bounded by its size.
 """
@@ -38,6 +43,7 @@ import torch
 
 from .safe_pickle import DEFAULT_LIMITS, Budget, Global, Limits, LimitExceeded, Record, SafeUnpickler
 from .safe_pickle import UnsafePickleError, summary
+from .zip_layout import LOCAL, check_zip_layout
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -288,10 +294,14 @@ def guard_torch_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> None:
     path = Path(path)
     budget = limits.budget(check_file_size(path, limits))
     try:
-        if zipfile.is_zipfile(path):
-            _guard_zip(path, limits, budget)
-        else:
-            with open(path, "rb") as f:
+        with open(path, "rb") as f:
+            if f.read(4) == LOCAL:  # torch's own rule for the zip format
+                _guard_zip(f, path, limits, budget)
+            else:
+                if zipfile.is_zipfile(f):
+                    raise UnsafePickleError(f"{path}: not a zip by its first bytes but holding a zip end record "
+                                            "(a legacy stream with an archive appended: the readers disagree)")
+                f.seek(0)
                 _guard_legacy(f, limits, budget, path)
     except UnsafePickleError as e:
         msg = str(e).replace(f"{path}: ", "")
@@ -303,15 +313,15 @@ def guard_torch_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> None:
                                 f"executed): {type(e).__name__}") from None
 
 
-def _guard_zip(path: Path, limits: Limits, budget: Budget) -> None:
+def _guard_zip(f, path: Path, limits: Limits, budget: Budget) -> None:
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        zf = check_zip_layout(f, path, limits)
+    except UnsafePickleError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
         raise UnsafePickleError(f"{path}: unreadable zip ({type(e).__name__})") from None
     with zf:
         infos = zf.infolist()
-        if len(infos) > limits.max_zip_entries:
-            raise LimitExceeded(f"{path}: {len(infos)} zip records (Limits.max_zip_entries = {limits.max_zip_entries})")
         for i in infos:
             if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or (
                     i.compress_type == zipfile.ZIP_STORED and i.file_size != i.compress_size):
@@ -365,7 +375,11 @@ def _guard_legacy(f, limits: Limits, budget: Budget, path: Path) -> None:
     SafeUnpickler(f, TENSOR_GLOBALS, budget, limits, persistent=pid, where=where).load()
     keys = SafeUnpickler(f, {}, budget, limits, where=where).load()
     by_key = {s.key: s for s in storages}
-    if type(keys) is not list or sorted(map(str, keys)) != sorted(by_key) or len(keys) != len(by_key):
+    if type(keys) is not list or not all(type(k) is str for k in keys):  # atoms before any hash or comparison
+        bad = summary(keys) if type(keys) is not list else summary(next(k for k in keys if type(k) is not str))
+        raise UnsafePickleError(f"{where}: a storage key that is not a string ({bad}); torch reads storages by "
+                                "their string keys")
+    if len(keys) != len(by_key) or set(keys) != set(by_key):
         raise UnsafePickleError(f"{where}: the storage keys do not match the storages of the object")
     for key in keys:
         head = f.read(8)

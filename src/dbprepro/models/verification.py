@@ -134,8 +134,8 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
 def load_state_dict(path: str | Path, limits=None) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``.pt/.pth/.t7/.bin``).
 
-    Torch files are checked by :func:`.torch_guard.guard_torch_file` (size, zip records,
-    the pickle's structure: a bounded load) and then go through ``torch.load(...,
+    Torch files are checked by :func:`.torch_guard.guard_torch_file` (size, format by torch's
+    rule, zip layout and records, the pickle's structure: a bounded load) and then go through ``torch.load(...,
     map_location="cpu", weights_only=True)`` only; anything needing other globals (a code
     payload) is refused with a :class:`CheckpointError`.  ``limits``: the guard's
     :class:`.bounds.Limits` (default ones if None).  Common containers (``{"state_dict": ...}``,

@@ -62,17 +62,23 @@ def train_diffusion(input, output, params, wildcards) -> None:
 
 @stage
 def download_classifier(input, output, params, wildcards) -> None:
+    """The classifier file fetched to the rule's ``raw`` output (or placed there by hand) and checked against its
+    sha256 -- unpinned (``allow_unpinned``), the sha256 recorded on first use before the file is parsed --, read
+    by the guarded loader into the configured architecture, and saved as the model folder whose
+    ``config.json`` records the file's ``source`` (url, filename, ``sha256``, ``sha256_pinned``): the hash a
+    first use trusted is kept in a declared output, not only beside the download."""
     from ..models.checkpoints import download_url, load_state_dict, load_weights_into, trusted_sha256, verify_file
     from ..models.classifiers import build_classifier, save_classifier
 
     clf = params.classifier
     dl = clf["download"]
-    raw = download_url(dl["url"], dl["sha256"], Path(params.downloads) / dl["filename"],
-                       allow_unpinned=dl.get("allow_unpinned", False))
-    verify_file(raw, trusted_sha256(raw, dl["sha256"]))  # a pickle-format file: read only under a pinned or recorded hash
+    raw = download_url(dl["url"], dl["sha256"], Path(output.raw), allow_unpinned=dl.get("allow_unpinned", False))
+    sha = trusted_sha256(raw, dl["sha256"])
+    verify_file(raw, sha)  # a pickle-format file: read only under a pinned or recorded hash
     model = build_classifier(clf["arch"], **clf["kwargs"])
     load_weights_into(model, load_state_dict(raw))
-    save_classifier(model, clf["arch"], clf["kwargs"], output.model)
+    source = {"url": dl["url"], "filename": raw.name, "sha256": sha, "sha256_pinned": dl["sha256"] is not None}
+    save_classifier(model, clf["arch"], clf["kwargs"], output.model, source=source)
 
 
 @stage
