@@ -13,13 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
 SNAPSHOT = ROOT / "docs" / "results_tables"
 REPRODUCTION = ROOT / "docs" / "reproduction"  # the kept compare-runs check (dbprepro compare-runs --describe)
+REPLICATES = ROOT / "docs" / "replicates"  # the replicate seeds' tables kept beside the recorded run
 KNOWN_DVC_HASH = "40901a28ad303e6396563e3fcc50a39c.dir"  # `dvc add` of the folder of test_tables_hash_is_dvcs
 
 
 def test_the_tables_copy_is_the_recorded_runs_and_the_document_is_what_they_render_to():
     """Every number of docs/results.md: a cell of the recorded run's tables (a typed or edited number fails)."""
     assert tables_hash(SNAPSHOT) == recorded_tables_hash(ROOT / "dvc.lock")
-    assert DOC.read_text() == render_results(SNAPSHOT, recorded_tables_hash(ROOT / "dvc.lock"), REPRODUCTION)
+    assert DOC.read_text() == render_results(SNAPSHOT, recorded_tables_hash(ROOT / "dvc.lock"), REPRODUCTION,
+                                             REPLICATES)
 
 
 def test_tables_hash_is_dvcs(tmp_path):
@@ -41,7 +43,7 @@ def test_docs_results_has_no_hand_written_text(tmp_path):
 
     text = DOC.read_text()
     shutil.copy(SNAPSHOT / "claims.csv", tmp_path)  # the lead's prose counts the claims' rows
-    empty = render_results(tmp_path, stamped_hash(text), REPRODUCTION)  # the template with every other table missing
+    empty = render_results(tmp_path, stamped_hash(text), REPRODUCTION, REPLICATES)  # every other table missing
     template = [line for line in empty.splitlines() if line != "(not in this run)" and not line.startswith("|")]
     prose = [line for line in text.splitlines() if not line.startswith("|")]
     assert prose == template
@@ -176,3 +178,25 @@ def test_a_reproduction_check_of_another_run_is_not_shown(tmp_path):
     assert "secret 0.123" not in text and "of another recorded run" in text
     text = render_results(tmp_path, "1" * 32 + ".dir", tmp_path)
     assert "secret 0.123" in text and "Verdict: **reproduced within noise**" in text
+
+
+def test_kept_replicate_tables_are_shown_only_for_the_recorded_run(tmp_path):
+    import json
+
+    pd.DataFrame([dict(claim_id="p1_x", estimate_seed0="0.5", n_holds="2", verdict="holds")]).to_csv(
+        tmp_path / "claims_replicates.csv", index=False)
+    about = dict(recorded_tables_hash="1" * 32 + ".dir", command="snakemake --configfile config/replicates.yaml",
+                 main_seed=0, wall_seconds=1234, cores=2)
+    (tmp_path / "about.json").write_text(json.dumps(about))
+    shown = render_results(tmp_path / "none", "1" * 32 + ".dir", None, tmp_path)
+    assert "| p1_x " in shown and "took 1234 s of wall time on 2 cores" in shown
+    assert "| p1_x " not in render_results(tmp_path / "none", "2" * 32 + ".dir", None, tmp_path)
+
+
+def test_the_kept_replicate_seeds_extend_the_recorded_run():
+    """docs/replicates (the replicate seeds' claims_replicates table): made on top of the run dvc.lock records."""
+    import json
+
+    about = json.loads((REPLICATES / "about.json").read_text())
+    assert about["recorded_tables_hash"] == recorded_tables_hash(ROOT / "dvc.lock")
+    assert (REPLICATES / "claims_replicates.csv").is_file() and "## Every claim across replicate" in DOC.read_text()

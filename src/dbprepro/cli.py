@@ -284,9 +284,9 @@ def _cmd_results_doc(args: argparse.Namespace) -> int:
 
     if not Path(args.tables).is_dir():
         raise FileNotFoundError(f"{args.tables}: no tables (run the DAG, or `dbprepro pull` the recorded run)")
-    write_results_doc(args.tables, args.lock, args.out, args.snapshot or None, args.reproduction or None)
-    print(f"{args.out} written from {args.tables} (the run recorded in {args.lock})"
-          + (f", tables copied to {args.snapshot}" if args.snapshot else ""))
+    write_results_doc(args.tables, args.lock, args.out, args.snapshot or None, args.reproduction or None,
+                      args.replicates or None)
+    print(f"{args.out} written from {args.tables} (the run recorded in {args.lock}); tables copy: {args.snapshot!r}")
     return 0
 
 
@@ -355,13 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_command(sub)  # compare-runs: the reproduction check (dbprepro.reproduce)
     r = sub.add_parser("results-doc", help="write docs/results.md from the tables of the run recorded in dvc.lock")
-    r.add_argument("--tables", default="results/tables", help="[%(default)s]")
-    r.add_argument("--lock", default="dvc.lock", help="[%(default)s]")
-    r.add_argument("--out", default="docs/results.md", help="[%(default)s]")
+    for flag, default in (("--tables", "results/tables"), ("--lock", "dvc.lock"), ("--out", "docs/results.md")):
+        r.add_argument(flag, default=default, help="[%(default)s]")
     r.add_argument("--snapshot", default="docs/results_tables",
                    help="copy of the tables beside the document, checked against dvc.lock's hash first "
                         "('' for none) [%(default)s]")
     r.add_argument("--reproduction", default="docs/reproduction", help="kept compare-runs check [%(default)s]")
+    r.add_argument("--replicates", default="docs/replicates", help="kept replicate seeds' tables [%(default)s]")
     r.set_defaults(func=_cmd_results_doc)
 
     u = sub.add_parser("pull", help="dvc pull the recorded artifacts, check them against dvc.lock and let "

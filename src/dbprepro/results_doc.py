@@ -104,10 +104,13 @@ def stamped_hash(markdown: str) -> str | None:
     return m.group(1) if m else None
 
 
-def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str | Path | None = None) -> str:
+def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str | Path | None = None,
+                   replicates: str | Path | None = None) -> str:
     """The Markdown of every table of :data:`SECTIONS` found in ``tables_dir`` (a missing table is
     named as missing, never filled in) and of :data:`OPTIONAL_SECTIONS` present there, stamped with
-    ``tables_hash``; then the kept reproduction check in ``reproduction`` (:func:`reproduction_section`)."""
+    ``tables_hash``; then the kept reproduction check in ``reproduction`` (:func:`reproduction_section`).
+    An optional table missing from ``tables_dir`` is read from ``replicates`` (``docs/replicates``: the
+    replicate seeds' run kept beside the recorded one, :func:`kept_replicates`)."""
     tables_dir = Path(tables_dir)
     lines = ["# Results on the embedded default", "",
              "> **Generated - do not edit by hand.**  `dbprepro results-doc` wrote this file from the tables of the run",
@@ -116,10 +119,17 @@ def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str |
              "> files (the verdicts: `dbprepro.claims`).",
              ""]
     lines += verdict_lead(tables_dir / "claims.csv")
-    optional = [s for s in OPTIONAL_SECTIONS if (tables_dir / s[1]).is_file()]
+    kept = kept_replicates(Path(replicates), tables_hash) if replicates is not None else {}
+    optional = [s for s in OPTIONAL_SECTIONS if (tables_dir / s[1]).is_file() or s[1] in kept]
     for heading, name, columns, keep in [*SECTIONS[:1], *optional, *SECTIONS[1:]]:
         lines += [f"## {heading}", "", f"`results/tables/{name}`", ""]
         path = tables_dir / name
+        if not path.is_file() and name in kept:
+            path = kept[name]
+            about = json.loads((path.parent / "about.json").read_text())
+            lines += [f"Kept in `docs/replicates/` from `{about['command']}` on top of the recorded run (seed "
+                      f"{about['main_seed']} is that run; the other seeds took {about['wall_seconds']} s of wall "
+                      f"time on {about['cores']} cores).", ""]
         if not path.is_file():
             lines += ["(not in this run)", ""]
             continue
@@ -135,6 +145,15 @@ def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str |
     if reproduction is not None:
         lines += reproduction_section(Path(reproduction), tables_hash)
     return "\n".join(lines)
+
+
+def kept_replicates(folder: Path, tables_hash: str) -> dict[str, Path]:
+    """The optional tables kept in ``folder`` (``docs/replicates``), only while its ``about.json`` names the
+    run ``dvc.lock`` records as the one the replicate seeds extended."""
+    about = folder / "about.json"
+    if not about.is_file() or json.loads(about.read_text()).get("recorded_tables_hash") != tables_hash:
+        return {}
+    return {name: folder / name for _, name, _, _ in OPTIONAL_SECTIONS if (folder / name).is_file()}
 
 
 def reproduction_section(folder: Path, tables_hash: str) -> list[str]:
@@ -193,7 +212,8 @@ def tables_hash(folder: str | Path) -> str:
 
 
 def write_results_doc(tables_dir: str | Path, lock_path: str | Path, out: str | Path,
-                      snapshot: str | Path | None = None, reproduction: str | Path | None = None) -> str:
+                      snapshot: str | Path | None = None, reproduction: str | Path | None = None,
+                      replicates: str | Path | None = None) -> str:
     """Render the tables of ``tables_dir`` with the hash ``lock_path`` records and write ``out``;
     with ``snapshot``, first check that ``tables_dir`` is the recorded run's tables (its hash) and
     copy them there, replacing what was there."""
@@ -207,7 +227,7 @@ def write_results_doc(tables_dir: str | Path, lock_path: str | Path, out: str | 
         if snapshot.exists():
             shutil.rmtree(snapshot)
         shutil.copytree(tables_dir, snapshot)
-    text = render_results(tables_dir, recorded, reproduction)
+    text = render_results(tables_dir, recorded, reproduction, replicates)
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     return text
