@@ -192,11 +192,3 @@ def test_kept_replicate_tables_are_shown_only_for_the_recorded_run(tmp_path):
     assert "| p1_x " in shown and "took 1234 s of wall time on 2 cores" in shown
     assert "| p1_x " not in render_results(tmp_path / "none", "2" * 32 + ".dir", None, tmp_path)
 
-
-def test_the_kept_replicate_seeds_extend_the_recorded_run():
-    """docs/replicates (the replicate seeds' claims_replicates table): made on top of the run dvc.lock records."""
-    import json
-
-    about = json.loads((REPLICATES / "about.json").read_text())
-    assert about["recorded_tables_hash"] == recorded_tables_hash(ROOT / "dvc.lock")
-    assert (REPLICATES / "claims_replicates.csv").is_file() and "## Every claim across replicate" in DOC.read_text()

@@ -167,8 +167,9 @@ def reproduction_section(folder: Path, tables_hash: str) -> list[str]:
     about = json.loads(about_path.read_text())
     if about.get("recorded_tables_hash") != tables_hash:
         return lines + ["(the comparison in `docs/reproduction/` is of another recorded run: run "
-                        "`dbprepro compare-runs` again)", ""]
-    return lines + [f"`dbprepro compare-runs` (tolerances: [design.md](design.md#reproduction)): the recorded run "
+                        "`dbprepro compare-runs RECORDED NEW` again)", ""]
+    return lines + ["`dbprepro compare-runs RECORDED NEW` (tolerances: [design.md](design.md#reproduction)): "
+                    f"the recorded run "
                     f"against {about['new_run']} (its tables: DVC hash `{about['new_tables_hash']}`). "
                     f"Verdict: **{about['verdict']}**.", "", report.read_text().rstrip(), ""]
 
