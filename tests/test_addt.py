@@ -1,3 +1,4 @@
+import copy
 import math
 from types import SimpleNamespace
 
@@ -40,7 +41,9 @@ def parts(tiny_diffusion):
     clf = SmallCNN(width=8, hidden=16).eval()
     x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     y = torch.tensor([0, 1, 2, 3])
-    return tiny_diffusion[0], tiny_diffusion[1], clf, x0, y
+    # a trainable copy: the session's UNet is shared, and every purifier built on it freezes it
+    unet = copy.deepcopy(tiny_diffusion[0]).requires_grad_(True)
+    return unet, tiny_diffusion[1], clf, x0, y
 
 
 def test_cgpo_returns_rbgm_noise_and_leaves_the_weights_alone(parts):

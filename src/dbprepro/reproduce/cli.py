@@ -48,6 +48,7 @@ def write_about(path: Path, recorded: str, new: str, description: str, verdict: 
     the new run's, the description of the new run and the check's verdict."""
     import json
 
+    from ..io import write_text
     from ..results_doc import tables_hash
 
     def tables(run: str) -> Path:
@@ -55,7 +56,7 @@ def write_about(path: Path, recorded: str, new: str, description: str, verdict: 
 
     about = dict(recorded_tables_hash=tables_hash(tables(recorded)), new_tables_hash=tables_hash(tables(new)),
                  new_run=description, verdict=verdict)
-    path.write_text(json.dumps(about, indent=1, sort_keys=True) + "\n")
+    write_text(path, json.dumps(about, indent=1, sort_keys=True) + "\n")
     return about
 
 
