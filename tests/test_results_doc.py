@@ -192,3 +192,17 @@ def test_kept_replicate_tables_are_shown_only_for_the_recorded_run(tmp_path):
     assert "| p1_x " in shown and "took 1234 s of wall time on 2 cores" in shown
     assert "| p1_x " not in render_results(tmp_path / "none", "2" * 32 + ".dir", None, tmp_path)
 
+
+
+def test_the_kept_replicate_table_extends_the_recorded_run():
+    """docs/replicates (the 3-seed run of config/replicates.yaml): about.json names the run dvc.lock records, and
+    the results doc shows its table with the measured wall time."""
+    import json
+
+    about = json.loads((REPLICATES / "about.json").read_text())
+    assert about["recorded_tables_hash"] == recorded_tables_hash(ROOT / "dvc.lock")
+    assert about["seeds"] == [0, 1, 2] and about["wall_seconds"] > 0
+    section = DOC.read_text().split("`results/tables/claims_replicates.csv`")[1]
+    assert f"took {about['wall_seconds']} s of wall time" in section
+    first = (REPLICATES / "claims_replicates.csv").read_text().splitlines()[1].split(",")[0]
+    assert first in section

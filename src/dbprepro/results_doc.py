@@ -129,7 +129,7 @@ def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str |
             about = json.loads((path.parent / "about.json").read_text())
             lines += [f"Kept in `docs/replicates/` from `{about['command']}` on top of the recorded run (seed "
                       f"{about['main_seed']} is that run; the other seeds took {about['wall_seconds']} s of wall "
-                      f"time on {about['cores']} cores).", ""]
+                      f"time on {about['cores']} cores{'; ' + about['note'] if about.get('note') else ''}).", ""]
         if not path.is_file():
             lines += ["(not in this run)", ""]
             continue
