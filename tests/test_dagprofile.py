@@ -1,10 +1,13 @@
 """dbprepro.dagprofile on a planted Snakemake log and provenance records with known answers."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from dbprepro.dagprofile import by_rule, critical_path, parse_snakemake_log, profile_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LOG = """Select jobs to execute...
 [Mon Dec  7 01:00:00 2026]
@@ -78,3 +81,14 @@ def test_the_profile_of_a_planted_run(tmp_path):
     assert (s["idle_head"], s["idle_body"], s["idle_tail"]) == (10, 20, 0)
     rules = by_rule(table).set_index("rule")
     assert rules.loc["train", "compute"] == pytest.approx(40 - 3 - 1) and rules.loc["side", "startup"] == 0
+
+
+def test_the_performance_docs_profile_table_is_generated_from_the_kept_profiles():
+    """docs/performance.md's dag-profile table is `python benchmarks/dag_profile.py doc` of docs/performance/."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dag_profile", ROOT / "benchmarks" / "dag_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.KEPT.exists(), "no kept profile: python benchmarks/dag_profile.py keep LABEL RUN_DIR --note ..."
+    assert mod.rendered() in mod.DOC.read_text()

@@ -6,15 +6,18 @@ Read from a finished run's own files, nothing re-run:
   threads, inputs and outputs.  A job depends on another when one of its inputs is (or lies inside)
   one of the other's outputs.
 - the job's provenance record (``results/provenance/<rule>/...json``, :func:`dbprepro.runtime.write_job_provenance`):
-  ``seconds`` of stage code, and ``timing``: ``startup_seconds`` (process start to the stage's code:
-  the interpreter and the imports of ``workflow/scripts/stage.py``), ``import_seconds`` (the stage's own
-  lazy imports: torch, diffusers, ...), ``load_seconds`` (model loaders).  In-process jobs (merges,
+  ``seconds`` of stage code, and ``timing``: ``startup_seconds`` (from the process's start or, in a
+  warm worker, from the job's hand-over to the stage's code: imports, logging set-up, the provenance
+  probe), ``import_seconds`` (the stage's own lazy imports: torch, diffusers, ...), ``load_seconds`` (model loaders).  In-process jobs (merges,
   tables, figures run inside Snakemake) have no start-up of their own.
 
 Definitions (:func:`profile_run`):
 
-``startup``        ``startup_seconds + import_seconds`` of a job: what a fresh process pays before
-                   its work (model loads are shown apart, in ``loads``)
+``startup``        ``startup_seconds + import_seconds`` of a job: what it pays before its work, from its
+                   process's creation or (a warm worker) its hand-over to the stage's first line,
+                   and its lazy imports (model loads are shown apart, in ``loads``)
+``outside``        a job's wall time by Snakemake's stamps minus its start-up and its stage: Snakemake's
+                   own work for the job (set-up, output checks) and a process's exit
 ``startup share``  the sum of ``startup`` over the sum of job wall times (Snakemake's stamps)
 ``critical path``  the longest chain of dependent jobs, by their wall times: the run cannot be shorter
 ``idle``           ``cores x wall - sum(threads x job wall)`` in core-seconds, split into the head
@@ -114,10 +117,12 @@ def job_table(jobs: list[Job], provenance_dir: str | Path | None = None) -> pd.D
         if t.get("in_process"):
             startup = 0.0
         stage = t.get("stage_seconds", float("nan"))
+        outside = 0.0 if t.get("in_process") else (j.end - j.start) - t.get("startup_seconds", float("nan")) - stage
         rows.append(dict(jobid=j.jobid, rule=j.rule, wildcards=j.wildcards, start=j.start, end=j.end,
                          wall=j.end - j.start, threads=j.threads, in_process=bool(t.get("in_process", False)),
                          startup=startup, loads=t.get("load_seconds", float("nan")),
-                         compute=stage - t.get("import_seconds", 0.0) - t.get("load_seconds", 0.0)))
+                         compute=stage - t.get("import_seconds", 0.0) - t.get("load_seconds", 0.0),
+                         outside=outside))
     return pd.DataFrame(rows).sort_values("start", kind="stable").reset_index(drop=True)
 
 
@@ -186,6 +191,7 @@ def profile_run(workdir: str | Path, cores: int = 2, log: str | Path | None = No
     startup = float(own["startup"].sum(min_count=1))  # NaN: the run's provenance has no timing
     summary = dict(jobs=len(table), process_jobs=len(own), wall_seconds=idle["wall"],
                    job_seconds=float(table["wall"].sum()), startup_seconds=startup,
+                   outside_seconds=float(own["outside"].sum(min_count=1)),
                    load_seconds=float(own["loads"].sum(min_count=1)),
                    startup_share=startup / float(table["wall"].sum()) if table["wall"].sum() else float("nan"),
                    critical_path_seconds=length,
@@ -201,3 +207,15 @@ def by_rule(table: pd.DataFrame) -> pd.DataFrame:
                                   loads=("loads", "sum"), compute=("compute", "sum"))
     g["startup_share"] = g["startup"] / g["wall"].where(g["wall"] > 0)
     return g.sort_values("wall", ascending=False).reset_index()
+
+
+def profile_markdown(runs: dict[str, dict]) -> str:
+    """A Markdown table of run summaries (:func:`profile_run`), one row per labelled run."""
+    head = ("| run | wall (min) | jobs (own process / worker) | job time (s) | start-up (s, share of job time) | "
+            "outside the stage (s) | critical path (s) | idle core-s |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for label, s in runs.items():
+        rows.append(f"| {label} | {s['wall_seconds'] / 60:.1f} | {int(s['jobs'])} ({int(s['process_jobs'])}) | "
+                    f"{s['job_seconds']:.0f} | {s['startup_seconds']:.0f} ({100 * s['startup_share']:.1f} %) | "
+                    f"{s['outside_seconds']:.0f} | {s['critical_path_seconds']:.0f} | {s['idle_core_seconds']:.0f} |")
+    return head + "\n".join(rows) + "\n"

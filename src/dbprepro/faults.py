@@ -6,6 +6,7 @@
 
     DBPREPRO_FAULT="attack:shard=1:oom"              # every attack job of shard 1 runs out of memory
     DBPREPRO_FAULT="attack:setting=dwbox,shard=1:hang"
+    DBPREPRO_FAULT="attack:shard=1:crash"
 
 Actions:
 
@@ -13,6 +14,9 @@ Actions:
     the stage raises :class:`MemoryError` ("simulated out of memory") right after its start-up,
     like a GPU or host OOM in that one job: the job fails, Snakemake shows its log, other jobs
     continue under ``--keep-going``.
+``crash``
+    the job's process ends at once (``os._exit(137)``, the exit code of a SIGKILL), like a job killed by
+    the kernel's out-of-memory killer: no exception, no traceback, no result.
 ``hang``
     the job writes its first output file (through :mod:`dbprepro.io`) and then stops making
     progress (sleeps up to :data:`HANG_SECONDS`, then fails), leaving a job that is half done, to
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 
 ENV = "DBPREPRO_FAULT"
-ACTIONS = ("oom", "hang")
+ACTIONS = ("oom", "hang", "crash")
 HANG_SECONDS = 600.0
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,10 @@ def arm(rule: str, wildcards: dict) -> None:
     log.warning("%s=%r: injecting %s into this job (a test run)", ENV, spec, ", ".join(sorted(_armed)))
     if "oom" in _armed:
         raise MemoryError(f"simulated out of memory in rule {rule} {wc} ({ENV}={spec!r})")
+    if "crash" in _armed:
+        for h in logging.getLogger("dbprepro").handlers:
+            h.flush()
+        os._exit(137)
 
 
 def after_write(path: Path) -> None:

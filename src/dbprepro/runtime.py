@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -102,16 +104,53 @@ def timed_load(fn):
     return wrapper
 
 
-def setup_logging(logfile: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to ``logfile`` (or stderr): time, level, logger, message.  With a log file, stderr is
-    redirected into it too, so tqdm progress bars and warnings land in the rule's log."""
+@contextlib.contextmanager
+def job_logging(logfile: str | Path | None = None, level: int = logging.INFO) -> Iterator[None]:
+    """During one job: the package's log records (time, level, logger, message) go to ``logfile`` (or
+    stderr), and so does ``sys.stderr`` itself, so tqdm progress bars, warnings and tracebacks land in
+    the rule's log.  Everything is restored afterwards: a warm worker or a Snakemake process runs
+    many jobs (:mod:`dbprepro.pipeline.workers`)."""
+    saved_stderr = sys.stderr
+    stream = saved_stderr
     if logfile:
-        # the stage's log file gets everything: logging, tqdm bars, warnings, tracebacks
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
-        sys.stderr = open(logfile, "a", buffering=1)  # noqa: SIM115 - lives as long as the job
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        stream = open(logfile, "a", buffering=1)  # noqa: SIM115 - closed below
+        sys.stderr = stream
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger("dbprepro")
+    saved = pkg.level, pkg.propagate
+    pkg.addHandler(handler)
+    pkg.setLevel(level)
+    pkg.propagate = False
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(saved[0])
+        pkg.propagate = saved[1]
+        sys.stderr = saved_stderr
+        if stream is not saved_stderr:
+            stream.close()
+
+
+def peak_rss_reset() -> None:
+    """Reset this process's peak resident memory (Linux: VmHWM), so :func:`peak_rss_mib` measures one job."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process since :func:`peak_rss_reset` in MiB (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # libraries whose versions can change numbers (recorded in every provenance record)
@@ -211,6 +250,12 @@ def provenance_path(rule: str, wildcards: dict, outputs) -> Path:
     return root / "provenance" / rule / f"{wc}.json" if wc else root / "provenance" / f"{rule}.json"
 
 
+def _names(items) -> dict[str, list]:
+    """A Snakemake Namedlist's names, ``{name: [start, end or None]}``, to rebuild it; ``{}`` for a plain list."""
+    get = getattr(items, "_get_names", None)
+    return {name: list(span) for name, span in get()} if get else {}
+
+
 def write_job_provenance(path: Path, *, rule: str, wildcards: dict, params, inputs, outputs, started: float,
                          seconds: float, in_process: bool, timing: dict | None = None) -> dict[str, Any]:
     """Write (atomically) the provenance record of a finished job: what ran (rule, wildcards,
@@ -239,6 +284,8 @@ def write_job_provenance(path: Path, *, rule: str, wildcards: dict, params, inpu
         "params": {k: v for k, v in params.items()},
         "inputs": [str(p) for p in inputs],
         "outputs": {str(p): _digest(Path(str(p))) for p in outputs},
+        "input_names": _names(inputs),  # the rule's names of its inputs and outputs: {name: [start, end]}
+        "output_names": _names(outputs),
     }
     write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return record

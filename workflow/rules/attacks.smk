@@ -27,10 +27,8 @@ rule attack:
         gpu=1,
         mem_mb=16000,
         runtime="12h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule merge_attack:

@@ -215,10 +215,33 @@ def paper2_targets():
     ]
 
 
+def _local_scheduler():
+    """Is this the Snakemake process that schedules a local run?  Then heavy jobs go to its warm
+    workers (dbprepro.pipeline.workers); a cluster job or a spawned `run:` subprocess runs its stage itself."""
+    from snakemake_interface_executor_plugins.settings import ExecMode
+
+    return getattr(workflow, "exec_mode", None) == ExecMode.DEFAULT and getattr(workflow, "local_exec", False)
+
+
+def _cores():
+    try:
+        return int(workflow.cores)
+    except Exception:  # no --cores (a dry run): the pool sizes itself by the machine
+        return None
+
+
+def run_heavy_stage(name, input, output, params, wildcards, logfiles, threads):
+    """Run a heavy stage (training, attacks, evaluations): in a warm worker process of this Snakemake
+    process in a local run (force-use-threads, set by profiles/default), in this process on a cluster node."""
+    from dbprepro.pipeline.workers import run_heavy
+
+    run_heavy(name, input, output, params, wildcards, logfiles, threads, _cores(), _local_scheduler())
+
+
 def run_light_stage(name, input, output, params, wildcards, logfiles):
     """Run a cheap stage (merges, tables, figures) inside the Snakemake process: no interpreter
     start-up per job when `run:` jobs run in threads (force-use-threads, set by profiles/default
-    and profiles/slurm).  Heavy stages run through workflow/scripts/stage.py in their own process."""
+    and profiles/slurm).  Heavy stages: run_heavy_stage."""
     from dbprepro.pipeline import run_stage_inline
 
     run_stage_inline(name, input, output, params, wildcards, logfiles)

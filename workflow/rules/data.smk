@@ -16,10 +16,8 @@ if config["data"]["dataset"] == "cifar10":
         resources:
             mem_mb=4000,
             runtime="30m",
-        conda:
-            "../../envs/dbprepro.yaml"
-        script:
-            "../scripts/stage.py"
+        run:
+            run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule prepare_data:
@@ -38,7 +36,5 @@ rule prepare_data:
     resources:
         mem_mb=4000,
         runtime="20m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)

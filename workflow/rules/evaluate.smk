@@ -24,10 +24,8 @@ rule evaluate_clean:
         gpu=1,
         mem_mb=8000,
         runtime="2h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule gradient_modes:
@@ -60,7 +58,5 @@ rule gradient_modes:
         gpu=1,
         mem_mb=8000,
         runtime="1h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)

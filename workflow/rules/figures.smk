@@ -30,10 +30,8 @@ rule loss_landscape:
         gpu=1,
         mem_mb=8000,
         runtime="2h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule figure_p1_fig1_attack_trajectories:
@@ -136,10 +134,8 @@ rule rbgm_samples:
     resources:
         mem_mb=4000,
         runtime="30m",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule figure_p1_fig5_rbgm:

@@ -23,10 +23,8 @@ if config["classifier"]["source"] == "train":
             gpu=1,
             mem_mb=4000,
             runtime="2h",
-        conda:
-            "../../envs/dbprepro.yaml"
-        script:
-            "../scripts/stage.py"
+        run:
+            run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 else:
 
@@ -43,10 +41,8 @@ else:
         resources:
             mem_mb=4000,
             runtime="30m",
-        conda:
-            "../../envs/dbprepro.yaml"
-        script:
-            "../scripts/stage.py"
+        run:
+            run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 if config["diffusion"]["source"] == "train":
@@ -69,10 +65,8 @@ if config["diffusion"]["source"] == "train":
             gpu=1,
             mem_mb=8000,
             runtime="4h",
-        conda:
-            "../../envs/dbprepro.yaml"
-        script:
-            "../scripts/stage.py"
+        run:
+            run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 else:
 
@@ -88,10 +82,8 @@ else:
         resources:
             mem_mb=4000,
             runtime="30m",
-        conda:
-            "../../envs/dbprepro.yaml"
-        script:
-            "../scripts/stage.py"
+        run:
+            run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule download_network:
@@ -111,10 +103,8 @@ rule download_network:
     resources:
         mem_mb=8000,
         runtime="1h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule train_addt:
@@ -144,7 +134,5 @@ rule train_addt:
         gpu=1,
         mem_mb=16000,
         runtime="48h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)

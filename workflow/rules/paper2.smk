@@ -57,10 +57,8 @@ rule p2_lp_distances:
         gpu=1,
         mem_mb=4000,
         runtime="1h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule figure_p2_fig1_lp_distance:
@@ -124,10 +122,8 @@ rule p2_randomness:
         gpu=1,
         mem_mb=4000,
         runtime="2h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule figure_p2_fig2_randomness_correlation:
@@ -214,10 +210,8 @@ rule p2_compression:
         gpu=1,
         mem_mb=4000,
         runtime="2h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule table_p2_compression:

@@ -34,10 +34,8 @@ rule sanity:
         gpu=1,
         mem_mb=16000,
         runtime="12h",
-    conda:
-        "../../envs/dbprepro.yaml"
-    script:
-        "../scripts/stage.py"
+    run:
+        run_heavy_stage(rule, input, output, params, wildcards, log, threads)
 
 
 rule table_sanity:

@@ -1,9 +1,9 @@
 """The stages of the Snakemake DAG: one module per rule file, one function per rule.
 
 A rule ``R`` in ``workflow/rules/<file>.smk`` runs the function ``R`` of
-``dbprepro/pipeline/<file>.py`` (tested): heavy rules through ``workflow/scripts/stage.py``
-(:func:`run_stage`, in the job's own process), light ones (merges, tables, figures) in Snakemake's
-process (:func:`run_stage_inline`).  Each stage is a thin adapter from the rule's ``input`` /
+``dbprepro/pipeline/<file>.py`` (tested): heavy rules through ``run_heavy_stage`` (a warm worker
+process in a local run, :mod:`~dbprepro.pipeline.workers`; the job's own process on a cluster), light
+ones (merges, tables, figures) in Snakemake's process (:func:`run_stage_inline`).  Each stage is a thin adapter from the rule's ``input`` /
 ``output`` / ``params`` to the concept packages (data, models, purifiers, attacks, addt, paper1,
 paper2); ``run.py`` holds what happens around every stage (logging, provenance, temporaries).
 """

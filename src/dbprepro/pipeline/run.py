@@ -2,7 +2,8 @@
 around the stage function, in a job's own process (:func:`run_stage`) or inside Snakemake's
 (:func:`run_stage_inline`, the light stages).
 
-``workflow/scripts/stage.py`` calls :func:`run_stage` with Snakemake's ``snakemake`` object; the
+Heavy stages run through :func:`run_stage_here` (from :mod:`dbprepro.pipeline.workers`), or
+:func:`run_stage` for a ``script:`` rule of one's own workflow (Snakemake's ``snakemake`` object); the
 rule's name selects the stage.  Stages read settings only from ``params`` (never from the whole
 config), so Snakemake's params trigger reruns exactly the jobs a changed setting affects.
 """
@@ -36,26 +37,40 @@ def stage_name(rule: str) -> str:
 
 
 def run_stage(smk: Any) -> None:
-    """Entry point of ``workflow/scripts/stage.py``: logging, torch set-up, then the stage.
+    """Run the stage of a ``script:`` rule (a script that calls ``run_stage(snakemake)``): this process is
+    the job's own; its start-up counts from the process's creation."""
+    created = time.time() - process_age()
+    run_stage_here(smk.rule, smk.input, smk.output, smk.params, smk.wildcards, smk.log[0] if smk.log else None,
+                   smk.threads, started=created)
 
-    Around every stage (also the in-process ones, :func:`run_stage_inline`): temporaries that a
+
+def run_stage_here(rule: str, input, output, params, wildcards, logfile, threads, started: float,
+                   worker: int | None = None) -> None:
+    """Run a heavy stage in this process as a job of its own: logging to ``logfile``, the job's torch
+    threads and determinism flags, then the stage.
+
+    Around every stage (also the in-process light ones, :func:`run_stage_inline`): temporaries that a
     killed earlier attempt left beside the outputs are removed, a failure is logged with its
     traceback before it propagates (Snakemake shows the log), and on success a provenance record
     is written to ``results/provenance/<rule>/<wildcards>.json`` (see
-    :func:`dbprepro.runtime.write_job_provenance`)."""
-    startup = process_age()  # interpreter start and the imports of workflow/scripts/stage.py, before any stage code
-    from ..runtime import IMPORTS, configure_torch, provenance, setup_logging
+    :func:`dbprepro.runtime.write_job_provenance`).  ``started``: when the job's process was created
+    or (a warm worker, :mod:`dbprepro.pipeline.workers`) the job was handed to it; everything until
+    the stage's first line is the job's start-up."""
+    from ..runtime import IMPORTS, configure_torch, job_logging, peak_rss_reset, provenance
 
-    setup_logging(smk.log[0] if smk.log else None)
-    name = stage_name(smk.rule)
+    name = stage_name(rule)
     if name not in STAGES:
         raise KeyError(f"no dbprepro stage for rule {name!r}; known: {', '.join(sorted(STAGES))}")
-    configure_torch(threads=smk.threads, deterministic=smk.params.get("deterministic", True))
-    log.info("stage %s: wildcards %s", name, dict(smk.wildcards))
-    log.info("provenance %s", json.dumps(provenance(), sort_keys=True))
-    log.info("start-up %.2f s from process start to the stage's code", startup)
-    IMPORTS.install()  # the stage's own (lazy) imports are timed apart from its compute
-    _run_job(name, smk.input, smk.output, smk.params, smk.wildcards, in_process=False, startup=startup)
+    with job_logging(logfile):
+        configure_torch(threads=threads, deterministic=params.get("deterministic", True))
+        where = f" (warm worker pid {worker})" if worker else ""
+        log.info("stage %s: wildcards %s%s", name, dict(wildcards), where)
+        log.info("provenance %s", json.dumps(provenance(), sort_keys=True))
+        IMPORTS.install()  # the stage's own (lazy) imports are timed apart from its compute
+        peak_rss_reset()
+        startup = max(0.0, time.time() - started)
+        log.info("start-up %.2f s to the stage's code", startup)
+        _run_job(name, input, output, params, wildcards, in_process=False, startup=startup, worker=worker)
 
 
 #: modules whose import dominates a job's start-up (recorded per job: which ones the job imported)
@@ -70,10 +85,11 @@ def process_age() -> float:
     return max(0.0, time.time() - psutil.Process().create_time())
 
 
-def _run_job(name: str, input, output, params, wildcards, in_process: bool, startup: float = 0.0) -> None:
+def _run_job(name: str, input, output, params, wildcards, in_process: bool, startup: float = 0.0,
+             worker: int | None = None) -> None:
     from .. import faults
     from ..io import remove_stale_temporaries
-    from ..runtime import IMPORTS, LOADS, provenance_path, write_job_provenance
+    from ..runtime import IMPORTS, LOADS, peak_rss_mib, provenance_path, write_job_provenance
 
     record = provenance_path(name, wildcards, output)
     record.unlink(missing_ok=True)  # a record present always describes the outputs present
@@ -92,6 +108,8 @@ def _run_job(name: str, input, output, params, wildcards, in_process: bool, star
     timing = dict(startup_seconds=round(startup, 3), load_seconds=round(LOADS.seconds - loads_before, 3),
                   import_seconds=round(IMPORTS.seconds - imports_before, 3) if IMPORTS.installed else 0.0,
                   heavy_modules=[m for m in HEAVY_MODULES if m in sys.modules] if not in_process else [])
+    if not in_process:
+        timing.update(worker_pid=worker, peak_rss_mib=peak_rss_mib())
     write_job_provenance(record, rule=name, wildcards=wildcards, params=params, inputs=input, outputs=output,
                          started=started, seconds=seconds, in_process=in_process, timing=timing)
     log.info("stage %s finished in %.1f s; provenance in %s", name, seconds, record)
