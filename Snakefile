@@ -36,6 +36,10 @@ include: "workflow/rules/reproduce.smk"  # compare_runs: an explicit target, not
 include: "workflow/rules/replicates.smk"  # replicates.seeds: a module per extra seed
 
 
+onstart:
+    warm_workers()  # heavy jobs run in warm worker processes (dbprepro.pipeline.workers); start them now
+
+
 rule all:
     default_target: True
     localrule: True

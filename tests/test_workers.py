@@ -60,6 +60,7 @@ def test_a_new_interpreter_seeds_torchs_generator_at_random():
 def test_a_warm_worker_serves_jobs_in_one_process_with_the_bytes_of_a_fresh_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pool = workers.Pool(1)
+    pool.warm()  # the worker starts before the first job (Snakemake's onstart) and serves it
     try:
         pids = [pool.run(*_args(f"w{k}", log=str(tmp_path / f"w{k}.log"))) for k in range(2)]
     finally:

@@ -238,6 +238,13 @@ def run_heavy_stage(name, input, output, params, wildcards, logfiles, threads):
     run_heavy(name, input, output, params, wildcards, logfiles, threads, _cores(), _local_scheduler())
 
 
+def warm_workers():
+    """Snakemake's onstart (Snakefile): start the warm workers while Snakemake starts the first jobs."""
+    from dbprepro.pipeline.workers import warm
+
+    warm(_cores(), _local_scheduler())
+
+
 def run_light_stage(name, input, output, params, wildcards, logfiles):
     """Run a cheap stage (merges, tables, figures) inside the Snakemake process: no interpreter
     start-up per job when `run:` jobs run in threads (force-use-threads, set by profiles/default

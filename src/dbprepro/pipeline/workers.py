@@ -105,10 +105,21 @@ class Pool:
 
     def __init__(self, size: int, fresh: bool = False):
         self.size, self.fresh = max(1, int(size)), fresh
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        # last in, first out: a job takes the worker that finished last, a started one before an empty slot
+        self._free: queue.LifoQueue = queue.LifoQueue()
         for _ in range(self.size):
-            self._free.put(None)  # a slot; its worker starts on first use
+            self._free.put(None)  # a slot; its worker starts on first use (or on warm())
         self._context = multiprocessing.get_context("spawn")
+
+    def warm(self) -> None:
+        """Start every slot's worker now, in the background (their imports overlap Snakemake's start)."""
+        slots = [self._free.get() for _ in range(self.size)]
+        for k, executor in enumerate(slots):
+            if executor is None:
+                executor = slots[k] = self._new()
+                executor.submit(int)  # spawns the process and runs its initializer
+        for executor in slots:
+            self._free.put(executor)
 
     def _new(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_initialise,
@@ -148,6 +159,13 @@ def pool(size: int) -> Pool:
         if _POOL is None:
             _POOL = Pool(size, fresh=mode() == "fresh")
         return _POOL
+
+
+def warm(cores: int | None, local_scheduler: bool) -> None:
+    """Start the warm workers before the first job (Snakemake's ``onstart``) in the process that
+    schedules a local run; elsewhere nothing."""
+    if local_scheduler and mode() != "off":
+        pool(cores or os.cpu_count() or 1).warm()
 
 
 def run_heavy(name: str, input, output, params, wildcards, logfiles, threads: int, cores: int | None,
