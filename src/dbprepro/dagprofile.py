@@ -192,6 +192,7 @@ def profile_run(workdir: str | Path, cores: int = 2, log: str | Path | None = No
     summary = dict(jobs=len(table), process_jobs=len(own), wall_seconds=idle["wall"],
                    job_seconds=float(table["wall"].sum()), startup_seconds=startup,
                    outside_seconds=float(own["outside"].sum(min_count=1)),
+                   compute_seconds=float(table["compute"].sum(min_count=1)),
                    load_seconds=float(own["loads"].sum(min_count=1)),
                    startup_share=startup / float(table["wall"].sum()) if table["wall"].sum() else float("nan"),
                    critical_path_seconds=length,
@@ -211,11 +212,12 @@ def by_rule(table: pd.DataFrame) -> pd.DataFrame:
 
 def profile_markdown(runs: dict[str, dict]) -> str:
     """A Markdown table of run summaries (:func:`profile_run`), one row per labelled run."""
-    head = ("| run | wall (min) | jobs (own process / worker) | job time (s) | start-up (s, share of job time) | "
-            "outside the stage (s) | critical path (s) | idle core-s |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| run | wall (min) | jobs (heavy) | job time (s) | start-up (s, share of job time) | stage compute (s) | "
+            "outside the stage (s) | critical path (s) | idle core-s |\n|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for label, s in runs.items():
         rows.append(f"| {label} | {s['wall_seconds'] / 60:.1f} | {int(s['jobs'])} ({int(s['process_jobs'])}) | "
                     f"{s['job_seconds']:.0f} | {s['startup_seconds']:.0f} ({100 * s['startup_share']:.1f} %) | "
+                    f"{s['compute_seconds']:.0f} | "
                     f"{s['outside_seconds']:.0f} | {s['critical_path_seconds']:.0f} | {s['idle_core_seconds']:.0f} |")
     return head + "\n".join(rows) + "\n"

@@ -12,6 +12,14 @@
   strongest single run; :mod:`.waterfall_figure` draws it.
 """
 
-from .landscape import compute_landscapes, grid_axis, landscape_for_image, loss_landscape, plane_directions
-
 __all__ = ["compute_landscapes", "grid_axis", "landscape_for_image", "loss_landscape", "plane_directions"]
+
+
+def __getattr__(name: str):
+    """The landscape functions, imported on first use: :mod:`.landscape` needs torch, and the light stages
+    (tables, figures) that import this package's other modules do not (tests/test_light_stages.py)."""
+    if name in __all__:
+        from . import landscape
+
+        return getattr(landscape, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

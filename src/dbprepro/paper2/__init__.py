@@ -9,11 +9,20 @@
   with this package, so the analysis stages do not load matplotlib).
 """
 
-from .compression import (compression_models_table, compression_rate, compression_table, run_compression,
-                          sample_perturbations)
-from .distances import run_lp_distances, summarise_distances
-from .dominance import correlation_matrix, mean_off_diagonal, run_randomness
+#: each exported name and its module, imported on first use: the analyses need torch, and the light stages
+#: (tables, figures) that import this package's other modules do not (tests/test_light_stages.py)
+_EXPORTS = {"compression_models_table": "compression", "compression_rate": "compression",
+            "compression_table": "compression", "run_compression": "compression",
+            "sample_perturbations": "compression", "run_lp_distances": "distances",
+            "summarise_distances": "distances", "correlation_matrix": "dominance", "mean_off_diagonal": "dominance",
+            "run_randomness": "dominance"}
 
-__all__ = ["compression_models_table", "compression_rate", "compression_table", "correlation_matrix",
-           "mean_off_diagonal", "run_compression", "run_lp_distances", "run_randomness", "sample_perturbations",
-           "summarise_distances"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

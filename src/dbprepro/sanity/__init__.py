@@ -13,7 +13,16 @@ A flag is a finding of the evaluation, reported as it is.
 
 from .checks import CHECKS, FLAG, PASS, Check, iterations_check, not_stronger_check, paired_excess, sweep_check, \
     unbounded_check
-from .plan import battery_jobs, comparison_runs, transfer_sources
 
 __all__ = ["CHECKS", "FLAG", "PASS", "Check", "battery_jobs", "comparison_runs", "iterations_check",
            "not_stronger_check", "paired_excess", "sweep_check", "transfer_sources", "unbounded_check"]
+
+
+def __getattr__(name: str):
+    """The plan's functions, imported on first use: the plan reads the attack registry (torch), and the
+    battery's table and figure (light stages, tests/test_light_stages.py) do not need it."""
+    if name in ("battery_jobs", "comparison_runs", "transfer_sources"):
+        from . import plan
+
+        return getattr(plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
