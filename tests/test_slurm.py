@@ -1,9 +1,10 @@
 """profiles/slurm end to end: the smoke DAG submitted through sbatch to a real SLURM cluster.
 
 In CI that cluster is the single node set up by ``scripts/slurm_local.sh`` (run by ``.ci/run``); the
-profile is used as shipped except for the few values in ``LOCAL_OVERRIDES`` below. The run must
-reproduce the local run (fixture ``smoke_run``) byte for byte, and ``dbprepro compare-runs`` on the
-two result trees must report every table, attack run and claim identical.
+profile is used as shipped except for the few values in ``LOCAL_OVERRIDES`` below. It builds
+``SLURM_TARGETS`` (every kind of heavy job, a merge and a table); every file it writes must be the local
+run's (fixture ``smoke_run``, heavy jobs in warm workers) byte for byte, and ``dbprepro compare-runs``
+must report every table and attack run identical.
 """
 
 import os
@@ -17,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from smoke import ROOT, read_tables, snakemake
+from smoke import ROOT, snakemake
 
 PROFILE = ROOT / "profiles" / "slurm" / "profile.yaml"
 
@@ -34,6 +35,11 @@ LOCAL_OVERRIDES = {
 # default-resources keys removed: the placeholder account CHANGE_ME would be refused (and
 # --slurm-no-account does not remove an account given as a resource in plugin 2.8.0).
 DROP_DEFAULT_RESOURCES = ("slurm_account",)
+# What the sbatch run builds: every kind of heavy job (data, classifier, DDPM, the ADDT variants, clean evaluations of
+# every defense, attack shards) and the local ones (merge, a table), about 25 of the smoke DAG's 170 jobs; the whole DAG
+# through sbatch took 13 of CI's 33 minutes and proves nothing more about submission (issue 26)
+SLURM_TARGETS = ("results/tables/clean_accuracy.csv", "results/attacks/vanilla/linf/whitebox/pgd/records.parquet",
+                 "results/attacks/addt/linf/dwbox/pgd/records.parquet")
 PARTITION_ENV = {"cpu": "DBPREPRO_TEST_SLURM_CPU_PARTITION", "gpu": "DBPREPRO_TEST_SLURM_GPU_PARTITION"}
 
 
@@ -132,7 +138,7 @@ def test_smoke_dag_through_sbatch_reproduces_local_run(slurm_cluster, smoke_run,
             f"create it (scripts/slurm_local.sh) or set {PARTITION_ENV['cpu']}/{PARTITION_ENV['gpu']}")
 
     workdir = tmp_path / "run"
-    r = snakemake(workdir, "--workflow-profile", str(tmp_path / "profile"), timeout=3600)
+    r = snakemake(workdir, *SLURM_TARGETS, "--workflow-profile", str(tmp_path / "profile"), timeout=3600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-8000:]
     assert "Using workflow specific profile" in out and str(tmp_path / "profile") in out
@@ -176,17 +182,27 @@ def test_smoke_dag_through_sbatch_reproduces_local_run(slurm_cluster, smoke_run,
         assert f"rule {rule}:" in text and "Finished job" in text, where
     assert seen == remote, (seen, remote)
 
-    # the same numbers as the local run, to the byte
-    local, cluster = read_tables(smoke_run), read_tables(workdir)
-    assert local and sorted(cluster) == sorted(local)
-    differ = [name for name in local if cluster[name] != local[name]]
-    assert not differ, f"tables differ between local and SLURM runs: {differ}"
-    # and the reproduction check says so: every table, attack run and claim identical (dbprepro compare-runs)
+    # every file the cluster run wrote is the local run's (warm workers), to the byte: data, models, evaluations,
+    # attack shards and merged runs, the table
+    # (not the resume checkpoints of training: torch.save names its zip records after the temporary file, and the
+    # training history in them has wall-clock seconds; the models they lead to are compared)
+    produced = [p for p in (workdir / "results").rglob("*") if p.is_file()
+                and p.relative_to(workdir / "results").parts[0] not in ("provenance", "benchmarks", "checkpoints")]
+    assert len(produced) >= 20 and any(p.name == "clean_accuracy.csv" for p in produced), produced
+    differ = [str(p.relative_to(workdir)) for p in produced
+              if p.read_bytes() != (smoke_run / p.relative_to(workdir)).read_bytes()]
+    assert not differ, f"files differ between the local and the SLURM run: {differ}"
+    # and the reproduction check says so (dbprepro compare-runs), on the local run's copy of what the cluster ran
     from dbprepro.cli import main
 
+    recorded = tmp_path / "recorded" / "results"
+    for p in produced:
+        rel = p.relative_to(workdir / "results")
+        if rel.parts[0] in ("tables", "attacks"):
+            (recorded / rel).parent.mkdir(parents=True, exist_ok=True)
+            (recorded / rel).symlink_to(smoke_run / "results" / rel)
     report = tmp_path / "reproduction"
-    assert main(["compare-runs", str(smoke_run / "results"), str(workdir / "results"), "--out", str(report),
-                 "--quiet"]) == 0
+    assert main(["compare-runs", str(recorded), str(workdir / "results"), "--out", str(report), "--quiet"]) == 0
     summary = pd.read_csv(report / "compare.csv")
-    assert set(summary["section"]) == {"table", "attack run", "claim"}, summary
+    assert set(summary["section"]) == {"table", "attack run"}, summary
     assert summary["status"].eq("identical").all(), summary[summary.status != "identical"]

@@ -18,7 +18,7 @@ Each job starts from the state that a fresh process would give its outputs:
 - fault injection (``DBPREPRO_FAULT``) is armed per job, as in a job's own process.
 
 The outputs are byte-identical with one process per job: ``tests/test_slurm.py`` compares the smoke
-DAG run locally (warm workers) with the same DAG submitted job by job through sbatch.
+DAG run locally (warm workers) with every kind of its heavy jobs submitted job by job through sbatch.
 
 Where: only in the Snakemake process that schedules a local run.  A cluster job (``slurm``) is a
 Snakemake process of its own on its node and runs its stage in that process; so does a ``run:`` job
