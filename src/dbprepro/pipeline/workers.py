@@ -34,15 +34,11 @@ started it is gone.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import logging
 import multiprocessing
 import os
 import queue
-import sys
 import threading
 import time
-
-log = logging.getLogger("dbprepro.pipeline")
 
 ENV = "DBPREPRO_WORKERS"
 MODES = ("warm", "fresh", "off")
