@@ -223,11 +223,13 @@ def test_table_and_figure_files(tmp_path, monkeypatch):
         drawn["titles"] = [ax.get_title() for ax in fig.axes if ax.get_visible()]
         drawn["texts"] = [t.get_text() for ax in fig.axes for t in ax.texts]
         drawn["steps"] = {ln.get_label(): ln.get_ydata() for ax in fig.axes[:1] for ln in ax.get_lines()}
+        drawn["ticks"] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
         waterfall_figure.plt.close(fig)
 
     monkeypatch.setattr(waterfall_figure, "save", keep)
     waterfall_figure.fig_waterfall(csv, png, pdf)
     assert drawn["titles"] == ["vanilla (linf, n=8)", "ddim (linf, n=4) - PGD runs only"]
+    assert drawn["ticks"] == ["White-box-EOT", "DW-box", "AutoAttack", "DiffHammer"]  # the table's stage order
     removed = [t for t in drawn["texts"] if t.startswith("\u2212")]
     # vanilla single 2, 2, 2 and worst 3, 2, 2; ddim 2 in both; a stage that removed nothing is not annotated
     assert removed.count("\u22122") == 3 + 2 + 2 and removed.count("\u22123") == 1 and "\u22120" not in removed
@@ -251,3 +253,19 @@ def test_the_stages_come_from_the_attack_registry(monkeypatch):
     labels = [label for label, _ in stage_order()]
     assert labels.index("fake stage") == labels.index("AutoAttack") + 1 == labels.index("DiffAttack") - 1
     assert dict(stage_order())["fake stage"] == (("fake", None),)
+
+
+def test_the_table_stage_takes_the_stage_order_as_plain_data():
+    """The DAG hands the registry's stage order to the table stage as a param (JSON: lists), so the
+    stage reads no registry: the same table as from the registry, and a given order is the one used."""
+    import json
+
+    from dbprepro.paper1.waterfall import stage_order
+
+    plain = json.loads(json.dumps(stage_order()))
+    pd.testing.assert_frame_equal(_table(stages=plain), _table())
+    reordered = [s for s in plain if s[0] == "DW-box"] + [s for s in plain if s[0] != "DW-box"]
+    v = _cells(_table(stages=reordered))
+    assert list(v.index) == ["DW-box", "White-box-EOT", "AutoAttack", "DiffHammer", ALL_ATTACKS]
+    assert list(v["stage_index"]) == [0, 3, 4, 7, len(plain)] != list(_cells(_table())["stage_index"])
+    assert list(v["ensemble_robust_accuracy"]) == [5 / 8, 4 / 8, 2 / 8, 2 / 8, 2 / 8]

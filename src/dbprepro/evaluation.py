@@ -1,25 +1,26 @@
 """Clean evaluation of the classifier alone and of the defended classifier under random and
-fixed randomness (the settings both papers contrast)."""
+fixed randomness (the settings both papers contrast), and its table.
+
+The table (:func:`write_clean_accuracy_table`) is a light stage, run in Snakemake's process: this
+module imports torch and the networks only inside the functions that evaluate
+(tests/test_light_stages.py).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from .data import Split, batches, load_split
 from .io import write_parquet
 from .metrics import accuracy_summary, write_table
-from .models.classifiers import load_classifier
-from .purifiers import load_defense
-from .purifiers.defended import predict_labels
-from .purifiers import load_defense as build_defense  # noqa: F401 - names before 0.2
-from .purifiers import load_purifier as build_purifier  # noqa: F401
-from .randomness import Randomness
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data import Split
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +31,29 @@ SETTINGS = {
 }
 
 
-@torch.no_grad()
 def predict(model, split: Split, batch_size: int, device: torch.device, draws: int | None = None,
             desc: str = "predict") -> torch.Tensor:
-    """Predicted labels for every image of ``split`` in fixed batches.
+    """Predicted labels for every image of ``split`` in fixed batches (without gradients).
 
     ``model(x, ids=..., draws=...)`` is called for a defended classifier (``draws`` given);
     ``model(x)`` for a plain classifier.
     """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import batches
+    from .purifiers.defended import predict_labels
+
     preds = []
-    for sl in tqdm(batches(len(split), batch_size), desc=desc, mininterval=5, leave=False):
-        x = split.images[sl].to(device)
-        if draws is None:
-            pred = model(x).argmax(1)
-        else:  # a defended classifier's predict (a vote defense votes)
-            ids = split.ids[sl]
-            pred = predict_labels(model, x, ids, torch.full_like(ids, draws))
-        preds.append(pred.cpu())
+    with torch.no_grad():
+        for sl in tqdm(batches(len(split), batch_size), desc=desc, mininterval=5, leave=False):
+            x = split.images[sl].to(device)
+            if draws is None:
+                pred = model(x).argmax(1)
+            else:  # a defended classifier's predict (a vote defense votes)
+                ids = split.ids[sl]
+                pred = predict_labels(model, x, ids, torch.full_like(ids, draws))
+            preds.append(pred.cpu())
     return torch.cat(preds)
 
 
@@ -55,6 +62,11 @@ def evaluate_clean(classifier_dir, diffusion_dir, test_path, manifest, out_path,
                    seed: int, device: torch.device) -> pd.DataFrame:
     """Per-(image, draw) predictions on the first ``n_test`` clean test images for the settings
     of :data:`SETTINGS`; written to ``out_path`` (parquet) and returned."""
+    from .data import load_split
+    from .models.classifiers import load_classifier
+    from .purifiers import load_defense
+    from .randomness import Randomness
+
     split = load_split(test_path, manifest).head(n_test)
     bs = evaluation["batch_size"]
     frames = []
@@ -107,3 +119,17 @@ def write_clean_accuracy_table(record_paths: list[str | Path], csv_path, md_path
     table = pd.concat(tables, ignore_index=True)
     write_table(table, csv_path, md_path)
     return table
+
+
+#: the names of the defense builders before 0.2 -> their names in :mod:`dbprepro.purifiers`
+_OLD_NAMES = {"build_defense": "load_defense", "build_purifier": "load_purifier", "load_defense": "load_defense"}
+
+
+def __getattr__(name: str):
+    """The purifier builders once imported here (``build_defense``, ``build_purifier``, ``load_defense``),
+    from :mod:`dbprepro.purifiers` on first use: the table stage of this module needs no network code."""
+    if name in _OLD_NAMES:
+        from . import purifiers
+
+        return getattr(purifiers, _OLD_NAMES[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

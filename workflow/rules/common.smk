@@ -180,6 +180,14 @@ def waterfall_run_costs():
     return run_costs(config)
 
 
+def waterfall_stages():
+    """The robustness waterfall's stages, weakest first (label, its [attack, setting] runs), from the
+    attack registry, which this process has loaded: the table stage then reads no registry."""
+    from dbprepro.paper1.waterfall import stage_order
+
+    return [[label, [list(run) for run in runs]] for label, runs in stage_order()]
+
+
 def family_table_rows():
     """Rows of p1_table_families: the main sampler (defenses vanilla, addt) and every family."""
     main = config["purification"]["sampler"]

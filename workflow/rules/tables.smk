@@ -161,6 +161,7 @@ rule table_waterfall:
         md=f"{RESULTS}/tables/waterfall.md",
     params:
         costs=waterfall_run_costs(),
+        stages=waterfall_stages(),  # the stage order, read from the attack registry here: the stage imports no attack
         defenses=EVAL_DEFENSES,
         confidence=config["evaluation"]["confidence"],
         resamples=config["claims"]["resamples"],

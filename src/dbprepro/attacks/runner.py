@@ -1,5 +1,6 @@
-"""The DAG's attack stage: one registered attack on one shard of the test set, and the merge of
-the shards (shards are unions of whole fixed batches, so results do not depend on their number)."""
+"""The DAG's attack stage: one registered attack on one shard of the test set (shards are unions of
+whole fixed batches, so results do not depend on their number); the merge of the shards is
+:func:`dbprepro.shards.merge_shards`, re-exported here."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..config.experiment import threat_model
 from ..data import load_split, shard_slices
 from ..io import savez, write_parquet
 from ..purifiers import load_defense
+from ..shards import merge_shards  # noqa: F401 - the merge, re-exported (it needs no torch)
 from .base import perturbation_norms
 from .protocols import settings_randomness
 from .registry import attack_class
@@ -117,24 +119,3 @@ def _attack_undefended(classifier_dir, split, slices, records, trace, paths, adv
         savez(adv, ids=df["id"].to_numpy(), x_adv=np.concatenate(advs))
     log.info("undefended robust accuracy on this shard: %.4f", float(df["correct_single"].mean()))
     return df
-
-
-def merge_shards(record_paths, trace_paths, path_paths, records_out, trace_out, paths_out,
-                 adv_paths=None, adv_out=None) -> None:
-    """Concatenate shard outputs (sorted by sample id); paths come from the shard that tracked."""
-    if adv_paths:
-        loaded = [np.load(p) for p in adv_paths]
-        ids = np.concatenate([z["ids"] for z in loaded])
-        x_adv = np.concatenate([z["x_adv"] for z in loaded])
-        order = np.argsort(ids, kind="stable")
-        savez(adv_out, ids=ids[order], x_adv=x_adv[order])
-    recs = pd.concat([pd.read_parquet(p) for p in record_paths], ignore_index=True).sort_values("id")
-    write_parquet(recs.reset_index(drop=True), records_out)
-    tr = pd.concat([pd.read_parquet(p) for p in trace_paths], ignore_index=True)
-    write_parquet(tr.sort_values(["id", "step"]).reset_index(drop=True), trace_out)
-    chosen = None
-    for p in path_paths:
-        with np.load(p) as z:
-            if z["ids"].size and chosen is None:
-                chosen = {k: z[k] for k in z.files}
-    savez(paths_out, **(chosen or {k: np.zeros(0) for k in ("ids", "labels", "x", "deltas")}))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..attacks.protocols import EVALUATIONS, is_fixed, setting_fixed_draw
+from ..threat_settings import EVALUATIONS, is_fixed, setting_fixed_draw
 from ..metrics import wilson_interval, write_table
 
 

@@ -5,7 +5,10 @@ The stages, weakest first, are :data:`STAGE_ORDER`, read from the attack registr
 class says which stage its runs are, ``waterfall_stages``, and where its stages stand,
 ``waterfall_rank``): BPDA -> white-box PGD -> White-box-EOT PGD -> DW-box PGD -> AutoAttack (every
 ``aa_*`` protocol) -> DiffAttack -> surrogate -> DiffHammer -> low-frequency (DiffBreak-style
-DCT-band PGD).  A run that no stage names (e.g. paper 2's ``dwbox_c<k>``) is left out.
+DCT-band PGD).  A run that no stage names (e.g. paper 2's ``dwbox_c<k>``) is left out.  The DAG reads
+the registry in the Snakemake process and hands the order to the table stage as a param
+(``stages``), so the table, a light stage, imports no attack and no torch (tests/test_light_stages.py);
+:data:`STAGE_ORDER` and :data:`STAGES` read the registry on first use.
 
 :func:`waterfall_table` builds the long table from the runs' per-image records, one row per defense
 x threat model x evaluation (``single``: ``correct_single``; ``worst``: ``correct_worst``, robust
@@ -49,7 +52,10 @@ from ..metrics import write_table
 
 log = logging.getLogger(__name__)
 
-def stage_order() -> tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...]:
+StageOrder = tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...]
+
+
+def stage_order() -> StageOrder:
     """The waterfall's stages, weakest first: (label, the (attack, setting) runs it holds; setting
     None = the attack in any setting), read from the attack registry: each registered attack's
     ``waterfall_stages``, the attacks in ``waterfall_rank`` order (stages of the same label merge)."""
@@ -62,10 +68,23 @@ def stage_order() -> tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...]:
     return tuple((label, tuple(runs)) for label, runs in order.items())
 
 
-#: the stages of the registered attacks (:func:`stage_order`)
-STAGE_ORDER = stage_order()
-#: stage labels in waterfall order
-STAGES: tuple[str, ...] = tuple(label for label, _ in STAGE_ORDER)
+def as_stage_order(stages) -> StageOrder:
+    """A stage order as :func:`stage_order` gives it, from its plain form (lists, e.g. a Snakemake
+    param read back from JSON); None: the registry's (:func:`stage_order`)."""
+    if stages is None:
+        return stage_order()
+    return tuple((str(label), tuple((str(a), None if s is None else str(s)) for a, s in runs)) for label, runs in stages)
+
+
+def __getattr__(name: str):
+    """:data:`STAGE_ORDER` (the stages of the registered attacks, :func:`stage_order`) and :data:`STAGES`
+    (their labels in waterfall order), read from the attack registry on first use."""
+    if name == "STAGE_ORDER":
+        return stage_order()
+    if name == "STAGES":
+        return tuple(label for label, _ in stage_order())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 #: the last row of a defense attacked beyond PGD: the ensemble of every attack
 ALL_ATTACKS = "all attacks"
 #: the last row of a defense with PGD runs only
@@ -83,9 +102,10 @@ COLUMNS = ["defense", "threat", "norm", "eps", "evaluation", "adaptive", "stage_
            "unet_calls_per_image", "network_calls", "ensemble_network_calls", "calls_upper_bound"]
 
 
-def stage_of(attack: str, setting: str) -> str | None:
-    """The waterfall stage of a run of ``attack`` in ``setting`` (None: no stage holds it)."""
-    for label, runs in STAGE_ORDER:
+def stage_of(attack: str, setting: str, order: StageOrder | None = None) -> str | None:
+    """The waterfall stage of a run of ``attack`` in ``setting`` in ``order`` (default: the registry's,
+    :func:`stage_order`); None: no stage holds it."""
+    for label, runs in (stage_order() if order is None else order):
         for a, s in runs:
             if a == attack and (s is None or s == setting):
                 return label
@@ -162,11 +182,12 @@ def _seed(seed: int, *key: str) -> int:
 
 
 def _defense_rows(frames: dict[tuple[str, str], pd.DataFrame], defense: str, threat: str, costs: dict,
-                  confidence: float, resamples: int, seed: int) -> list[dict[str, Any]]:
+                  confidence: float, resamples: int, seed: int, order: StageOrder) -> list[dict[str, Any]]:
     """The rows of one defense x threat model (``frames``: its staged runs' records by (setting,
-    attack), indexed by id, in stage order)."""
+    attack), indexed by id, in stage ``order``)."""
     runs = list(frames)
-    stage_idx = [STAGES.index(stage_of(a, s)) for s, a in runs]
+    labels = [label for label, _ in order]
+    stage_idx = [labels.index(stage_of(a, s, order)) for s, a in runs]
     ids = shared_ids(frames.values())
     every = frames[runs[0]].index
     for f in frames.values():
@@ -201,7 +222,7 @@ def _defense_rows(frames: dict[tuple[str, str], pd.DataFrame], defense: str, thr
             strongest = js[int(np.argmin(m[js].mean(axis=1)))]
             cost = _costs(costs, defense, threat, [runs[j] for j in js], n_run)
             spent += cost["network_calls"]
-            out.append({**base, **cost, "evaluation": ev, "stage_index": st, "stage": STAGES[st],
+            out.append({**base, **cost, "evaluation": ev, "stage_index": st, "stage": labels[st],
                         "runs": ";".join(run_label(*runs[j]) for j in js), "n_runs": len(js),
                         "setting": runs[strongest][0], "attack": runs[strongest][1],
                         "stage_robust_accuracy": alone[i].mean(), "stage_ci_low": lo[i], "stage_ci_high": hi[i],
@@ -209,7 +230,7 @@ def _defense_rows(frames: dict[tuple[str, str], pd.DataFrame], defense: str, thr
                         "removed": int(round(robust_before - ens[i].sum())), "ensemble_network_calls": spent})
             robust_before = float(ens[i].sum())
         cost = _costs(costs, defense, threat, runs, n_run)
-        out.append({**base, **cost, "evaluation": ev, "stage_index": len(STAGES),
+        out.append({**base, **cost, "evaluation": ev, "stage_index": len(labels),
                     "stage": ALL_ATTACKS if adaptive else PGD_ONLY, "runs": ";".join(run_label(*r) for r in runs),
                     "n_runs": len(runs), "stage_robust_accuracy": ens[-1].mean(), "stage_ci_low": lo[2 * k - 1],
                     "stage_ci_high": hi[2 * k - 1], "ensemble_robust_accuracy": ens[-1].mean(), "ci_low": lo[2 * k - 1],
@@ -221,13 +242,16 @@ def _defense_rows(frames: dict[tuple[str, str], pd.DataFrame], defense: str, thr
 
 def waterfall_table(records: pd.DataFrame, costs: list[dict] | pd.DataFrame | None = None,
                     defenses: list[str] | None = None, *, confidence: float = 0.95, resamples: int = 2000,
-                    seed: int = 0) -> pd.DataFrame:
+                    seed: int = 0, stages=None) -> pd.DataFrame:
     """The long waterfall table from the runs' per-image records (one frame with the ``defense``,
     ``threat``, ``setting``, ``attack``, ``id`` and ``correct_*`` columns; see the module docstring).
 
     ``costs``: :func:`run_costs`' rows (steps and calls left empty for a run without one);
-    ``defenses``: the row order (any other defense of the records follows in its order)."""
-    staged = [stage_of(a, s) is not None for a, s in zip(records["attack"], records["setting"])]
+    ``defenses``: the row order (any other defense of the records follows in its order);
+    ``stages``: the stage order (:func:`as_stage_order`; None: the attack registry's)."""
+    order = as_stage_order(stages)
+    labels = [label for label, _ in order]
+    staged = [stage_of(a, s, order) is not None for a, s in zip(records["attack"], records["setting"])]
     left = records.loc[[not s for s in staged], ["attack", "setting"]].drop_duplicates()
     if len(left):
         log.info("waterfall: runs no stage holds left out: %s", sorted(map(tuple, left.to_numpy())))
@@ -240,10 +264,10 @@ def waterfall_table(records: pd.DataFrame, costs: list[dict] | pd.DataFrame | No
         for tm in _order(list(rd["threat"]), []):
             sub = rd[rd["threat"] == tm]
             runs = sorted(dict.fromkeys(zip(sub["setting"], sub["attack"])),
-                          key=lambda r: STAGES.index(stage_of(r[1], r[0])))  # stable: records order within a stage
+                          key=lambda r: labels.index(stage_of(r[1], r[0], order)))  # stable: records order within a stage
             frames = {r: sub[(sub["setting"] == r[0]) & (sub["attack"] == r[1])].set_index("id").sort_index()
                       for r in runs}
-            rows += _defense_rows(frames, d, tm, cost, confidence, resamples, seed)
+            rows += _defense_rows(frames, d, tm, cost, confidence, resamples, seed, order)
     out = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("n_images", "n_runs", "stage_index", "steps", "removed", "images_dropped"):
         out[c] = out[c].astype("Int64")
@@ -260,9 +284,10 @@ def load_records(paths) -> pd.DataFrame:
 
 def write_waterfall_table(records, csv_path, md_path, costs: list[dict] | None = None,
                           defenses: list[str] | None = None, *, confidence: float = 0.95, resamples: int = 2000,
-                          seed: int = 0) -> pd.DataFrame:
-    """``waterfall.csv`` (+ ``.md``) from the runs' ``records.parquet`` files and their costs."""
+                          seed: int = 0, stages=None) -> pd.DataFrame:
+    """``waterfall.csv`` (+ ``.md``) from the runs' ``records.parquet`` files, their costs and the stage
+    order (``stages``, see :func:`waterfall_table`)."""
     table = waterfall_table(load_records(records), costs, defenses, confidence=confidence, resamples=resamples,
-                            seed=seed)
+                            seed=seed, stages=stages)
     write_table(table, csv_path, md_path)
     return table

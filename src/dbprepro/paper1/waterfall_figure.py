@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..plotting import plt, save, theme  # pyplot from plotting: loaded after the Agg backend is set
-from .waterfall import ALL_ATTACKS, EVALUATIONS, PGD_ONLY, STAGES
+from .waterfall import ALL_ATTACKS, EVALUATIONS, PGD_ONLY
 
 SERIES = {"single": ("tab:blue", "one-shot (single)"), "worst": ("tab:red", "worst of N")}
 LAST = (ALL_ATTACKS, PGD_ONLY)
@@ -28,7 +28,8 @@ def _steps(x: np.ndarray, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def _panel(ax, sub: pd.DataFrame) -> None:
     """One defense x threat model: the stages it has on the x axis, a staircase per evaluation."""
-    stages = [s for s in STAGES if s in set(sub["stage"])]
+    staged = sub[~sub["stage"].isin(LAST)]  # the stages in waterfall order: the table's stage_index
+    stages = list(dict.fromkeys(staged.sort_values("stage_index", kind="stable")["stage"]))
     x_of = {s: i for i, s in enumerate(stages)}
     for k, ev in enumerate(EVALUATIONS):
         rows = sub[(sub["evaluation"] == ev) & ~sub["stage"].isin(LAST)]

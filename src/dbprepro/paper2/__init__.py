@@ -11,8 +11,8 @@
 
 #: each exported name and its module, imported on first use: the analyses need torch, and the light stages
 #: (tables, figures) that import this package's other modules do not (tests/test_light_stages.py)
-_EXPORTS = {"compression_models_table": "compression", "compression_rate": "compression",
-            "compression_table": "compression", "run_compression": "compression",
+_EXPORTS = {"compression_models_table": "compression_stats", "compression_rate": "compression",
+            "compression_table": "compression_stats", "run_compression": "compression",
             "sample_perturbations": "compression", "run_lp_distances": "distances",
             "summarise_distances": "distances", "correlation_matrix": "dominance", "mean_off_diagonal": "dominance",
             "run_randomness": "dominance"}

@@ -22,7 +22,7 @@ def attack(input, output, params, wildcards) -> None:
 
 @stage
 def merge_attack(input, output, params, wildcards) -> None:
-    from ..attacks.runner import merge_shards
+    from ..shards import merge_shards
 
     merge_shards(list(input.records), list(input.trace), list(input.paths), output.records, output.trace,
                  output.paths, list(input.adv), output.adv)

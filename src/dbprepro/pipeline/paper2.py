@@ -72,7 +72,7 @@ def p2_compression(input, output, params, wildcards) -> None:
 def table_p2_compression(input, output, params, wildcards) -> None:
     import pandas as pd
 
-    from ..paper2.compression import compression_table
+    from ..paper2.compression_stats import compression_table
     from ..metrics import write_table
 
     dwbox = {int(k): pd.read_parquet(p) for k, p in zip(params.configs, input.dwbox)}
@@ -89,7 +89,7 @@ def table_p2_compression(input, output, params, wildcards) -> None:
 def table_p2_compression_models(input, output, params, wildcards) -> None:
     import pandas as pd
 
-    from ..paper2.compression import compression_models_table
+    from ..paper2.compression_stats import compression_models_table
     from ..metrics import write_table
 
     defenses = list(params.defenses)

@@ -54,4 +54,4 @@ def table_waterfall(input, output, params, wildcards) -> None:
 
     write_waterfall_table(list(input.records), output.csv, output.md, costs=list(params.costs),
                           defenses=list(params.defenses), confidence=params.confidence, resamples=params.resamples,
-                          seed=params.seed)
+                          seed=params.seed, stages=params.stages)

@@ -19,8 +19,8 @@ __all__ = ["CHECKS", "FLAG", "PASS", "Check", "battery_jobs", "comparison_runs",
 
 
 def __getattr__(name: str):
-    """The plan's functions, imported on first use: the plan reads the attack registry (torch), and the
-    battery's table and figure (light stages, tests/test_light_stages.py) do not need it."""
+    """The plan's functions, imported on first use: the battery's table and figure (light stages,
+    tests/test_light_stages.py) need only its randomness classes."""
     if name in ("battery_jobs", "comparison_runs", "transfer_sources"):
         from . import plan
 

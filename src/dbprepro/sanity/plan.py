@@ -12,7 +12,7 @@ from typing import Any
 
 from typing import NamedTuple
 
-from ..attacks.protocols import is_fixed, setting_fixed_draw
+from ..threat_settings import is_fixed, setting_fixed_draw
 
 #: the undefended classifier's runs (``dbprepro.config.UNDEFENDED``; this module imports nothing of
 #: ``dbprepro.config``, whose validation calls it: the experiment is passed in as ``exp``)
