@@ -8,7 +8,7 @@ they import.  Two tests:
   attempt is recorded with the module that made it;
 - slow: the jobs of each light rule of the smoke run are run again here, one new interpreter per rule, from their
   provenance records (the rule's stage function, its inputs and params; its outputs to a scratch folder), which also
-  covers what the stage imports while it runs.
+  covers what the stage imports while it runs; every file it writes must have the bytes the DAG's job wrote.
 """
 
 import ast
@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 RERUN = r'''
-import json, os, sys
+import hashlib, json, os, sys
 from pathlib import Path
 from snakemake.iocontainers import Namedlist
 
@@ -38,19 +38,22 @@ def named(items, names):
         out._set_name(name, start, end)
     return out
 
-ran = []
+ran, differ = [], []
 for path in sorted((run / "results" / "provenance").rglob("*.json")):
     rec = json.loads(path.read_text())
     if not rec["in_snakemake_process"] or stage_name(rec["rule"]) != sys.argv[3]:
         continue
-    outputs = [str(scratch / o) for o in rec["outputs"]]
+    outputs = [str(scratch / o) for o in rec["output_order"]]
     for o in outputs:
         Path(o).parent.mkdir(parents=True, exist_ok=True)
     STAGES[stage_name(rec["rule"])](named(rec["inputs"], rec["input_names"]), named(outputs, rec["output_names"]),
                                     Namedlist(fromdict=rec["params"]), Namedlist(fromdict=rec["wildcards"]))
     ran.append(rec["rule"])
+    for o, digest in rec["outputs"].items():  # the same bytes as the DAG's job wrote (files; folders aside)
+        if isinstance(digest, str) and hashlib.sha256((scratch / o).read_bytes()).hexdigest() != digest:
+            differ.append(o)
 heavy = [m for m in ("torch", "diffusers") if m in sys.modules]
-print(json.dumps({"ran": sorted(set(ran)), "jobs": len(ran), "imported": heavy}))
+print(json.dumps({"ran": sorted(set(ran)), "jobs": len(ran), "imported": heavy, "differ": differ}))
 '''
 
 
@@ -161,5 +164,6 @@ def test_light_stages_import_neither_torch_nor_diffusers(smoke_run, tmp_path):
         out = json.loads(r.stdout.strip().splitlines()[-1])
         assert out["jobs"] > 0, rule
         imported[rule] = out["imported"]
+        assert not out["differ"], (rule, "a fresh interpreter wrote other bytes", out["differ"])
     assert rules <= light_rules(), sorted(rules - light_rules())
     assert not {r: mods for r, mods in imported.items() if mods}, imported

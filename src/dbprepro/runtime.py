@@ -286,6 +286,7 @@ def write_job_provenance(path: Path, *, rule: str, wildcards: dict, params, inpu
         "outputs": {str(p): _digest(Path(str(p))) for p in outputs},
         "input_names": _names(inputs),  # the rule's names of its inputs and outputs: {name: [start, end]}
         "output_names": _names(outputs),
+        "output_order": [str(o) for o in outputs],  # the rule's order (the digests' dict above is sorted)
     }
     write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return record
