@@ -180,7 +180,7 @@ def test_a_reproduction_check_of_another_run_is_not_shown(tmp_path):
     assert "secret 0.123" in text and "Verdict: **reproduced within noise**" in text
 
 
-def test_kept_replicate_tables_are_shown_only_for_the_recorded_run(tmp_path):
+def test_kept_replicate_tables_say_when_they_extended_an_earlier_recorded_run(tmp_path):
     import json
 
     pd.DataFrame([dict(claim_id="p1_x", estimate_seed0="0.5", n_holds="2", verdict="holds")]).to_csv(
@@ -190,19 +190,36 @@ def test_kept_replicate_tables_are_shown_only_for_the_recorded_run(tmp_path):
     (tmp_path / "about.json").write_text(json.dumps(about))
     shown = render_results(tmp_path / "none", "1" * 32 + ".dir", None, tmp_path)
     assert "| p1_x " in shown and "took 1234 s of wall time on 2 cores" in shown
-    assert "| p1_x " not in render_results(tmp_path / "none", "2" * 32 + ".dir", None, tmp_path)
+    assert "earlier recorded run" not in shown
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    claims = pd.read_csv(SNAPSHOT / "claims.csv", dtype=str, keep_default_na=False)
+    claims.to_csv(tables / "claims.csv", index=False)
+    pd.DataFrame(dict(claim_id=["p1_x", *claims["claim_id"][:-1]], estimate_seed0="0.5", n_holds="2",
+                      verdict="holds")).to_csv(tmp_path / "claims_replicates.csv", index=False)
+    later = render_results(tables, "2" * 32 + ".dir", None, tmp_path)  # a newer recorded run: said so
+    section = later.split("`results/tables/claims_replicates.csv`")[1]
+    assert "| p1_x " in section and "extended an earlier recorded run" in section
+    assert "`" + "1" * 32 + ".dir`" in section and f"(1): `{claims['claim_id'].iloc[-1]}`" in section
 
 
 
 def test_the_kept_replicate_table_extends_the_recorded_run():
-    """docs/replicates (the 3-seed run of config/replicates.yaml): about.json names the run dvc.lock records, and
-    the results doc shows its table with the measured wall time."""
+    """docs/replicates (the 3-seed run of config/replicates.yaml): the results doc shows its table with the
+    measured wall time; when about.json names another run than dvc.lock's, the doc says so and which of the
+    recorded run's claims the table lacks."""
     import json
 
     about = json.loads((REPLICATES / "about.json").read_text())
-    assert about["recorded_tables_hash"] == recorded_tables_hash(ROOT / "dvc.lock")
     assert about["seeds"] == [0, 1, 2] and about["wall_seconds"] > 0
-    section = DOC.read_text().split("`results/tables/claims_replicates.csv`")[1]
+    section = DOC.read_text().split("`results/tables/claims_replicates.csv`")[1].split("\n## ")[0]
     assert f"took {about['wall_seconds']} s of wall time" in section
+    if about["recorded_tables_hash"] != recorded_tables_hash(ROOT / "dvc.lock"):
+        assert "extended an earlier recorded run" in section and about["recorded_tables_hash"] in section
+        have = set(pd.read_csv(REPLICATES / "claims_replicates.csv")["claim_id"])
+        for claim in pd.read_csv(SNAPSHOT / "claims.csv")["claim_id"]:
+            assert claim in have or f"`{claim}`" in section, claim
+    else:
+        assert "extended an earlier recorded run" not in section
     first = (REPLICATES / "claims_replicates.csv").read_text().splitlines()[1].split(",")[0]
     assert first in section

@@ -130,6 +130,7 @@ def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str |
             lines += [f"Kept in `docs/replicates/` from `{about['command']}` on top of the recorded run (seed "
                       f"{about['main_seed']} is that run; the other seeds took {about['wall_seconds']} s of wall "
                       f"time on {about['cores']} cores{'; ' + about['note'] if about.get('note') else ''}).", ""]
+            lines += _earlier_run_notice(about, tables_hash, tables_dir / "claims.csv", path)
         if not path.is_file():
             lines += ["(not in this run)", ""]
             continue
@@ -148,12 +149,29 @@ def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str |
 
 
 def kept_replicates(folder: Path, tables_hash: str) -> dict[str, Path]:
-    """The optional tables kept in ``folder`` (``docs/replicates``), only while its ``about.json`` names the
-    run ``dvc.lock`` records as the one the replicate seeds extended."""
+    """The optional tables kept in ``folder`` (``docs/replicates``) with an ``about.json`` naming the recorded
+    run the replicate seeds extended: the run ``dvc.lock`` records (``tables_hash``) or an earlier one, which
+    the section then says (:func:`_earlier_run_notice`)."""
     about = folder / "about.json"
-    if not about.is_file() or json.loads(about.read_text()).get("recorded_tables_hash") != tables_hash:
+    if not about.is_file() or not json.loads(about.read_text()).get("recorded_tables_hash"):
         return {}
     return {name: folder / name for _, name, _, _ in OPTIONAL_SECTIONS if (folder / name).is_file()}
+
+
+def _earlier_run_notice(about: dict, tables_hash: str, claims: Path, replicate_table: Path) -> list[str]:
+    """Nothing when the replicate seeds extended the recorded run; otherwise which run they extended and the
+    recorded run's claims the replicate table lacks (computed from both tables' claim ids)."""
+    if about["recorded_tables_hash"] == tables_hash:
+        return []
+    have = set(pd.read_csv(replicate_table, usecols=["claim_id"])["claim_id"])
+    now = list(pd.read_csv(claims, usecols=["claim_id"])["claim_id"]) if claims.is_file() else []
+    missing = [c for c in now if c not in have]
+    return [f"**These replicate seeds extended an earlier recorded run** (commit {about.get('commit', '?')}, "
+            f"`results/tables` hash `{about['recorded_tables_hash']}`), not the run this page shows: the rows below "
+            "are that run's claims over three training seeds, not a re-test of this run.  "
+            + (f"Claims of this run not in the replicate table ({len(missing)}): "
+               + ", ".join(f"`{c}`" for c in missing) + "." if missing else
+               "Every claim of this run has a row below."), ""]
 
 
 def reproduction_section(folder: Path, tables_hash: str) -> list[str]:
