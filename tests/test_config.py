@@ -158,7 +158,8 @@ def test_family_defenses_weights_and_sections():
     assert [r for r in runs if r[0] in family_defenses(cfg)] == [
         (d, "linf", "dwbox", "pgd") for d in family_defenses(cfg)]
     # without the addt variant, no f_addt defenses (families.addt false)
-    off = validate_config(default(families={"names": ["edm"], "addt": False}, addt={"variants": ["clean_finetune"]}))
+    off = validate_config(default(families={"names": ["edm"], "addt": False}, addt={"variants": ["clean_finetune"]},
+                                  competitors={"names": []}))  # adbm needs its variant
     assert family_defenses(off) == ["edm"]
     assert family_defenses(validate_config(default(families={"names": []}))) == []
     # the main sampler is the defense vanilla: listed among the families, it is skipped there
