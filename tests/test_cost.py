@@ -191,10 +191,10 @@ def test_paper_scale_counts(smoke):
     assert jobs["attack/vanilla/linf/whitebox_eot/pgd"].calls.unet_grad == 1024 * 21 * 10 * 101
     assert jobs["train_addt/addt"].calls.unet_train == 19600 * 256
     # ADBM: 3 FGSM steps (UNet + classifier gradients) + 1 training pass per image; its chain 5 DDIM calls.
-    # GDMP: 4 rounds of its own t* = 0.036 (37 steps of the 1000-step schedule) = 148 calls per purification
+    # GDMP: 4 rounds of its own t* = 0.035 (36 steps, t = 35..0, of the 1000-step grid) = 144 calls per purification
     assert jobs["train_addt/adbm"].calls.unet_grad == 3 * 19600 * 256 == jobs["train_addt/adbm"].calls.clf_grad
-    assert jobs["attack/adbm/linf/dwbox/pgd"].calls.unet_grad == 1024 * 20 * 5
-    assert jobs["attack/gdmp/linf/dwbox/pgd"].calls.unet_grad == 1024 * 20 * 148
+    assert jobs["attack/adbm/linf/dwbox/pgd"].calls.unet_grad == 1024 * 21 * 5
+    assert jobs["attack/gdmp/linf/dwbox/pgd"].calls.unet_grad == 1024 * 21 * 144
     assert {"evaluate_clean/adbm", "evaluate_clean/gdmp", "sanity/adbm/linf", "sanity/gdmp/linf"} <= set(jobs)
     assert "train_diffusion" not in jobs and "train_classifier" not in jobs  # downloaded
     # the Jacobian of a 3 x 32 x 32 image has 3072 rows

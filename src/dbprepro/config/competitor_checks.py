@@ -24,8 +24,11 @@ def competitor_checks(cfg: dict[str, Any], names: list[str]) -> None:
         if name in cfg["families"]["names"]:
             raise ConfigError(f"config key competitors.names: {name!r} is also in families.names (the {name} sampler "
                               "on the vanilla weights, a defense of the same name); list it in only one of the two")
+        pur = {**cfg["purification"], "sampler": name}
+        own = (pur.get(name) or {}).get("t_star") if isinstance(pur.get(name), dict) else None
+        pur = pur if own is None else {**pur, "t_star": own}  # the family's own t* (purification.gdmp.t_star)
         try:
-            purifier_class(name).check_config({**cfg, "purification": {**cfg["purification"], "sampler": name}})
+            purifier_class(name).check_config({**cfg, "purification": pur})
         except ValueError as e:
             raise ConfigError(str(e)) from None
     bad = [t for t in comp["threat_models"] if t not in names]

@@ -173,7 +173,7 @@ class Experiment:
         """The ``purification`` section the defense purifies with (``sampler`` = its family; the
         undefended classifier's attack runs carry the main section, unused).  A vote defense's
         section also carries ``votes`` (read by :func:`~dbprepro.purifiers.load_defense`); a family section
-        with its own ``t_star`` (``purification.gdmp.t_star``: GDMP's paper purifies at 0.036) replaces it."""
+        with its own ``t_star`` (``purification.gdmp.t_star``: GDMP's CIFAR-10 code: 36 steps, 0.035) replaces it."""
         if name == UNDEFENDED:
             return self.main_purification()
         d = self.defense(name)
