@@ -281,7 +281,7 @@ class Experiment:
         for v in [v for v in self.addt_variants if not self.defense(v).competitor]:
             for tm in cfg["addt"]["attack_threat_models"]:
                 runs += [AttackRun(v, tm, s, "pgd") for s in self.addt_settings(v)]
-        comp = cfg["competitors"]
+        comp = cfg.get("competitors") or {}  # (a competing defense exists only where the section lists it)
         for d in self.competitor_defenses:  # PGD in competitors.settings, as on ADDT
             for tm in comp["threat_models"]:
                 runs += [AttackRun(d, tm, s, "pgd") for s in comp["settings"]]
