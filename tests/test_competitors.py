@@ -50,7 +50,7 @@ def test_without_competitors_the_adbm_variant_is_the_ddpm_chain_on_its_weights()
 
 REFUSED = [
     (dict(addt={"variants": ["addt"]}), "competitors.names"),  # adbm without its fine-tune trained
-    (dict(addt={"enabled": False}), "competitors.names"),
+    (dict(addt={"enabled": False}, families={"addt": False}), "competitors.names"),  # families.addt refuses first
     (dict(competitors={"names": ["gdmp"], "n_images": {"gdmp": 8}}, families={"names": ["ddim", "gdmp"]}),
      "competitors.names"),
     (dict(competitors={"n_images": {"gdmp": 65}}), "competitors.n_images.gdmp"),
