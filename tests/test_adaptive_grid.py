@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ADAPTIVE = ("diffattack", "surrogate", "diffhammer", "lowfreq")
 
 
-def config(**attacks):
-    cfg = deep_merge(load_yaml(ROOT / "config.yaml"), {"attacks": attacks})
+def config(competitors=None, **attacks):
+    cfg = deep_merge(load_yaml(ROOT / "config.yaml"), {"attacks": attacks, "competitors": competitors or {}})
     return validate_config(cfg)
 
 
@@ -72,12 +72,17 @@ def test_a_defense_the_config_switches_off_is_skipped():
     on = {"enabled": True, "defenses": ["vanilla", "addt", "edm_addt", "vanilla_vote"]}
     cfg = validate_config(deep_merge(load_yaml(ROOT / "config.yaml"),
                                      {"attacks": {"diffhammer": on}, "addt": {"enabled": False},
-                                      "families": {"addt": False}}))
+                                      "families": {"addt": False},
+                                      "competitors": {"names": ["gdmp"]}}))  # adbm needs its ADDT fine-tune
     runs = Experiment.from_config(cfg).attack_runs()
     assert {r.defense for r in runs if r.attack == "diffhammer"} == {"vanilla"}
 
 
+#: GDMP on 2 batches of 8 (config.yaml's 8 images would be refused first, under competitors.n_images.gdmp)
+GDMP16 = {"n_images": {"gdmp": 16}}
+
+
 def test_an_attacks_n_images_must_fill_the_shards():
     with pytest.raises(ConfigError, match="attacks.surrogate.n_images: 8 images are fewer than attacks.shards"):
-        config(surrogate={"enabled": True, "n_images": 8}, shards=2, batch_size=8)
-    config(surrogate={"enabled": False, "n_images": 8}, shards=2, batch_size=8)  # not run: not checked
+        config(surrogate={"enabled": True, "n_images": 8}, shards=2, batch_size=8, competitors=GDMP16)
+    config(surrogate={"enabled": False, "n_images": 8}, shards=2, batch_size=8, competitors=GDMP16)  # not run: not checked

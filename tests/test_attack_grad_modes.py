@@ -40,11 +40,12 @@ ON = {"pgd": {},
 def config(attack: str, mode: str, **purification) -> dict:
     """config.yaml with tiny budgets, only ``attack`` on (with PGD, always on), the main purifier in
     ``mode`` (the VP-SDE for the adjoint, the only family that offers it; else DDPM) and a budget that
-    keeps part of the chain; no families, no vote."""
+    keeps part of the chain; no families, no vote, no competitors."""
     sampler = "vpsde" if mode == "adjoint" else "ddpm"
     over = {"purification": {"sampler": sampler, "grad_mode": mode, "num_inference_steps": 50,  # 6 steps
                              "vpsde": {"steps": 4}, **purification},
             "families": {"names": [], "n_images": None}, "vote": {"enabled": False, "n_images": None},
+            "competitors": {"names": []},
             "analysis": {"n_images": None}, "sanity": {"enabled": False},
             "attacks": deep_merge({**OPTIONAL, "n_images": 2, "dwbox_n_images": None, "batch_size": 2, "shards": 1,
                                    "eval_draws": 2,

@@ -223,7 +223,9 @@ def test_the_default_grid_runs_the_three_protocols_separately():
     runs = Experiment.from_config(load_configs([Path(__file__).parents[1] / "config.yaml"])).attack_runs()
     aa_runs = [(r.defense, r.setting, r.attack) for r in runs if r.attack.startswith("aa_")]
     protocols = [("dwbox", "aa_standard_dwbox"), ("whitebox", "aa_standard_multieval"), ("whitebox_eot", "aa_rand")]
-    assert aa_runs == [(d, s, a) for d in ("vanilla", "addt") for s, a in protocols]  # autoattack.defenses
+    # autoattack.defenses: vanilla's first, then ADDT's and the competitors' (ADBM, GDMP) grouped by setting
+    assert aa_runs[:3] == [("vanilla", s, a) for s, a in protocols]
+    assert sorted(aa_runs[3:]) == sorted((d, s, a) for d in ("addt", "adbm", "gdmp") for s, a in protocols)
     assert attack_names()[2:5] == ("aa_standard_dwbox", "aa_standard_multieval", "aa_rand")
 
 

@@ -81,6 +81,14 @@ def test_cifar10_values_match_the_methods_reference():
     assert (a["cgpo_iterations"], a["lambda_scale"], a["lambda_max"], a["t_max"]) == (5, 0.03, 0.3, 999)
     assert a["pgd_eps"] == pytest.approx(8 / 255) and a["pgd_alpha"] == pytest.approx(4 / 255)
     assert c["analysis"]["randomness"]["samples"] == 100                  # P2: 100 x 100 matrices
+    # the competing defenses (competing-defenses.md): ADBM's bridge fine-tune and 5-step DDIM, GDMP's CIFAR-10 code
+    assert c["competitors"]["names"] == ["adbm", "gdmp"] and "adbm" in a["variants"]
+    b = a["adbm"]
+    assert (b["t_prime_min"], b["t_prime_max"], b["attack_steps"]) == (100, 200, 3) and b["eps"] == pytest.approx(8 / 255)
+    assert p["adbm"]["steps"] == 5 and p["adbm"]["clip_denoised"]
+    g = p["gdmp"]
+    assert (g["t_star"], g["rounds"], g["guidance"], g["schedule"], g["reference"]) == (0.035, 4, "mse", "gdmp", "diffused")
+    assert g["scale"] == pytest.approx(18.68)
     assert c["attacks"]["n_images"] <= c["data"]["n_test"]
 
 
@@ -140,6 +148,7 @@ def test_dry_run_has_the_same_figure_and_table_targets_as_the_default():
         nets.setdefault(defense, set()).update(re.findall(r"results/models/diffusion/(\w+)", block.split("output:")[0]))
     assert nets["vpsde"] == {"ddpmpp"} and nets["edm"] == {"edm_songunet"}
     assert nets["ddim"] == nets["vanilla"] == {"vanilla"} and nets["vpsde_addt"] == {"addt"}
+    assert nets["adbm"] == {"adbm"} and nets["gdmp"] == {"vanilla"}  # ADBM's fine-tune; GDMP on the vanilla DDPM
 
 
 # ------------------------------------------------------------------ trust on first use (loader)

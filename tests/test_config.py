@@ -158,7 +158,8 @@ def test_family_defenses_weights_and_sections():
     assert [r for r in runs if r[0] in family_defenses(cfg)] == [
         (d, "linf", "dwbox", "pgd") for d in family_defenses(cfg)]
     # without the addt variant, no f_addt defenses (families.addt false)
-    off = validate_config(default(families={"names": ["edm"], "addt": False}, addt={"variants": ["clean_finetune"]}))
+    off = validate_config(default(families={"names": ["edm"], "addt": False}, addt={"variants": ["clean_finetune"]},
+                                  competitors={"names": []}))  # adbm needs its variant
     assert family_defenses(off) == ["edm"]
     assert family_defenses(validate_config(default(families={"names": []}))) == []
     # the main sampler is the defense vanilla: listed among the families, it is skipped there
@@ -190,7 +191,8 @@ def test_the_typed_experiment_says_what_each_defense_is():
     assert exp.defense("ddim_addt") == Defense("ddim_addt", "ddim", "addt", finetune="addt", family=True)
     assert exp.defense("edm_addt") == Defense("edm_addt", "edm", "edm_addt", finetune="addt", family=True, trains=True)
     assert exp.defense("cgpo_mse") == Defense("cgpo_mse", "ddpm", "cgpo_mse", finetune="cgpo_mse", trains=True)
-    assert exp.trained_defenses == ["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune", "edm_addt"]
+    # adbm: the default's competing defense, trained by its addt variant (competitors.names)
+    assert exp.trained_defenses == ["addt", "addt_no_rbgm", "cgpo_mse", "clean_finetune", "edm_addt", "adbm"]
     assert [exp.finetune_family(d) for d in ("addt", "edm_addt")] == ["ddpm", "edm"]
     assert exp.defense("vanilla").weights_kind == "vanilla" and exp.defense("vpsde_addt").weights_kind == "addt"
     runs = exp.attack_runs()

@@ -342,8 +342,10 @@ def test_config_keys_validate_and_reach_the_purifier(tiny_diffusion, tmp_path):
     assert cfg["purification"]["vpsde"] == dict(beta_min=0.1, beta_max=20.0, steps=6, corrector=False, snr=0.16)
     cfg = load_config("config.yaml", {"purification": {"sampler": "vpsde", "grad_mode": "adjoint",
                                                        "vpsde": {"steps": 12}},
-                                      # the other families do not offer the adjoint, DiffAttack needs the chain states
-                                      "families": {"names": []}, "attacks": {"diffattack": {"enabled": False}}})
+                                      # the other families (and the competitors' samplers) do not offer the adjoint,
+                                      # DiffAttack needs the chain states
+                                      "families": {"names": []}, "competitors": {"names": []},
+                                      "attacks": {"diffattack": {"enabled": False}}})
     save_diffusion(*tiny_diffusion, tmp_path / "diffusion")
     p = build_purifier(tmp_path / "diffusion", cfg["purification"], "fixed_large", Randomness(0, "fixed"), "cpu")
     assert isinstance(p, VPSDEPurifier) and p.num_steps == 12 and p.grad_mode == "adjoint"

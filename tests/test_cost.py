@@ -50,13 +50,12 @@ def test_the_jobs_of_the_smoke_dag(jobs):
     # the low-frequency attack; + the vote defense's EOT-PGD (smoke.yaml's vote section); + AutoAttack's 3 protocols on
     # addt (attacks.autoattack.defenses: every waterfall defense); + BPDA and white-box PGD on addt (bpda.defenses,
     # addt.attack_settings: the waterfall stages every waterfall defense has)
+    # + the competing defenses adbm and gdmp (competitors.names): PGD in 3 settings, BPDA, AutoAttack's 3 protocols,
+    # DiffAttack x 2 settings, the surrogate and DiffHammer each (lowfreq stays on vanilla and addt in smoke.yaml)
     attacks = sorted(j for j in jobs if j.startswith("attack/"))
-    assert len(attacks) == 12 + 12 + 2 * 5 + 1 + 3 + 2 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
-    adaptive = {"attack/{d}/linf/whitebox_eot/diffattack", "attack/{d}/linf/dwbox/diffattack",
-                "attack/{d}/linf/whitebox_eot/surrogate", "attack/{d}/linf/whitebox_eot/diffhammer",
-                "attack/{d}/linf/whitebox_eot/lowfreq", "attack/{d}/linf/dwbox/aa_standard_dwbox",
-                "attack/{d}/linf/whitebox/aa_standard_multieval", "attack/{d}/linf/whitebox_eot/aa_rand"}
-    assert {a.format(d=d) for a in adaptive for d in ("vanilla", "addt")} <= set(attacks)
+    assert len(attacks) == 12 + 12 + 2 * 5 + 1 + 3 + 2 + 2 * 11 and "attack/vanilla/linf/dwbox_c1/pgd" in attacks
+    assert {a.format(d=d) for a in adaptive_runs() for d in ("adbm", "gdmp") if "lowfreq" not in a} <= set(attacks)
+    assert {a.format(d=d) for a in adaptive_runs() for d in ("vanilla", "addt")} <= set(attacks)
     assert "attack/vanilla_vote/linf/whitebox_eot/pgd" in attacks
     assert "attack/clean_finetune/linf/whitebox_eot/pgd" not in attacks
     assert "attack/addt/linf/whitebox_eot/pgd" in attacks and "attack/clean_finetune/linf/dwbox/pgd" in attacks
@@ -65,6 +64,13 @@ def test_the_jobs_of_the_smoke_dag(jobs):
     assert {j.split("/")[0] for j in jobs} == {"train_classifier", "train_diffusion", "train_addt", "evaluate_clean",
                                                "attack", "loss_landscape", "p2_lp_distances", "p2_randomness",
                                                "p2_compression", "sanity"}  # sanity: smoke.yaml's battery
+
+
+def adaptive_runs():
+    return {"attack/{d}/linf/whitebox_eot/diffattack", "attack/{d}/linf/dwbox/diffattack",
+            "attack/{d}/linf/whitebox_eot/surrogate", "attack/{d}/linf/whitebox_eot/diffhammer",
+            "attack/{d}/linf/whitebox_eot/lowfreq", "attack/{d}/linf/dwbox/aa_standard_dwbox",
+            "attack/{d}/linf/whitebox/aa_standard_multieval", "attack/{d}/linf/whitebox_eot/aa_rand"}
 
 
 # Hand counts for the smoke config: S = 6 reverse steps (t* = 0.1 of a 50-step schedule),
@@ -105,6 +111,16 @@ HAND = {
     # ADDT: 4 steps x batch 16; 2 CGPO iterations (UNet + classifier gradient) + 1 training pass
     "train_addt/addt": calls(unet_grad=64 * 2, clf_grad=64 * 2, unet_train=64),
     "train_addt/clean_finetune": calls(unet_train=64),
+    # ADBM (smoke.yaml: addt.adbm.attack_steps 1): one FGSM step (UNet + classifier gradient) + 1 training pass
+    "train_addt/adbm": calls(unet_grad=64, clf_grad=64, unet_train=64),
+    # the competing defenses on their competitors.n_images (adbm 16, gdmp 9), DW-box PGD included (not dwbox_n_images):
+    # ADBM's chain 5 DDIM calls; GDMP's 2 rounds (config.yaml) of the 6-step chain = 12 calls (guidance: no call)
+    "attack/adbm/linf/dwbox/pgd": calls(unet_fwd=16 * (4 * 5 + 5), unet_grad=16 * 4 * 5, clf_grad=16 * 4, clf_fwd=16),
+    "attack/gdmp/linf/whitebox_eot/pgd": calls(unet_fwd=9 * (8 * 12 + 3 * 12), unet_grad=9 * 8 * 12, clf_grad=9 * 8,
+                                               clf_fwd=9 * 3),
+    "attack/gdmp/linf/whitebox_eot/bpda": calls(unet_fwd=9 * (8 * 12 + 3 * 12), clf_grad=9 * 8, clf_fwd=9 * 3),
+    "evaluate_clean/gdmp": calls(unet_fwd=48 * 4 * 12, clf_fwd=48 * 5),
+    "evaluate_clean/adbm": calls(unet_fwd=48 * 4 * 5, clf_fwd=48 * 5),
     "train_addt/edm_addt": calls(unet_grad=64 * 2, clf_grad=64 * 2, unet_train=64),  # EDM's own ADDT loss
     # the families (families.n_images 16): VP-SDE 5 Euler-Maruyama steps = 5 calls, EDM 3 Heun steps = 5
     "attack/vpsde/linf/dwbox/pgd": calls(unet_fwd=16 * (4 * 5 + 5), unet_grad=16 * 4 * 5, clf_grad=16 * 4,
@@ -174,6 +190,12 @@ def test_paper_scale_counts(smoke):
     # PGD-20 x EOT-10 on 1024 images: 21 x 10 exact gradients through 101 steps per image
     assert jobs["attack/vanilla/linf/whitebox_eot/pgd"].calls.unet_grad == 1024 * 21 * 10 * 101
     assert jobs["train_addt/addt"].calls.unet_train == 19600 * 256
+    # ADBM: 3 FGSM steps (UNet + classifier gradients) + 1 training pass per image; its chain 5 DDIM calls.
+    # GDMP: 4 rounds of its own t* = 0.035 (36 steps, t = 35..0, of the 1000-step grid) = 144 calls per purification
+    assert jobs["train_addt/adbm"].calls.unet_grad == 3 * 19600 * 256 == jobs["train_addt/adbm"].calls.clf_grad
+    assert jobs["attack/adbm/linf/dwbox/pgd"].calls.unet_grad == 1024 * 21 * 5
+    assert jobs["attack/gdmp/linf/dwbox/pgd"].calls.unet_grad == 1024 * 21 * 144
+    assert {"evaluate_clean/adbm", "evaluate_clean/gdmp", "sanity/adbm/linf", "sanity/gdmp/linf"} <= set(jobs)
     assert "train_diffusion" not in jobs and "train_classifier" not in jobs  # downloaded
     # the Jacobian of a 3 x 32 x 32 image has 3072 rows
     jac = jobs["p2_compression/clean_finetune"].calls.unet_grad

@@ -196,12 +196,12 @@ def test_grid_only_when_enabled():
     """Off in the schema; enabled, it runs on vanilla in its settings (and on its ``defenses``)."""
     assert not [r for r in Experiment.from_config(validate_config({"name": "t"})).attack_runs()
                 if r.attack == "diffattack"]
-    for overlay in ([], ["config/cifar10.yaml"]):  # the default and paper scale run it on vanilla and ADDT
+    for overlay in ([], ["config/cifar10.yaml"]):  # the default and paper scale: vanilla, ADDT and the competitors
         cfg = load_configs([ROOT / "config.yaml", *[ROOT / p for p in overlay]])
         runs = {(r.defense, r.threat, r.setting) for r in Experiment.from_config(cfg).attack_runs()
                 if r.attack == "diffattack"}
         assert {("vanilla", "linf", "whitebox_eot"), ("addt", "linf", "dwbox")} <= runs
-        assert {d for d, _, _ in runs} == {"vanilla", "addt"}
+        assert {d for d, _, _ in runs} == {"vanilla", "addt", "adbm", "gdmp"}
         zero = {(r.defense, r.threat, r.setting) for r in Experiment.from_config(cfg).attack_runs()
                 if r.attack == "diffattack0"}
         assert zero == runs  # also_weight_zero: the lambda = 0 run beside every DiffAttack run

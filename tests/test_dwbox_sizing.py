@@ -85,7 +85,8 @@ def test_fewer_batches_than_shards_is_refused():
     # n_images 8 of batch 8 on one shard is fine; dwbox_n_images 8 with 2 shards would leave a shard empty
     cfg = deep_merge(load_yaml(ROOT / "config.yaml"),
                      {"attacks": {"n_images": 16, "batch_size": 8, "shards": 2, "dwbox_n_images": 16},
-                      "families": {"n_images": 16}, "analysis": {"n_images": 16}, "sanity": {"n_images": 16}})
+                      "families": {"n_images": 16}, "analysis": {"n_images": 16}, "sanity": {"n_images": 16},
+                      "competitors": {"n_images": {"gdmp": 16}}})
     assert validate_config(cfg)["attacks"]["dwbox_n_images"] == 16
     cfg["attacks"].update(batch_size=16, n_images=16, dwbox_n_images=16)  # 1 batch, 2 shards
     with pytest.raises(ConfigError, match=r"attacks\.shards"):

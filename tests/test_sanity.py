@@ -264,5 +264,5 @@ def test_the_dag_lists_the_battery_jobs(tmp_path):
     r = snakemake(tmp_path, "-n", "results/tables/sanity.csv", configfiles=[str(ROOT / "config.yaml")])
     assert r.returncode == 0, r.stderr
     jobs = job_counts(r.stdout + r.stderr)
-    assert jobs["sanity"] == 2 and jobs["table_sanity"] == 1
+    assert jobs["sanity"] == 4 and jobs["table_sanity"] == 1  # vanilla, addt, adbm, gdmp on linf
     assert jobs["merge_attack"] >= 9  # the comparison and transfer source runs it reads

@@ -36,7 +36,7 @@ LOCAL_OVERRIDES = {
 # --slurm-no-account does not remove an account given as a resource in plugin 2.8.0).
 DROP_DEFAULT_RESOURCES = ("slurm_account",)
 # What the sbatch run builds: every kind of heavy job (data, classifier, DDPM, the ADDT variants, clean evaluations of
-# every defense, attack shards) and the local ones (merge, a table), about 25 of the smoke DAG's 170 jobs; the whole DAG
+# every defense, attack shards) and the local ones (merge, a table), 26 of the smoke DAG's 241 jobs; the whole DAG
 # through sbatch took 13 of CI's 33 minutes and proves nothing more about submission (issue 26)
 SLURM_TARGETS = ("results/tables/clean_accuracy.csv", "results/attacks/vanilla/linf/whitebox/pgd/records.parquet",
                  "results/attacks/addt/linf/dwbox/pgd/records.parquet")

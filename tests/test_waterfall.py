@@ -191,8 +191,8 @@ def test_the_default_attacks_both_waterfall_defenses_with_autoattack(default_con
 
     runs = Experiment.from_config(default_config).attack_runs()
     aa = {(r.defense, r.attack) for r in runs if r.attack.startswith("aa_")}
-    assert aa == {(d, a) for d in ("vanilla", "addt") for a in ("aa_standard_dwbox", "aa_standard_multieval",
-                                                                  "aa_rand")}
+    assert aa == {(d, a) for d in ("vanilla", "addt", "adbm", "gdmp")
+                  for a in ("aa_standard_dwbox", "aa_standard_multieval", "aa_rand")}
 
 
 def _write_records(tmp_path, runs):

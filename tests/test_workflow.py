@@ -85,7 +85,11 @@ def test_smoke_dag_runs_and_is_idempotent(smoke_run):
     assert {k for k, v in pgd.items() if v == 24} == {("vanilla", "dwbox"), ("addt", "dwbox"),
                                                       ("clean_finetune", "dwbox")}
     assert pgd[("vanilla", "whitebox_eot")] == pgd[("undefended", "none")] == 16  # (dwbox_c1: paper 2's table)
-    assert main.loc[main.attack != "pgd", "n_images"].eq(16).all()
+    beyond = main[main.attack != "pgd"]
+    assert beyond.loc[beyond.defense != "gdmp", "n_images"].eq(16).all()
+    # the competing defenses (competitors.n_images: adbm 16, gdmp 9) in every run, DW-box PGD included
+    assert beyond.loc[beyond.defense == "gdmp", "n_images"].eq(9).all() and pgd[("gdmp", "dwbox")] == 9
+    assert pgd[("adbm", "dwbox")] == 16
     abl = pd.read_csv(first / "results" / "tables" / "p1_table_ablation.csv").set_index("defense")
     main_sampler = abl["family"] == "ddpm"
     assert abl.loc[main_sampler, "n_images_dwbox"].eq(24).all() and abl.loc["addt", "n_images_whitebox_eot"] == 16
@@ -115,6 +119,13 @@ def test_smoke_dag_runs_and_is_idempotent(smoke_run):
     assert set(claims["verdict_raw"]) <= {"holds", "not significant", "contradicted"}
     assert claims["p_value"].dropna().between(0, 1).all() and (claims["p_holm"].dropna() >= claims["p_value"].dropna()).all()
     assert claims.loc[claims.verdict != "not significant", "mde"].isna().all()
+    # ADBM and GDMP end to end (issue 27): trained (adbm), clean-evaluated, in the waterfall, the battery, the claims
+    assert (first / "results" / "models" / "diffusion" / "adbm").is_dir()
+    assert {"adbm", "gdmp"} <= set(table["defense"])
+    assert {"competitor_worst_adbm_vs_addt_linf", "competitor_worst_gdmp_vs_addt_linf",
+            "competitor_worst_adbm_vs_gdmp_linf", "gdmp_bpda_vs_exact_whitebox_eot_linf"} <= set(claims["claim_id"])
+    assert {"adbm", "gdmp"} <= set(pd.read_csv(first / "results" / "tables" / "waterfall.csv")["defense"])
+    assert {"adbm", "gdmp"} <= set(pd.read_csv(first / "results" / "tables" / "sanity.csv")["defense"])
     assert (first / "results" / "tables" / "claims.md").stat().st_size > 0
     # a second run right after the first has nothing to do
     r = snakemake(first, "-n")

@@ -41,6 +41,9 @@ CLAIM_COLUMNS = ("claim_id", "claim", "threat", "value_a", "value_b", "estimate"
 VERDICT_ORDER = ("holds", "contradicted", "suggestive", "not significant")
 #: the ``where`` of the claims on ADDT's gain under the adaptive attacks (dbprepro.claims.adaptive)
 ADAPTIVE_WHERE = ("ADDT under adaptive attacks (issue 17)", "ADDT under the strongest known attack (issue 17)")
+#: the ``where`` of the claims on the competing defenses (dbprepro.claims.competitors)
+COMPETITOR_WHERE = ("ADDT, ADBM and GDMP under the worst case (issue 27)",
+                    "GDMP under exact gradients (issue 27; Lee & Kim 2023)")
 
 #: sanity.csv's columns shown (the sanity battery, :mod:`dbprepro.sanity`)
 SANITY_COLUMNS = ("defense", "threat", "check", "compared", "setting", "n_images", "value", "reference", "estimate",
@@ -54,6 +57,9 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...] | None, str | dict | None], ...]
      "strongest single run on the same images)", "waterfall.csv", ALL_ATTACKS_COLUMNS, {"stage": ("all attacks",)}),
     ("Does ADDT's gain over vanilla survive the strongest attacks? (the claims on the shared adaptive attacks)",
      "claims.csv", CLAIM_COLUMNS, {"where": ADAPTIVE_WHERE}),
+    ("How ADDT, ADBM and GDMP compare under the worst case (per image, every attack both defenses of a pair were run "
+     "with; paired by image), and GDMP under BPDA against exact gradients", "claims.csv", CLAIM_COLUMNS,
+     {"where": COMPETITOR_WHERE}),
     ("Paper 1: robust accuracy of every attack run (one-shot evaluation)", "p1_table_main.csv",
      ("defense", "threat", "setting", "attack", "n_images", "clean_accuracy", "robust_accuracy", "ci_low", "ci_high"),
      "single"),
@@ -142,6 +148,9 @@ def render_results(tables_dir: str | Path, tables_hash: str, reproduction: str |
             df = df[df[column].isin(values)]
         if columns is not None:
             df = df[[c for c in columns if c in df.columns]]
+        if df.empty:
+            lines += ["(no such rows in this run)", ""]
+            continue
         lines += [df.to_markdown(index=False, disable_numparse=True), ""]
     if reproduction is not None:
         lines += reproduction_section(Path(reproduction), tables_hash)

@@ -36,7 +36,9 @@ ADDT_VARIANTS = EXPERIMENT.addt_variants
 DEFENSES = ["vanilla", *ADDT_VARIANTS]
 FAMILY_DEFENSES = EXPERIMENT.family_defenses  # paper 1's other purifier families (families.names)
 VOTE_DEFENSES = EXPERIMENT.vote_defenses  # the majority-vote defense (vote.enabled: vanilla_vote)
-EVAL_DEFENSES = [*DEFENSES, *FAMILY_DEFENSES, *VOTE_DEFENSES]  # every defense with a clean evaluation
+COMPETITOR_DEFENSES = EXPERIMENT.competitor_defenses  # ADBM, GDMP (competitors.names)
+# every defense with a clean evaluation (a competitor trained by an ADDT variant, adbm, is in DEFENSES already)
+EVAL_DEFENSES = list(dict.fromkeys([*DEFENSES, *FAMILY_DEFENSES, *VOTE_DEFENSES, *COMPETITOR_DEFENSES]))
 OWN_ADDT = EXPERIMENT.own_addt  # family defenses fine-tuned with their own ADDT loss
 SANITY_JOBS = battery_jobs(config, EXPERIMENT)  # (defense, threat) of the sanity battery (sanity.enabled)
 
@@ -286,11 +288,11 @@ def paper_vs_reproduced_inputs():
     return tables
 
 
-def sanity_job_param():
+def sanity_job_param(wildcards):
     """The sanity keys a battery job reads (the table's decision keys and the job lists stay out, so
-    changing them reruns no attack)."""
+    changing them reruns no attack); n_images is the defense's (a competing defense's may be fewer)."""
     keep = ("n_images", "pgd_setting", "eps_factors", "iterations_factor", "unbounded_eps", "square", "seed")
-    return {k: config["sanity"][k] for k in keep}
+    return {**{k: config["sanity"][k] for k in keep}, "n_images": EXPERIMENT.sanity_n_images(wildcards.defense)}
 
 
 def sanity_records():

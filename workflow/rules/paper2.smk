@@ -14,7 +14,9 @@ P2_CONFIGS = list(range(P2["fixed_configs"]))
 P2_FIXED_SETTINGS = [fixed_setting_name(k, P2_FIXED_DRAW) for k in P2_CONFIGS]
 # defenses compared by compression rate: vanilla + the ADDT defenses with a dwbox run on P2_THREAT
 # (P2_EOT_DEFENSES: those of them with a whitebox_eot run too)
-_ADDT_ON_THREAT = ADDT_VARIANTS if P2_THREAT in config["addt"]["attack_threat_models"] else []
+# (paper 1's ADDT variants: a competing defense trained by a variant, adbm, stays out of paper 2's analyses)
+_ADDT_ON_THREAT = ([v for v in ADDT_VARIANTS if not EXPERIMENT.defense(v).competitor]
+                   if P2_THREAT in config["addt"]["attack_threat_models"] else [])
 P2_MODEL_DEFENSES = ["vanilla"] + [v for v in _ADDT_ON_THREAT if "dwbox" in EXPERIMENT.addt_settings(v)]
 P2_EOT_DEFENSES = ["vanilla"] + [v for v in P2_MODEL_DEFENSES[1:] if "whitebox_eot" in EXPERIMENT.addt_settings(v)]
 P2_PURIFY = dict(

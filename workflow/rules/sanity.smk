@@ -15,7 +15,7 @@ rule sanity:
     output:
         records=f"{RESULTS}/sanity/{{defense}}/{{threat}}/records.parquet",
     params:
-        sanity=sanity_job_param(),
+        sanity=sanity_job_param,
         threat_model=sanity_threat_param,
         pgd=config["attacks"]["pgd"],
         fixed_draw=config["attacks"]["fixed_draw"],

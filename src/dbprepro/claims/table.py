@@ -28,6 +28,7 @@ from ..metrics import write_table
 from . import stats
 from .adaptive import adaptive_claims
 from .base import Claim, RunData
+from .competitors import competitor_claims
 from .paper1 import paper1_claims
 from .paper2 import paper2_claims
 
@@ -105,6 +106,7 @@ def write_claims_table(records, clean, p2_tables: dict[str, Any], csv_path, md_p
         data, threat=threat, fixed_settings=fixed_settings, n_images=n_images, **kw)
     if "addt" in defenses and "vanilla" in defenses:
         claims += adaptive_claims(data, **kw)
+    claims += competitor_claims(data, **kw)  # ADBM, GDMP (competitors.names): only the rows their runs allow
     if not claims:
         raise ValueError("no claim of either paper can be tested on this run's files")
     table = claims_table(claims, data, alpha=alpha, seed=seed)

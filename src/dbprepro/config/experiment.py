@@ -62,7 +62,9 @@ class Defense:
     DAG (an ADDT variant, or a family with its own ADDT loss); ``votes`` the purifications of its
     majority vote (:class:`~dbprepro.purifiers.vote.VoteDefense`; None: a single-draw defense);
     ``network`` the family's own registered network (``families.networks``: ``weights`` is then
-    its folder, made by rule download_network; None: the diffusion section's UNet or its ADDT)."""
+    its folder, made by rule download_network; None: the diffusion section's UNet or its ADDT);
+    ``competitor`` whether it is one of ``competitors.names``' defenses (a competing defense's
+    paper: its sampler on the weights its purifier class pairs it with, :func:`competitor_weights`)."""
 
     name: str
     sampler: str
@@ -72,6 +74,7 @@ class Defense:
     trains: bool = False
     votes: int | None = None
     network: str | None = None
+    competitor: bool = False
 
     @property
     def weights_kind(self) -> str:
@@ -92,7 +95,10 @@ class Experiment:
         exp = cls(cfg)
         main = cfg["purification"]["sampler"]
         exp._add(Defense("vanilla", main, "vanilla"))
+        paired = competitor_weights(cfg)  # competing defense -> the addt variant training its weights
         for v in exp.addt_variants:
+            if v in paired.values():  # the competitor's own defense (its sampler on these weights), below
+                continue
             exp._add(Defense(v, main, v, finetune=v, trains=True))
         fam, own = cfg["families"], set(cfg["families"]["own_addt"])
         for f in [f for f in fam["names"] if f != main]:  # the main sampler is vanilla / addt
@@ -105,6 +111,9 @@ class Experiment:
         vote = cfg.get("vote", {})
         if vote.get("enabled", False):  # DensePure-style vote: the vanilla network, the main sampler
             exp._add(Defense(VOTE_DEFENSE, main, "vanilla", votes=int(vote["votes"])))
+        for name, variant in paired.items():  # ADBM: sampler adbm on the adbm fine-tune; GDMP: on vanilla
+            exp._add(Defense(name, name, variant or "vanilla", finetune=variant, trains=variant is not None,
+                             competitor=True))
         return exp
 
     def _add(self, d: Defense) -> None:
@@ -135,6 +144,11 @@ class Experiment:
         return {d.network: fam[d.sampler] for d in self.defenses.values() if d.network is not None}
 
     @property
+    def competitor_defenses(self) -> list[str]:
+        """The competing defenses (``competitors.names``: ADBM, GDMP)."""
+        return [d.name for d in self.defenses.values() if d.competitor]
+
+    @property
     def vote_defenses(self) -> list[str]:
         """The majority-vote defenses (``vote.enabled``: ``vanilla_vote``)."""
         return [d.name for d in self.defenses.values() if d.votes is not None]
@@ -158,12 +172,15 @@ class Experiment:
     def purification(self, name: str) -> dict[str, Any]:
         """The ``purification`` section the defense purifies with (``sampler`` = its family; the
         undefended classifier's attack runs carry the main section, unused).  A vote defense's
-        section also carries ``votes`` (read by :func:`~dbprepro.purifiers.load_defense`)."""
+        section also carries ``votes`` (read by :func:`~dbprepro.purifiers.load_defense`); a family section
+        with its own ``t_star`` (``purification.gdmp.t_star``: GDMP's CIFAR-10 code: 36 steps, 0.035) replaces it."""
         if name == UNDEFENDED:
             return self.main_purification()
         d = self.defense(name)
         votes = {} if d.votes is None else {"votes": d.votes}
-        return {**self.main_purification(), "sampler": d.sampler, **votes}
+        pur = {**self.main_purification(), "sampler": d.sampler, **votes}
+        own = (pur.get(d.sampler) or {}).get("t_star") if isinstance(pur.get(d.sampler), dict) else None
+        return pur if own is None else {**pur, "t_star": own}  # a family's own t* (purification.gdmp.t_star)
 
     def main_purification(self) -> dict[str, Any]:
         """The config's ``purification`` section as the DAG's params: without
@@ -211,6 +228,9 @@ class Experiment:
         if name == UNDEFENDED:
             return att["n_images"]
         d = self.defense(name)
+        if d.competitor:  # every run of a competing defense, DW-box PGD included
+            n = (self.cfg["competitors"]["n_images"] or {}).get(name)
+            return att["n_images"] if n is None else n
         if d.votes is not None:
             n = self.cfg["vote"]["n_images"]
             return att["n_images"] if n is None else n
@@ -221,10 +241,19 @@ class Experiment:
             return att["dwbox_n_images"]
         return att["n_images"]
 
+    def sanity_n_images(self, name: str) -> int:
+        """Images of the sanity battery on defense ``name``: ``sanity.n_images``, at most the images a
+        competing defense's runs attack (``competitors.n_images``)."""
+        n = int(self.cfg["sanity"]["n_images"])
+        d = self.defenses.get(name)
+        return min(n, self._defense_n_images(name, None, None)) if d is not None and d.competitor else n
+
     def addt_settings(self, variant: str) -> list[str]:
         """Settings the ADDT defense ``variant`` is attacked in: ``addt.attack_settings`` for
         ``addt``, ``addt.ablation_settings`` (default: the same) for the ablation variants."""
         a = self.cfg["addt"]
+        if variant in self.defenses and self.defenses[variant].competitor:
+            return list(self.cfg["competitors"]["settings"])
         if variant != "addt" and a["ablation_settings"] is not None:
             return list(a["ablation_settings"])
         return list(a["attack_settings"])
@@ -249,9 +278,13 @@ class Experiment:
                 if d == "vanilla" or d not in self.defenses:
                     continue
                 runs += [AttackRun(d, tm, s, attack) for tm in names for s in cls.settings(att, tm)]
-        for v in self.addt_variants:
+        for v in [v for v in self.addt_variants if not self.defense(v).competitor]:
             for tm in cfg["addt"]["attack_threat_models"]:
                 runs += [AttackRun(v, tm, s, "pgd") for s in self.addt_settings(v)]
+        comp = cfg.get("competitors") or {}  # (a competing defense exists only where the section lists it)
+        for d in self.competitor_defenses:  # PGD in competitors.settings, as on ADDT
+            for tm in comp["threat_models"]:
+                runs += [AttackRun(d, tm, s, "pgd") for s in comp["settings"]]
         fam = cfg["families"]
         for d in self.family_defenses:
             for tm in fam["threat_models"]:
@@ -265,6 +298,19 @@ class Experiment:
                 if run not in runs:
                     runs.append(run)
         return runs
+
+
+def competitor_weights(cfg: dict[str, Any]) -> dict[str, str | None]:
+    """Each competing defense of ``competitors.names`` -> the addt variant whose fine-tune it purifies
+    (its purifier class's ``paired_variant``: adbm -> adbm, trained by rule train_addt), or None for
+    the vanilla weights (gdmp).  Reads the purifier registry (imports torch) only when a competitor is
+    listed."""
+    names = list((cfg.get("competitors") or {}).get("names") or [])
+    if not names:
+        return {}
+    from ..purifiers.registry import purifier_class
+
+    return {n: purifier_class(n).paired_variant for n in names}
 
 
 def threat_model(attacks: dict[str, Any], name: str) -> dict[str, Any]:

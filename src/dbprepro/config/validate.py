@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import ConfigError
 from .attack_checks import _diffhammer_checks, _grad_mode_checks
+from .competitor_checks import competitor_checks
 
 SCHEMA_PATH = Path(__file__).parent.parent / "schemas" / "config.schema.yaml"
 
@@ -160,6 +161,7 @@ def _semantic_checks(cfg: dict[str, Any]) -> None:
         raise ConfigError("config key families.addt: needs addt.enabled and 'addt' in addt.variants "
                           "(or set families.addt: false)")
     _adbm_checks(cfg)
+    competitor_checks(cfg, names)
     _vote_checks(cfg, names)
     _attack_defenses_checks(cfg)
     _diffhammer_checks(cfg["attacks"]["diffhammer"])
@@ -210,7 +212,7 @@ def possible_defenses() -> set[str]:
     from .experiment import VOTE_DEFENSE
 
     schema = load_yaml(SCHEMA_PATH)["properties"]["addt"]["properties"]["variants"]["items"]["enum"]
-    return {"vanilla", VOTE_DEFENSE, *schema, *PURIFIERS, *(f"{f}_addt" for f in PURIFIERS)}
+    return {"vanilla", VOTE_DEFENSE, *schema, *PURIFIERS, *(f"{f}_addt" for f in PURIFIERS)}  # competitors: PURIFIERS
 
 
 def _network_checks(cfg: dict[str, Any]) -> None:

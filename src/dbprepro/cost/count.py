@@ -119,7 +119,8 @@ def count_calls(cfg: dict) -> list[Job]:
 
     # clean evaluation
     ev, n_test = cfg["evaluation"], cfg["data"]["n_test"]
-    for d in [*defenses, *fam, *exp.vote_defenses]:  # a vote: V purifications per random draw
+    evaluated = dict.fromkeys([*defenses, *fam, *exp.vote_defenses, *exp.competitor_defenses])  # ADBM is a variant too
+    for d in evaluated:  # a vote: V purifications per random draw
         V = exp.defense(d).votes or 1
         per = Calls(clf_fwd=1) + defended_forward(chain(d)) * (V * ev["random_draws"] + ev["fixed_configs"])
         jobs.append(Job(f"evaluate_clean/{d}", "tables/clean_accuracy.csv", per * n_test, network=exp.defense(d).network,
@@ -130,8 +131,9 @@ def count_calls(cfg: dict) -> list[Job]:
     for d, tm, s, atk in exp.attack_runs(fixed_configs=True):
         per, bound = attack_run_calls(cfg, d, s, atk, exp.purification(d), gm)
         n_d = exp.attack_n_images(d, s, atk)
-        if attack_class(atk).private_section or (atk != "pgd" and d != "vanilla" and d in variants):
-            target = "tables/waterfall.csv"  # the adaptive attacks, and every attack beyond PGD on an ADDT defense
+        if attack_class(atk).private_section or (atk != "pgd" and d != "vanilla" and d in variants) \
+                or d in exp.competitor_defenses:
+            target = "tables/waterfall.csv"  # the competing defenses (ADBM, GDMP) are the waterfall's rows  # the adaptive attacks, and every attack beyond PGD on an ADDT defense
         elif d in fam:
             target = "tables/p1_table_families.csv"
         elif d in variants:
@@ -170,7 +172,8 @@ def count_calls(cfg: dict) -> list[Job]:
         for s_ in image_shape(cfg):
             D *= s_
         p2_threat = analysis_threat(cfg)
-        addt_dw = [v for v in variants if p2_threat in a["attack_threat_models"] and "dwbox" in exp.addt_settings(v)]
+        addt_dw = [v for v in variants if p2_threat in a["attack_threat_models"] and "dwbox" in exp.addt_settings(v)
+                   and not exp.defense(v).competitor]  # paper 2 analyses paper 1's defenses
         for d in ["vanilla", *addt_dw]:
             n_cfg = an["fixed_configs"] if d == "vanilla" else 1
             per_img = purify(S) * (comp["probes"] + 1) + defended_forward(S)

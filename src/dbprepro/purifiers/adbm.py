@@ -42,6 +42,7 @@ class ADBMPurifier(Purifier):
 
     sampler = "adbm"
     config_section = "adbm"
+    paired_variant = "adbm"  # the competing defense adbm: this sampler on the addt.adbm fine-tune
 
     def __init__(self, unet: nn.Module, scheduler, t_star: float = 0.1, steps: int = 5, clip_denoised: bool = True,
                  randomness: Randomness | None = None, grad_mode: str = "exact", clip_output: bool = True):

@@ -94,6 +94,9 @@ class ReverseChain(nn.Module):
     #: ``diffuse(x, ids, draws, t)`` gives the input's forward-diffusion point at the timestep of the state
     #: after any reverse step, with the purification's own noise (DiffAttack's ``forward`` reference)
     forward_path: ClassVar[bool] = False
+    #: the ``addt.variants`` fine-tune whose weights this family's paper purifies as its defense (ADBM:
+    #: ``adbm``), when listed in ``competitors.names``; None: the vanilla weights
+    paired_variant: ClassVar[str | None] = None
 
     randomness: Randomness
     grad_mode: str

@@ -134,11 +134,24 @@ class GDMPPurifier(Purifier):
     # -- the family contract --------------------------------------------------------------------
     @classmethod
     def config_kwargs(cls, purification: dict[str, Any]) -> dict[str, Any]:
-        return dict(num_inference_steps=purification.get("num_inference_steps"), **purification.get("gdmp", {}))
+        own = {k: v for k, v in (purification.get("gdmp") or {}).items() if k != "t_star"}
+        return dict(num_inference_steps=purification.get("num_inference_steps"), **own)
+
+    @staticmethod
+    def own_t_star(purification: dict[str, Any]) -> dict[str, Any]:
+        """The section with ``gdmp.t_star`` (GDMP's own t*, when set) as its ``t_star``."""
+        own = (purification.get("gdmp") or {}).get("t_star")
+        return purification if own is None else {**purification, "t_star": own}
+
+    @classmethod
+    def from_config(cls, unet: nn.Module, scheduler, purification: dict[str, Any], randomness: Randomness | None = None,
+                    grad_mode: str | None = None) -> "GDMPPurifier":
+        return super().from_config(unet, scheduler, cls.own_t_star(purification), randomness, grad_mode)
 
     @classmethod
     def network_calls(cls, purification: dict[str, Any], num_train_timesteps: int = 1000) -> int:
         rounds = (purification.get("gdmp") or {}).get("rounds", 4)
+        purification = cls.own_t_star(purification)
         return rounds * chain_length(purification["t_star"], purification["num_inference_steps"], num_train_timesteps)
 
     @property

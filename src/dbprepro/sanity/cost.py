@@ -38,7 +38,7 @@ def battery_calls(cfg: dict[str, Any], defense: str, threat: str) -> tuple[Calls
         total = total + fwd * ((san["square"]["queries"] + 3) * (1 if ss.startswith("dwbox") else votes))
     n_tr = len(transfer_sources(cfg, exp, defense, threat))
     total = total + fwd * (n_tr * votes)
-    note = (f"{san['n_images']} images x ({runs - 1} sweep + 1 unbounded PGD-{steps}, PGD-{k * steps} in {s}; "
+    note = (f"{exp.sanity_n_images(defense)} images x ({runs - 1} sweep + 1 unbounded PGD-{steps}, PGD-{k * steps} in {s}; "
             f"Square {san['square']['queries']} queries x {len(san['square']['settings'])}, {n_tr} transfers)")
     return total, bool(san["square"]["settings"]), note
 
@@ -50,5 +50,5 @@ def battery_cost_rows(cfg: dict[str, Any]) -> list[tuple[str, Calls, bool, str, 
     out = []
     for d, t in battery_jobs(cfg, exp):
         per, bound, note = battery_calls(cfg, d, t)
-        out.append((f"sanity/{d}/{t}", per * cfg["sanity"]["n_images"], bound, note, exp.defense(d).network))
+        out.append((f"sanity/{d}/{t}", per * exp.sanity_n_images(d), bound, note, exp.defense(d).network))
     return out
