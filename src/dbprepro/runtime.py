@@ -286,7 +286,9 @@ def write_job_provenance(path: Path, *, rule: str, wildcards: dict, params, inpu
         "outputs": {str(p): _digest(Path(str(p))) for p in outputs},
         "input_names": _names(inputs),  # the rule's names of its inputs and outputs: {name: [start, end]}
         "output_names": _names(outputs),
-        "output_order": [str(o) for o in outputs],  # the rule's order (the digests' dict above is sorted)
+        "output_order": [str(o) for o in outputs],  # the rule's order of its outputs
     }
-    write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    # keys keep their order (no sort_keys): a stage may depend on the order of a params dict (the claims
+    # table lists defenses in config order), and a job re-run from its record must see the same order
+    write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     return record

@@ -14,8 +14,9 @@ from .run import stage
 def paper_vs_reproduced(input, output, params, wildcards) -> None:
     from ..reference import write_paper_vs_reproduced
 
-    # the reproduced values come from the tables beside the output (results/tables)
-    write_paper_vs_reproduced(str(Path(output.csv).parent), output.csv, output.md, params.dataset, params.name)
+    # the reproduced values come from the rule's input tables (results/tables), read where they are, not
+    # beside the output, so the job reads only what Snakemake gave it
+    write_paper_vs_reproduced(str(Path(input[0]).parent), output.csv, output.md, params.dataset, params.name)
 
 
 @stage
