@@ -14,6 +14,7 @@ def competitor_checks(cfg: dict[str, Any], names: list[str]) -> None:
     ``attacks.threat_models``; its ``n_images`` (of the listed competitors) fit in ``attacks.n_images`` and
     fill ``attacks.shards`` batches; its sampler passes its family's ``check_config``."""
     from ..purifiers.registry import purifier_class
+    from .experiment import with_own_t_star
 
     comp, a, att = cfg["competitors"], cfg["addt"], cfg["attacks"]
     for name in comp["names"]:
@@ -24,9 +25,7 @@ def competitor_checks(cfg: dict[str, Any], names: list[str]) -> None:
         if name in cfg["families"]["names"]:
             raise ConfigError(f"config key competitors.names: {name!r} is also in families.names (the {name} sampler "
                               "on the vanilla weights, a defense of the same name); list it in only one of the two")
-        pur = {**cfg["purification"], "sampler": name}
-        own = (pur.get(name) or {}).get("t_star") if isinstance(pur.get(name), dict) else None
-        pur = pur if own is None else {**pur, "t_star": own}  # the family's own t* (purification.gdmp.t_star)
+        pur = with_own_t_star({**cfg["purification"], "sampler": name})  # the family's own t*, if set
         try:
             purifier_class(name).check_config({**cfg, "purification": pur})
         except ValueError as e:

@@ -178,9 +178,7 @@ class Experiment:
             return self.main_purification()
         d = self.defense(name)
         votes = {} if d.votes is None else {"votes": d.votes}
-        pur = {**self.main_purification(), "sampler": d.sampler, **votes}
-        own = (pur.get(d.sampler) or {}).get("t_star") if isinstance(pur.get(d.sampler), dict) else None
-        return pur if own is None else {**pur, "t_star": own}  # a family's own t* (purification.gdmp.t_star)
+        return with_own_t_star({**self.main_purification(), "sampler": d.sampler, **votes})
 
     def main_purification(self) -> dict[str, Any]:
         """The config's ``purification`` section as the DAG's params: without
@@ -298,6 +296,14 @@ class Experiment:
                 if run not in runs:
                     runs.append(run)
         return runs
+
+
+def with_own_t_star(purification: dict[str, Any]) -> dict[str, Any]:
+    """A ``purification`` section whose sampler's own section sets ``t_star`` (``purification.gdmp.t_star``:
+    GDMP's CIFAR-10 code, 36 steps, 0.035), with that ``t_star``; otherwise the section as it is."""
+    own = purification.get(purification["sampler"])
+    t_star = own.get("t_star") if isinstance(own, dict) else None
+    return purification if t_star is None else {**purification, "t_star": t_star}
 
 
 def competitor_weights(cfg: dict[str, Any]) -> dict[str, str | None]:

@@ -133,7 +133,8 @@ def count_calls(cfg: dict) -> list[Job]:
         n_d = exp.attack_n_images(d, s, atk)
         if attack_class(atk).private_section or (atk != "pgd" and d != "vanilla" and d in variants) \
                 or d in exp.competitor_defenses:
-            target = "tables/waterfall.csv"  # the competing defenses (ADBM, GDMP) are the waterfall's rows  # the adaptive attacks, and every attack beyond PGD on an ADDT defense
+            # the adaptive attacks, every attack beyond PGD on an ADDT defense, every run on a competing defense
+            target = "tables/waterfall.csv"
         elif d in fam:
             target = "tables/p1_table_families.csv"
         elif d in variants:
